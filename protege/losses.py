@@ -227,7 +227,7 @@ def topk_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature
 
 
 def distillation_loss(student_logits, teacher_probs, hard_labels=None, alpha=0.5,
-                      temperature=2.0, class_weights=None):
+                      temperature=2.0, class_weights=None, sample_weight=None):
     """Classification KD objective (Hinton et al., 2015).
 
     ``alpha * T^2 * softCE(s/T, p_teacher^(1/T) renormalised)
@@ -240,10 +240,26 @@ def distillation_loss(student_logits, teacher_probs, hard_labels=None, alpha=0.5
     (self-training on teacher labels).  alpha = 1 / 0 skip the unused term
     entirely.  Both terms are means over rows (the hard term follows
     ``F.cross_entropy``: weighted mean when ``class_weights`` is given,
-    ``-100`` labels ignored).
+    ``-100`` labels ignored).  ``sample_weight`` (one weight per row, e.g. real
+    labelled data weighted above teacher labels) turns both means into
+    weighted means over rows.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if sample_weight is not None:
+        w = sample_weight.to(student_logits).reshape(-1)
+        rows = student_logits.new_zeros(student_logits.shape[:-1]).reshape(-1)
+        if alpha > 0:
+            t_logits = torch.log(teacher_probs.to(student_logits.dtype))
+            rows = rows + alpha * soft_cross_entropy(student_logits, t_logits, temperature, reduction="none").reshape(-1)
+        if alpha < 1:
+            if hard_labels is None:
+                hard_labels = teacher_probs.argmax(-1)
+            weight = None if class_weights is None else class_weights.to(student_logits)
+            hard = F.cross_entropy(student_logits.reshape(-1, student_logits.size(-1)), hard_labels.reshape(-1).long(),
+                                   weight=weight, reduction="none")
+            rows = rows + (1 - alpha) * hard
+        return (rows * w).sum() / w.sum().clamp_min(1e-12)
     loss = student_logits.new_zeros(())
     if alpha > 0:
         teacher_logits = torch.log(teacher_probs.to(student_logits.dtype))

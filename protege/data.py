@@ -1,0 +1,155 @@
+"""Reading task data (jsonl / csv / parquet) with errors that name the file, the row and the fix.
+
+Rows are plain dicts. We parse jsonl and csv ourselves rather than through ``datasets.load_dataset``
+because a user's first run usually fails on the data, and "line 812: missing field 'text'" is worth
+more than a pyarrow stack trace. Parquet goes through pyarrow.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .task import TaskError, TaskSpec
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read all rows of a jsonl / json / csv / parquet file."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"{p}: data file not found — check the path in the task file (relative paths start at the task file's folder)")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+    else:
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise TaskError(f"{p}: line {line} is not UTF-8 (byte {e.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        if suffix in (".jsonl", ".ndjson"):
+            rows = []
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{p}: line {i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise TaskError(f"{p}: line {i} is a JSON {type(obj).__name__}, expected an object like {{\"text\": ...}}")
+                rows.append(obj)
+        elif suffix == ".json":
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+                raise TaskError(f"{p}: a .json data file must hold a list of objects")
+            rows = obj
+        elif suffix in (".csv", ".tsv"):
+            rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise TaskError(f"{p}: unknown data format {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+    if not rows:
+        raise TaskError(f"{p}: the file has no rows; it needs at least one")
+    return rows
+
+
+def check_rows(rows: list[dict], path: str | Path, field: str, labels: list[str] | None = None, label_field: str | None = None) -> None:
+    """Every row has a non-empty string ``field``; if ``labels`` given, ``label_field`` is one of them."""
+    for i, r in enumerate(rows, 1):
+        v = r.get(field)
+        if not isinstance(v, str) or not v.strip():
+            what = "is missing" if field not in r else f"is empty or not text ({type(v).__name__})"
+            raise TaskError(f"{path}: row {i}: field '{field}' {what}; every row needs it (input_field in the task file names it)")
+        if labels is not None and label_field is not None:
+            g = r.get(label_field)
+            if g is None:
+                raise TaskError(f"{path}: row {i}: gold field '{label_field}' is missing; add it or set gold_field in the task file")
+            if str(g) not in labels:
+                raise TaskError(f"{path}: row {i}: label {g!r} is not one of the task's labels {labels}; fix the row or add the label to 'labels'")
+
+
+def text_key(text: str) -> str:
+    """Stable id for an input text (used to join teacher outputs with rows and to detect leaks)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def load_inputs(task: TaskSpec) -> list[dict]:
+    """Unlabelled inputs for the teacher, shuffled with the task seed, minus anything that is in gold."""
+    path = task.path(task.data.inputs)
+    rows = read_rows(path)
+    check_rows(rows, path, task.input_field)
+    gold_keys = {text_key(r[task.input_field]) for r in load_gold(task)}
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        k = text_key(r[task.input_field])
+        if k in gold_keys or k in seen:  # never let a gold item (or a duplicate) into training
+            continue
+        seen.add(k)
+        out.append({"id": k, "text": r[task.input_field]})
+    random.Random(task.data.seed).shuffle(out)
+    if task.data.limit:
+        out = out[: task.data.limit]
+    return out
+
+
+def load_gold(task: TaskSpec) -> list[dict]:
+    path = task.path(task.data.gold)
+    rows = read_rows(path)
+    check_rows(rows, path, task.input_field, task.labels, task.gold_field)
+    return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": str(r[task.gold_field])} for r in rows]
+
+
+def load_real_train(task: TaskSpec) -> list[dict]:
+    if not task.data.train:
+        return []
+    path = task.path(task.data.train)
+    rows = read_rows(path)
+    check_rows(rows, path, task.input_field, task.labels, task.gold_field)
+    return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": str(r[task.gold_field])} for r in rows]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write rows atomically: a temp file in the same folder, then rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
