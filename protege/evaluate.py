@@ -98,7 +98,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
                     "ms_per_item": t_s * 1000, "ms_per_item_batched": (tt.get("batched_s_per_item") or float("nan")) * 1000,
                     "usd_per_1k": t_usd_call * 1000, "timing_source": tt.get("source"),
                     "invalid_answers": int(sum(p is None for p in t_pred))},
-        "student": {"name": f"static-{task.student.dims}d+linear ({Path(task.student.embedder).name or task.student.embedder})",
+        "student": {"name": f"static-{task.student.dims}d+linear",
                     "score": s_score, "score_ci": list(bootstrap_ci(s_ok)), "agreement": float(agree.mean()),
                     "agreement_ci": list(bootstrap_ci(agree)), "ms_per_item": s_s * 1000,
                     "ms_per_item_p95": st["single_s_p95"] * 1000, "ms_per_item_batched": st["batched_s_per_item"] * 1000,

@@ -141,7 +141,7 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         "failed_items": sum(r["status"] != "ok" for r in train_rows),
         "calibration": None if calib is None else [float(x) for x in calib],
         "label_counts": dict(Counter(r["label"] for r in train_rows if r["label"])),
-        "timing": timing, "teacher": teacher.name,
+        "timing": timing, "teacher": teacher.display_name, "teacher_id": teacher.name,
     }
     with stage_writer(stage_dir, {"stage": "generate", "fingerprint": fp, "task": task.name}) as tmp:
         write_jsonl(tmp / "train.jsonl", train_rows)

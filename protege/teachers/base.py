@@ -57,6 +57,12 @@ class Teacher(ABC):
     def answer(self, requests: list[dict]) -> list[Answer]:
         """Answer a batch of requests. Must return one Answer per request, errors as status='error'."""
 
+    @property
+    def display_name(self) -> str:
+        """Short human name for tables: the GGUF file / model folder / API model id."""
+        ref = self.cfg.gguf_file or self.cfg.model
+        return ref.rsplit("/", 1)[-1].removesuffix(".gguf").removeprefix("pkg:")
+
     def estimate_cost(self, request: dict) -> float:
         """Upper-bound $ of one call, checked against the budget before it is sent."""
         return 0.0
