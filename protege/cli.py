@@ -22,7 +22,11 @@ OutOpt = typer.Option(None, "--out", "-o", help="Artifact folder (default runs/<
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    # escape: a message is data ("labels [a, b]", a folder named [v2]), not rich markup; soft_wrap: one error
+    # stays one line when piped to a log (rich would otherwise hard-wrap it at 80 columns)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -68,15 +72,103 @@ def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Optio
 
 @app.command()
 @_guard
-def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False)):
-    """Drop teacher labels that are failed, invalid or below the confidence threshold."""
+def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False),
+           apply_review: Path = typer.Option(None, "--apply-review", help="Review CSV with corrected_label filled "
+                                             "(from `protege review`); kept in the run folder for later runs")):
+    """Filter teacher labels (failed, invalid, leaks, length, inconsistent, unsure, duplicates); mix real data."""
     from .curate import curate as run_curate
     import json
 
     t = _load(task)
-    d = run_curate(t, _out(t, out), force=force)
+    o = _out(t, out)
+    if apply_review is not None:
+        from .review import store_corrections
+
+        dest, new = store_corrections(apply_review, o, t.labels)
+        console.print(f"review: {len(new)} corrections read from {apply_review}, stored in {dest}")
+    d = run_curate(t, o, force=force)
     s = json.loads((d / "stats.json").read_text())
-    console.print(f"curate → {d}: kept {s['n_kept']}/{s['n_in']}, dropped {s['dropped'] or 'none'}")
+    console.print(f"curate → {d}: kept {s['n_kept']}/{s['n_in']} teacher labels, dropped {s['dropped'] or 'none'}")
+    src = s.get("sources", {})
+    console.print(f"training rows: {s.get('n_train', s['n_kept'])} = {src.get('teacher', s['n_kept'])} teacher + "
+                  f"{src.get('real', 0)} real + {src.get('review', 0)} reviewed (real weight {s['mix']['real_weight']})")
+    rv = s.get("review") or {}
+    if rv.get("n_corrections"):
+        console.print(f"review: {rv['pool_relabelled']} pool labels changed, {rv['pool_confirmed']} confirmed, "
+                      f"{rv['pool_dropped']} dropped; gold (never trained on): {rv['gold_confirmed']} teacher errors "
+                      f"confirmed, {len(rv['gold_disputed'])} gold labels disputed"
+                      + (f"; {len(rv['unknown_ids'])} unknown ids" if rv["unknown_ids"] else ""))
+
+
+@app.command()
+@_guard
+def review(task: Path = TaskArg, out: Path = OutOpt):
+    """Export teacher-vs-gold and teacher-vs-itself disagreements (CSV + HTML) and the teacher's systematic errors."""
+    from .review import export_review
+
+    t = _load(task)
+    r = export_review(t, _out(t, out))
+    err = r["errors"]
+    if err["n"]:
+        tb = Table(title=f"teacher vs gold: {err['errors']} of {err['n']} wrong, worst labels first")
+        for c in ("gold label", "n", "recall", "precision", "most often answered instead"):
+            tb.add_column(c)
+        for d in err["per_label"]:
+            tb.add_row(d["label"], str(d["n"]), "—" if d["recall"] is None else f"{d['recall']:.0%}",
+                       "—" if d["precision"] is None else f"{d['precision']:.0%}", d["most_confused_with"] or "—")
+        console.print(tb)
+    console.print(f"review: {r['n_items']} items {r['reasons']} → {r['csv']}  ({r['html']})")
+    console.print("fill corrected_label (a label, or 'drop'), then: protege curate TASK --apply-review " + r["csv"])
+
+
+@app.command()
+@_guard
+def baseline(task: Path = TaskArg, out: Path = OutOpt,
+             n: int = typer.Option(None, "--n", help="Gold items to use (default baseline.n, 100)"),
+             volume: int = typer.Option(None, "--volume", help="Calls per month (default volume_per_month)")):
+    """The weekend experiment: teacher vs gold, a small model zero-shot, self-consistency, cost and break-even."""
+    from .baseline import baseline as run_baseline
+
+    t = _load(task)
+    o = _out(t, out)
+    _print_baseline(run_baseline(t, o, n=n, volume=volume), o)
+
+
+def _print_baseline(r: dict, out: Path) -> None:
+    from .costs import format_months
+
+    tb = Table(title=f"{r['task']}: baseline on {r['n']} gold items")
+    for c in ("", "model", f"{r['metric']} ± 95% CI", "agrees w/ teacher", "invalid", "ms/item", "$ / 1M calls"):
+        tb.add_column(c)
+    rows = [("teacher", r["teacher"]), (f"small ({r['small_model'].get('shots', '')})", r["small_model"])]
+    for who, d in rows:
+        if "score" not in d:
+            continue
+        lo, hi = d["score_ci"]
+        agr = d.get("agreement_with_teacher")
+        tb.add_row(who, d["name"], f"{d['score']:.3f} [{lo:.3f}, {hi:.3f}]", "—" if agr is None else f"{agr:.3f}",
+                   str(d["invalid_answers"]), f"{d['ms_per_item']:.1f}", f"{d['usd_per_1k'] * 1000:.4f}")
+    st = r["student"]
+    tb.add_row(f"student ({st['kind']})", st["timing"]["source"], "—", "—", "—", f"{st['ms_per_item']:.3f}",
+               f"{st['usd_per_1k'] * 1000:.4f}")
+    console.print(tb)
+    if "skipped" in r["small_model"]:
+        console.print(f"small model: {r['small_model']['skipped']}")
+    c = r["consistency"]
+    if c["measured"]:
+        console.print(f"teacher self-consistency: {c['consistent']:.1%} of inputs agree across "
+                      + ", ".join(f"{k} ({v:.0%})" for k, v in c["agreement_with_base"].items()))
+    k = r["cost"]
+    console.print(f"cost at {k['volume_per_month']:,} calls/month: teacher ${k['teacher_usd_per_month']:,.2f}/month vs "
+                  f"student ${k['student_usd_per_month']:,.2f}/month; one-off ${k['one_off_usd']:,.4f} (label "
+                  f"{k['n_inputs_to_label']:,} inputs ${k['labelling_usd']:,.4f} + train ${k['training_usd']:,.4f}"
+                  f" + people ${k['engineering_usd']:,.2f}) → break-even {format_months(k['break_even_months'])}, "
+                  f"saves ${k['monthly_saving']:,.2f}/month")
+    v = r["verdict"]
+    console.print(f"[bold]verdict: {v['decision']}[/]")
+    for reason in v["reasons"]:
+        console.print(f"  - {reason}", highlight=False)
+    console.print(f"baseline: {out / 'baseline' / 'baseline.html'}  ({out / 'baseline' / 'baseline.json'})")
 
 
 @app.command()
@@ -92,13 +184,38 @@ def train(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(F
 
 @app.command()
 @_guard
-def evaluate(task: Path = TaskArg, out: Path = OutOpt):
+def evaluate(paths: list[Path] = typer.Argument(..., help="task.yaml; with --compare: run folders (or their report.json)"),
+             out: Path = OutOpt,
+             compare: bool = typer.Option(False, "--compare", help="Put several runs side by side: protege evaluate --compare RUN RUN...")):
     """Score teacher and student on the held-out gold set; write report.json and report.html."""
+    if compare:
+        return _compare(paths, out)
+    if len(paths) != 1:
+        _fail(f"evaluate takes one task file, got {len(paths)} paths; to compare runs use --compare RUN RUN...")
     from .evaluate import evaluate as run_evaluate
 
-    t = _load(task)
+    t = _load(paths[0])
     o = _out(t, out)
     _print_report(run_evaluate(t, o), o)
+
+
+def _compare(paths: list[Path], out: Path | None) -> None:
+    from .compare import compare_runs
+
+    o = Path(out) if out else Path("runs") / "compare"
+    c = compare_runs(paths, o)
+    tb = Table(title=f"{len(c['runs'])} runs side by side (paired tests vs {c['baseline']})")
+    for col in ("run", "student", "metric", "score ± 95% CI", "retained", "vs first (p)", "cascade cov.", "ms/item",
+                "items/s", "$ / 1M calls"):
+        tb.add_column(col)
+    for x in c["runs"]:
+        vs = x["vs_first"]
+        tb.add_row(x["run"], x["student"], x["metric"], f"{x['score']:.3f} [{x['score_ci'][0]:.3f}, {x['score_ci'][1]:.3f}]",
+                   f"{x['retained']:.3f}", "baseline" if x is c["runs"][0] else (f"{vs['diff']:+.3f} ({vs['p_value']:.2g})" if vs else "—"),
+                   "—" if x["cascade_coverage"] is None else f"{x['cascade_coverage']:.0%}", f"{x['ms_per_item']:.3g}",
+                   "—" if not x["items_per_s_batched"] else f"{x['items_per_s_batched']:,.0f}", f"{x['usd_per_1k'] * 1000:.4f}")
+    console.print(tb)
+    console.print(f"compare: {o / 'compare.html'}  ({o / 'compare.json'})")
 
 
 @app.command()

@@ -1,52 +1,350 @@
-"""Stage 3: keep the teacher labels worth learning from.
+"""Stage 3: keep the teacher labels worth learning from, and mix in real labelled data.
 
-A student copies its teacher's mistakes, so what the teacher could not answer, answered outside the
-label set, or answered with low confidence is dropped before training. Every drop is counted by
-reason in ``stats.json`` so the effect of each threshold is visible.
+A student copies its teacher's mistakes, and a teacher that gives different answers to the same
+question teaches confusion. So before training we drop, each for a counted reason in ``stats.json``:
+
+- ``teacher_failed`` — no answer; ``invalid`` — an answer outside the label set (classify) or not a
+  JSON object valid against the task's schema (extract);
+- ``gold_overlap`` — a training input that is (nearly) a copy of a gold input: a leak that makes the
+  evaluation flatter the student;
+- ``length_outlier`` — word count outside ``[min_words, max_words]`` or beyond Tukey fences on the log
+  length (truncated scrapes, whole concatenated documents);
+- ``inconsistent`` — the teacher's samples / prompt variants agree on the majority label less often than
+  ``min_agreement``; ``low_confidence`` — top probability below ``min_confidence``;
+- ``exact_duplicate`` / ``near_duplicate`` — an input seen already (MinHash, :mod:`protege.dedup`).
+
+Human labels win: corrections from ``protege review`` replace the teacher's label and, like the task's
+real training data (``data.train``), skip the teacher-quality filters; only the leak and duplicate
+filters apply to them, and duplicates are resolved in their favour. Corrections of *gold* items are
+never trained on (that would leak the evaluation): they are reported as confirmed teacher errors or
+disputed gold labels. Real and teacher rows are then mixed at ``real_fraction`` with loss weight
+``real_weight``; ``train.jsonl`` carries each row's ``source`` and ``weight``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import random
 from collections import Counter
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 
 from .artifacts import fingerprint, is_fresh, read_config, require, stage_writer
-from .data import load_real_train, read_jsonl, write_json, write_jsonl
-from .task import TaskSpec
+from .data import load_gold, load_real_train, read_jsonl, write_json, write_jsonl
+from .dedup import exact_duplicates, near_duplicates, overlaps
+from .task import CurateConfig, TaskSpec
+
+# Order matters: a row dropped for several reasons is counted under the first one.
+REASONS = ("review_dropped", "teacher_failed", "invalid", "gold_overlap", "length_outlier", "inconsistent",
+           "low_confidence", "exact_duplicate", "near_duplicate")
+HUMAN = ("review", "real")  # sources whose labels a person gave
 
 
-def curate_rows(rows: list[dict], labels: list[str], min_confidence: float) -> tuple[list[dict], Counter]:
-    """Pure filter: (kept rows, Counter of drop reasons)."""
-    kept, dropped = [], Counter()
-    for r in rows:
-        if r.get("status") != "ok":
-            dropped["teacher_failed"] += 1
-        elif r.get("label") not in labels:
-            dropped["invalid_label"] += 1
-        elif float(r.get("confidence") or 0.0) < min_confidence:
-            dropped["low_confidence"] += 1
+# -- single-row checks (pure) ------------------------------------------------------------------
+
+def validity_reason(row: dict, *, kind: str = "classify", labels: Sequence[str] = (), schema: dict | None = None) -> str | None:
+    """Why the teacher's answer is unusable for this task kind, or None when it is valid."""
+    if kind == "classify":
+        return None if row.get("label") in labels else f"label {row.get('label')!r} not in the label set"
+    value = row.get("output", row.get("label"))
+    if kind == "extract":
+        return json_schema_reason(value, schema)
+    return None if isinstance(value, str) and value.strip() else "empty output"
+
+
+def json_schema_reason(value: Any, schema: dict | None) -> str | None:
+    """None if ``value`` (a dict, or JSON text optionally in ``` fences) is an object valid against ``schema``."""
+    obj = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("```"):
+            text = text.strip("`").removeprefix("json").strip()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"not JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return f"not a JSON object ({type(obj).__name__})"
+    if schema:
+        import jsonschema
+
+        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(obj))
+        if err is not None:
+            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+            return f"schema: {where}: {err.message}"
+    return None
+
+
+def task_schema(task: TaskSpec) -> dict | None:
+    """The task's JSON schema for extraction, if its task file has one (field name varies by version)."""
+    for name in ("schema", "output_schema", "json_schema", "schema_"):
+        v = task.__dict__.get(name)
+        if isinstance(v, dict):
+            return v
+    return None
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def length_bounds(counts: Sequence[int], cfg: CurateConfig) -> tuple[float, float]:
+    """[lo, hi] word counts to keep: the absolute limits, tightened by Tukey fences on log(1 + words).
+
+    Log scale because text lengths are right-skewed; the IQR is floored at 0.25 (a factor of ~1.3) so a
+    corpus of near-equal lengths does not flag every slightly longer text. Fences need ≥ 8 rows.
+    """
+    lo, hi = float(cfg.min_words), float(cfg.max_words) if cfg.max_words is not None else math.inf
+    if cfg.length_iqr_k is not None and len(counts) >= 8:
+        x = np.log1p(np.asarray(counts, dtype=float))
+        q1, q3 = np.quantile(x, [0.25, 0.75])
+        iqr = max(float(q3 - q1), 0.25)
+        lo = max(lo, float(np.expm1(q1 - cfg.length_iqr_k * iqr)))
+        hi = min(hi, float(np.expm1(q3 + cfg.length_iqr_k * iqr)))
+    return lo, hi
+
+
+# -- the filter over all rows (pure) -----------------------------------------------------------
+
+def filter_rows(rows: list[dict], cfg: CurateConfig, *, labels: Sequence[str], kind: str = "classify",
+                schema: dict | None = None, gold_texts: Sequence[str] = (),
+                gold_ids: Sequence[str] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(kept rows, dropped rows with ``reason`` / ``detail``, per-filter report).
+
+    ``rows`` carry ``source`` ("review" / "real" / "teacher"); human rows skip the teacher-quality
+    filters. Duplicates keep the first row in the order review → real → teacher → input order.
+    ``report[name]`` = {"dropped": n (first reason), "flagged": n (this filter alone), ...settings}.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (_rank(rows[i]), i))
+    rows = [rows[i] for i in order]
+    n = len(rows)
+    teach = [r.get("source", "teacher") not in HUMAN for r in rows]
+    reason: list[str | None] = [r.get("_drop") for r in rows]
+    detail: list[str | None] = ["reviewer marked it drop" if x else None for x in reason]
+    flagged: Counter = Counter(x for x in reason if x)
+
+    def flag(i: int, name: str, why: str | None = None) -> None:
+        flagged[name] += 1
+        if reason[i] is None:
+            reason[i], detail[i] = name, why
+
+    ok_counts = [word_count(r["text"]) for r, t in zip(rows, teach) if t and r.get("status") == "ok"]
+    lo, hi = length_bounds(ok_counts, cfg)
+    measured = sum(1 for r, t in zip(rows, teach) if t and int(r.get("samples") or 1) >= 2)
+    gold_hits = overlaps([r["text"] for r in rows], list(gold_texts), cfg.gold_overlap)
+    for i, r in enumerate(rows):
+        if teach[i]:
+            if r.get("status") != "ok":
+                flag(i, "teacher_failed", r.get("error"))
+                continue  # nothing else can be judged about a missing answer
+            why = validity_reason(r, kind=kind, labels=labels, schema=schema)
+            if why:
+                flag(i, "invalid", why)
+        if gold_hits[i] is not None:
+            j, s = gold_hits[i]
+            flag(i, "gold_overlap", f"Jaccard {s:.2f} with gold " + (f"id {gold_ids[j]}" if gold_ids else f"input #{j}"))
+        if teach[i]:
+            wc = word_count(r["text"])
+            if not lo <= wc <= hi:
+                flag(i, "length_outlier", f"{wc} words, keep [{lo:.0f}, {hi:.0f}]")
+            if int(r.get("samples") or 1) >= 2 and float(r.get("agreement", 1.0)) < cfg.min_agreement:
+                flag(i, "inconsistent", f"agreement {float(r['agreement']):.2f}")
+            if float(r.get("confidence") or 0.0) < cfg.min_confidence:
+                flag(i, "low_confidence", f"confidence {float(r.get('confidence') or 0):.2f}")
+
+    alive = [x is None for x in reason]
+    texts = [r["text"] for r in rows]
+    if cfg.dedup_exact:
+        for i, j in enumerate(_among(exact_duplicates, texts, alive)):
+            if j is not None:
+                flag(i, "exact_duplicate", f"same text as id {rows[j]['id']}")
+                alive[i] = False
+    if cfg.near_duplicate is not None:
+        for i, hit in enumerate(near_duplicates(texts, cfg.near_duplicate, keep=alive)):
+            if hit is not None:
+                flag(i, "near_duplicate", f"Jaccard {hit[1]:.2f} with id {rows[hit[0]]['id']}")
+                alive[i] = False
+
+    kept = [r for r, x in zip(rows, reason) if x is None]
+    dropped = [{"id": r["id"], "source": r.get("source", "teacher"), "reason": x, "detail": d, "label": r.get("label")}
+               for r, x, d in zip(rows, reason, detail) if x is not None]
+    first = Counter(x for x in reason if x is not None)
+    settings = {
+        "teacher_failed": {}, "invalid": {"kind": kind, "schema": bool(schema)},
+        "gold_overlap": {"jaccard_min": cfg.gold_overlap, "n_gold": len(gold_texts)},
+        "length_outlier": {"keep_words": [lo, None if math.isinf(hi) else hi], "iqr_k": cfg.length_iqr_k},
+        "inconsistent": {"min_agreement": cfg.min_agreement, "measured_rows": measured,
+                         **({} if measured else {"note": "not measured: teacher.samples is 1"})},
+        "low_confidence": {"min_confidence": cfg.min_confidence},
+        "exact_duplicate": {"on": cfg.dedup_exact}, "near_duplicate": {"jaccard_min": cfg.near_duplicate},
+    }
+    report = {name: {"dropped": first.get(name, 0), "flagged": flagged.get(name, 0), **settings.get(name, {})}
+              for name in REASONS}
+    return kept, dropped, report
+
+
+def _rank(r: dict) -> int:
+    return {"review": 0, "real": 1}.get(r.get("source", "teacher"), 2)
+
+
+def _among(fn, texts: list[str], alive: list[bool]) -> list[int | None]:
+    """Apply a first-occurrence duplicate finder to the alive rows only, mapping indices back."""
+    idx = [i for i, a in enumerate(alive) if a]
+    res = fn([texts[i] for i in idx])
+    out: list[int | None] = [None] * len(texts)
+    for k, j in enumerate(res):
+        if j is not None:
+            out[idx[k]] = idx[j]
+    return out
+
+
+# -- review corrections and mixing (pure) ------------------------------------------------------
+
+DROP = "drop"
+
+
+def apply_corrections(pool: list[dict], corrections: dict[str, str], labels: Sequence[str],
+                      gold: dict[str, str]) -> tuple[list[dict], dict]:
+    """Replace teacher labels by reviewed ones. Returns (rows, review stats).
+
+    ``corrections`` maps id → label (or ``"drop"``). Pool items become ``source="review"`` rows with a
+    one-hot distribution; ``gold`` (id → gold label) items are never returned — they are counted as
+    teacher errors the reviewer confirmed (reviewer = gold) or gold labels they dispute.
+    """
+    by_id = {r["id"]: r for r in pool}
+    out, stats = [], {"n_corrections": len(corrections), "pool_relabelled": 0, "pool_confirmed": 0,
+                      "pool_dropped": 0, "gold_confirmed": 0, "gold_disputed": [], "unknown_ids": []}
+    for r in pool:
+        c = corrections.get(r["id"])
+        if c is None:
+            out.append(r)
+        elif c == DROP:
+            out.append({**r, "_drop": "review_dropped"})
+            stats["pool_dropped"] += 1
         else:
-            kept.append(r)
-    return kept, dropped
+            stats["pool_relabelled" if c != r.get("label") else "pool_confirmed"] += 1
+            out.append({"id": r["id"], "text": r["text"], "label": c, "probs": one_hot(c, labels), "confidence": 1.0,
+                        "agreement": 1.0, "status": "ok", "source": "review", "teacher_label": r.get("label"),
+                        "teacher_confidence": r.get("confidence")})
+    for k, c in corrections.items():
+        if k in by_id:
+            continue
+        if k in gold:
+            if c == gold[k] or c == DROP:
+                stats["gold_confirmed"] += c != DROP
+            else:
+                stats["gold_disputed"].append({"id": k, "gold": gold[k], "reviewer": c})
+        else:
+            stats["unknown_ids"].append(k)
+    stats["unknown_ids"] = stats["unknown_ids"][:20]
+    return out, stats
+
+
+def one_hot(label: str, labels: Sequence[str]) -> list[float]:
+    return [float(lab == label) for lab in labels]
+
+
+def mix(rows: list[dict], real_fraction: float | None, real_weight: float, seed: int = 0) -> tuple[list[dict], dict]:
+    """Set each row's ``weight`` and down-sample to ``real_fraction`` human rows. Returns (rows, stats).
+
+    Down-sampling (never duplication: repeating rows is what the weight is for) trims whichever side
+    is in excess; review corrections are the last human rows to go. Input order is kept.
+    """
+    human = [i for i, r in enumerate(rows) if r.get("source") in HUMAN]
+    teacher = [i for i, r in enumerate(rows) if r.get("source") not in HUMAN]
+    rng = random.Random(seed)
+    keep = set(range(len(rows)))
+    note = None
+    if real_fraction is not None:
+        h, t = len(human), len(teacher)
+        if h == 0:
+            note = "real_fraction set but there is no real labelled data (data.train or review corrections)"
+        elif t == 0:
+            note = "real_fraction set but there are no teacher rows"
+        elif h / (h + t) > real_fraction:
+            k = max(1, round(real_fraction * t / (1 - real_fraction)))
+            review = [i for i in human if rows[i].get("source") == "review"]
+            real = [i for i in human if rows[i].get("source") != "review"]
+            rng.shuffle(real)
+            rng.shuffle(review)
+            keep -= set((real + review)[: h - k])  # data.train rows go first, corrections last
+        else:
+            k = max(1, round(h * (1 - real_fraction) / real_fraction))
+            keep -= set(rng.sample(teacher, t - k)) if t > k else set()
+    out = []
+    for i in sorted(keep):
+        r = dict(rows[i])
+        r["weight"] = real_weight if r.get("source") in HUMAN else 1.0
+        out.append(r)
+    counts = Counter(r.get("source", "teacher") for r in out)
+    stats = {"real_fraction_target": real_fraction, "real_weight": real_weight,
+             "real_fraction": (sum(counts[s] for s in HUMAN) / len(out)) if out else 0.0,
+             "sources": {s: counts.get(s, 0) for s in ("teacher", "real", "review")},
+             "dropped_by_mix": len(rows) - len(out)}
+    if note:
+        stats["note"] = note
+    return out, stats
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+def corrections_path(out: Path) -> Path:
+    """Where ``protege curate --apply-review`` keeps the accepted corrections for later runs."""
+    return Path(out) / "review" / "corrections.csv"
+
+
+def _file_hash(p: Path | None) -> str | None:
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p is not None and p.is_file() else None
+
+
+def review_files(task: TaskSpec, out: Path) -> list[Path]:
+    files = [task.path(task.curate.review_file)] if task.curate.review_file else []
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"curate.review_file: {f} not found (paths start at the task file's folder)")
+    stored = corrections_path(out)
+    return files + ([stored] if stored.is_file() else [])
 
 
 def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
+    """Filter the generate artifact, apply review corrections, mix real data; write ``<out>/curate``."""
+    from .review import read_corrections
+
     gen_dir, stage_dir = Path(out) / "generate", Path(out) / "curate"
     gen_cfg = require(gen_dir, "generate")
+    reviews = review_files(task, out)
+    train_file = task.path(task.data.train) if task.data.train else None
     fp = fingerprint({"upstream": gen_cfg["fingerprint"], "curate": task.curate.model_dump(),
-                      "labels": task.labels, "train": task.data.train})
+                      "labels": task.labels, "kind": task.kind, "schema": task_schema(task),
+                      "train": _file_hash(train_file), "gold": _file_hash(task.path(task.data.gold)),
+                      "reviews": [_file_hash(p) for p in reviews], "seed": task.data.seed, "v": 2})
     if not force and is_fresh(stage_dir, fp):
         return stage_dir
-    rows = read_jsonl(gen_dir / "train.jsonl")
-    kept, dropped = curate_rows(rows, task.labels, task.curate.min_confidence)
-    for r in kept:
-        r["source"] = "teacher"
-    real = [{**r, "probs": [float(lab == r["label"]) for lab in task.labels], "confidence": 1.0, "source": "real",
+    pool = read_jsonl(gen_dir / "train.jsonl")
+    gold = load_gold(task)
+    corrections: dict[str, str] = {}
+    for p in reviews:  # later files win
+        corrections.update(read_corrections(p, task.labels))
+    rows, review = apply_corrections([{**r, "source": "teacher"} for r in pool], corrections, task.labels,
+                                     {g["id"]: g["label"] for g in gold})
+    real = [{**r, "probs": one_hot(r["label"], task.labels), "confidence": 1.0, "agreement": 1.0, "source": "real",
              "status": "ok"} for r in load_real_train(task)]
-    stats = {"n_in": len(rows), "n_kept": len(kept), "dropped": dict(dropped), "n_real": len(real),
-             "label_counts": dict(Counter(r["label"] for r in kept + real))}
+    kept, dropped, filters = filter_rows(rows + real, task.curate, labels=task.labels, kind=task.kind,
+                                         schema=task_schema(task), gold_texts=[g["text"] for g in gold],
+                                         gold_ids=[g["id"] for g in gold])
+    final, mixing = mix(kept, task.curate.real_fraction, task.curate.real_weight, task.data.seed)
+    src = mixing["sources"]
+    stats = {"n_in": len(pool), "n_kept": src["teacher"], "n_real": src["real"], "n_review": src["review"],
+             "n_train": len(final), "dropped": dict(Counter(d["reason"] for d in dropped)), "filters": filters,
+             "mix": mixing, "sources": src, "review": {**review, "files": [str(p) for p in reviews]},
+             "label_counts": dict(Counter(r["label"] for r in final))}
     with stage_writer(stage_dir, {"stage": "curate", "fingerprint": fp, "task": task.name}) as tmp:
-        write_jsonl(tmp / "train.jsonl", kept + real)
+        write_jsonl(tmp / "train.jsonl", final)
+        write_jsonl(tmp / "dropped.jsonl", dropped)
         write_json(tmp / "stats.json", stats)
     return stage_dir
 
@@ -55,6 +353,4 @@ def curate_stats(out: Path) -> dict | None:
     cfg = read_config(Path(out) / "curate")
     if cfg is None:
         return None
-    import json
-
     return json.loads((Path(out) / "curate" / "stats.json").read_text(encoding="utf-8"))

@@ -1,102 +1,250 @@
-"""report.html: one self-contained page (plots embedded as PNG data URIs) from report.json."""
+"""report.html and compare.html: one self-contained page each, rendered from report.json data.
+
+Read top to bottom, the page answers the questions in the order a reviewer asks them: should we ship
+it (verdict), how sure are we (CIs, paired test), where does it fail (confusion, worst errors), can
+a cascade catch that (calibration, coverage curve), and what does it save (latency, $, break-even).
+Plots are PNG data URIs (:mod:`protege.plots`), so the file has no external references.
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
+import math
 
-import numpy as np
+from . import plots
 
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def score_plot(r: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 2.6))
-    names = ["teacher", "student"]
-    scores = [r[n]["score"] for n in names]
-    lo = [r[n]["score"] - r[n]["score_ci"][0] for n in names]
-    hi = [r[n]["score_ci"][1] - r[n]["score"] for n in names]
-    ax.barh(names, scores, xerr=[lo, hi], color=["#8c6bb1", "#41ab5d"], capsize=6)
-    for i, s in enumerate(scores):
-        ax.text(0.01, i, f"{s:.3f}", va="center", color="white", fontweight="bold")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"{r['metric']} on {r['n_eval']} gold items (95% bootstrap CI)")
-    return _png(fig)
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}
+h1{margin-bottom:.1em}h2{margin-top:1.6em;border-bottom:1px solid #e3e3e3;padding-bottom:.2em}
+.sub{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;vertical-align:top}
+th{background:#f5f5f5;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.verdict{font-size:1.15em;padding:.9em 1.1em;border-radius:8px;border-left:6px solid}
+.ship{background:#eaf6ee;border-color:#2e9e5b}.cascade{background:#fdf3e4;border-color:#e08a1e}.notyet{background:#fbeaea;border-color:#c0392b}
+.kpis{display:flex;gap:.7em;flex-wrap:wrap;margin:1em 0}.kpi{flex:1 1 0;min-width:140px;background:#fafafa;border:1px solid #e6e6e6;border-radius:8px;padding:.6em .8em}
+.kpi b{display:block;font-size:1.45em}.kpi span{color:#666;font-size:.85em}
+.row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}.row>div{flex:1;min-width:300px}
+img{max-width:100%}.note{color:#666;font-size:.9em}.bad{color:#c0392b}.ok{color:#2e7d32}
+td.text{max-width:460px;font-size:12px;color:#333}
+"""
 
 
-def confusion_plot(m: list[list[int]], labels: list[str], title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a = np.array(m)
-    cols = labels + ["(invalid)"] if a[:, -1].any() else labels
-    a = a if a[:, -1].any() else a[:, :-1]
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    ax.imshow(a, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    ax.set_title(title)
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            ax.text(j, i, str(a[i, j]), ha="center", va="center", color="white" if a[i, j] > a.max() / 2 else "black")
-    return _png(fig)
+def _f(x, spec: str = ".3f", dash: str = "—") -> str:
+    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+        return dash
+    return format(x, spec)
 
 
-def _fmt(x, spec=".3f") -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+def _ci(ci, spec: str = ".3f") -> str:
+    return f"[{_f(ci[0], spec)}, {_f(ci[1], spec)}]" if ci else ""
+
+
+def _e(s) -> str:
+    return html.escape(str(s))
+
+
+def _money(x) -> str:
+    """Dollars readable at any scale: $1,234.50, $0.0060, $0.0000035 (never 3.5e-06)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if x == 0 or abs(x) >= 1:
+        return f"${x:,.2f}"
+    digits = max(2, 1 - math.floor(math.log10(abs(x))))  # two significant digits
+    return f"${x:.{digits}f}"
+
+
+def _kpis(r: dict) -> str:
+    c, cas, p = r.get("cost", {}), r.get("cascade") or {}, r.get("paired") or {}
+    be = c.get("break_even_months")
+    tiles = [
+        (f"{_f(r['retained'], '.1%')}", f"of teacher's {r['metric']} retained<br>95% CI {_ci(r.get('retained_ci'), '.1%')}"),
+        (f"{_f(r['speedup'], ',.0f')}x", f"faster per item (p50)<br>{_f(r.get('speedup_batched'), ',.0f')}x batched"),
+        (f"{_f(p.get('p_value'), '.2g')}", f"p-value, {p.get('test', 'paired test')}<br>student vs teacher, same items"),
+        (f"{_f(cas.get('coverage'), '.0%')}", f"traffic the student answers alone at {_f(cas.get('target'), '.0%')} "
+         f"of teacher quality (t = {_f(cas.get('threshold'), '.2f')})"),
+        _price_tile(c),
+        ("never" if be is None else f"{be:.2g} mo", f"to break even at {c.get('volume_per_month', 0):,} calls/month"),
+    ]
+    return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{t}</span></div>' for v, t in tiles) + "</div>"
+
+
+def _price_tile(c: dict) -> tuple[str, str]:
+    """Teacher → student price, per 1k calls, or per 1M when per-1k figures would be fractions of a cent."""
+    t, s = c.get("teacher_usd_per_1k"), c.get("student_usd_per_1k")
+    if t is None or s is None:
+        return "—", "per 1k calls"
+    k, unit = (1000, "1M") if t < 0.1 else (1, "1k")
+    return f"{_money(t * k)} → {_money(s * k)}", f"per {unit} calls, teacher → student"
+
+
+def _machine(m) -> str:
+    if not isinstance(m, dict):
+        return _e(m)
+    return _e(f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, Python {m.get('python', '?')}, {m.get('date', '')}")
+
+
+def _main_table(r: dict) -> str:
+    head = ("<tr><th></th><th>model</th><th>{m} [95% CI]</th><th>agreement w/ teacher</th><th>ms/item p50</th>"
+            "<th>ms/item p95</th><th>items/s batched</th><th>$ / 1k calls</th><th>$ / month</th><th>params</th></tr>").format(m=_e(r["metric"]))
+    rows = []
+    for who in ("teacher", "student"):
+        d = r[who]
+        rows.append(f"<tr><th>{who}</th><td>{_e(d['name'])}</td><td class=num>{_f(d['score'])} {_ci(d['score_ci'])}</td>"
+                    f"<td class=num>{_f(d.get('agreement'))}</td><td class=num>{_f(d['ms_per_item'], '.3g')}</td>"
+                    f"<td class=num>{_f(d.get('ms_per_item_p95'), '.3g')}</td><td class=num>{_f(d.get('items_per_s_batched'), ',.0f')}</td>"
+                    f"<td class=num>{_money(d['usd_per_1k'])}</td><td class=num>{_money(d.get('usd_per_month'))}</td>"
+                    f"<td class=num>{_f(d.get('params'), ',')}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _score_series(r: dict) -> list:
+    m = r.get("metrics") or {}
+    series = []
+    for who in ("teacher", "student"):
+        series.append((who, f"{who} {r['metric']}", r[who]["score"], r[who]["score_ci"]))
+    extra = {"classify": [("macro_f1", "macro-F1")], "extract": [("exact_match", "exact match"), ("json_validity", "valid JSON")],
+             "generate": [("chrf", "chrF")]}.get(r["kind"], [])
+    for key, name in extra:
+        for who in ("teacher", "student"):
+            if key in m.get(who, {}):
+                series.append((who, f"{who} {name}", m[who][key], m[who].get(f"{key}_ci")))
+    if "agreement" in r["student"]:
+        series.append(("student", "student–teacher agreement", r["student"]["agreement"], r["student"].get("agreement_ci")))
+    return series
+
+
+def _per_label(r: dict) -> str:
+    m = r.get("metrics") or {}
+    t, s = (m.get("teacher") or {}).get("per_label"), (m.get("student") or {}).get("per_label")
+    if not t or not s:
+        return ""
+    rows = "".join(f"<tr><th>{_e(lab)}</th><td class=num>{t[lab]['support']}</td>"
+                   + "".join(f"<td class=num>{_f(d[lab][k], '.2f')}</td>" for d in (t, s) for k in ("precision", "recall", "f1"))
+                   + "</tr>" for lab in r["labels"])
+    return ("<table><tr><th rowspan=2>label</th><th rowspan=2>gold items</th><th colspan=3>teacher</th><th colspan=3>student</th></tr>"
+            "<tr>" + "<th>precision</th><th>recall</th><th>F1</th>" * 2 + f"</tr>{rows}</table>")
+
+
+def _errors(r: dict) -> str:
+    ex = r.get("examples") or []
+    if not ex:
+        return "<p>The student made no errors on the gold items.</p>"
+    err = r.get("errors") or {}
+    lead = (f"<p>The student gets {err.get('student', len(ex))} of {r['n_eval']} gold items wrong; "
+            f"{err.get('copied_from_teacher', '?')} of those copy the teacher's wrong answer (fix them in the teacher labels), "
+            f"the rest are the student's own. Most confident errors first — a cascade cannot catch these.</p>")
+    def conf(x) -> str:
+        return "" if x is None else f" ({x:.2f})"
+
+    rows = "".join(
+        f"<tr><td class=text>{_e(e['text'])}…</td><td>{_e(e['gold'])}</td>"
+        f"<td class={'ok' if e['teacher'] == e['gold'] else 'bad'}>{_e(e['teacher'])}{conf(e.get('teacher_confidence'))}</td>"
+        f"<td class=bad>{_e(e['student'])}{conf(e.get('student_confidence'))}</td>"
+        f"<td>{'copied teacher' if e.get('copied_teacher') else 'own error'}</td></tr>" for e in ex)
+    return lead + f"<table><tr><th>input</th><th>gold</th><th>teacher (conf.)</th><th>student (conf.)</th><th></th></tr>{rows}</table>"
+
+
+def _fidelity(r: dict) -> str:
+    f = r.get("fidelity") or {}
+    parts = [f"agreement with the teacher {_f(f.get('agreement'))} {_ci(f.get('agreement_ci'))}"]
+    if "kl_teacher_student" in f:
+        parts.append(f"KL(teacher ‖ student) {_f(f['kl_teacher_student'])} {_ci(f.get('kl_ci'))} nats, "
+                     f"JSD {_f(f['jsd'])} {_ci(f.get('jsd_ci'))} nats (max ln 2 = 0.693), over {f.get('n')} items with teacher distributions")
+    return "<p>Fidelity: " + "; ".join(parts) + ".</p>"
+
+
+def _paired(r: dict) -> str:
+    p = r.get("paired") or {}
+    if not p:
+        return ""
+    extra = ""
+    if "only_first_right" in p:
+        extra = (f" Items only the student got right: {p['only_first_right']}; only the teacher: {p['only_second_right']}"
+                 f" (paired bootstrap p = {_f(p.get('bootstrap_p_value'), '.2g')}).")
+    word = "a significant" if p["p_value"] < 0.05 else "no significant"
+    return (f"<p>Paired comparison on the same {r['n_eval']} items ({_e(p['test'])}): student − teacher = "
+            f"{_f(p['diff'], '+.3f')} {_ci(p.get('diff_ci'), '+.3f')}, p = {_f(p['p_value'], '.2g')} — {word} difference at 5%.{extra}</p>")
 
 
 def render_html(r: dict) -> str:
-    t, s = r["teacher"], r["student"]
-    verdict = (f"The student keeps {r['retained']:.1%} of the teacher's {r['metric']} "
-               f"({s['score']:.3f} vs {t['score']:.3f} on {r['n_eval']} held-out gold items) "
-               f"and answers {r['speedup']:.0f}x faster.")
-    rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{html.escape(d['name'])}</td><td>{_fmt(d['score'])} "
-        f"[{_fmt(d['score_ci'][0])}, {_fmt(d['score_ci'][1])}]</td><td>{_fmt(d.get('agreement'))}</td>"
-        f"<td>{_fmt(d['ms_per_item'], '.3f')}</td><td>{_fmt(d.get('ms_per_item_batched'), '.3f')}</td>"
-        f"<td>{_fmt(d['usd_per_1k'] * 1000, '.4f')}</td></tr>"
-        for n, d in (("teacher", t), ("student", s)))
-    ex = "".join(f"<tr><td>{html.escape(e['text'])}…</td><td>{html.escape(e['gold'])}</td>"
-                 f"<td>{html.escape(str(e['teacher']))}</td><td>{html.escape(e['student'])}</td>"
-                 f"<td>{e['student_confidence']:.2f}</td></tr>" for e in r.get("examples", []))
-    c = r.get("cost", {})
-    be = c.get("break_even_months")
-    labels = r["labels"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>protege report: {html.escape(r['task'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px;vertical-align:top}}
-th{{background:#f3f3f3}}.verdict{{font-size:1.2em;background:#eef7ee;padding:1em;border-radius:6px}}
-img{{max-width:100%}}.row{{display:flex;gap:1em;flex-wrap:wrap}}</style></head><body>
-<h1>protege report — {html.escape(r['task'])}</h1>
-<p class="verdict">{html.escape(verdict)}</p>
-<table><tr><th></th><th>model</th><th>{r['metric']} [95% CI]</th><th>agreement w/ teacher</th><th>ms/item (single)</th>
-<th>ms/item (batched)</th><th>$ per 1M calls</th></tr>{rows}</table>
-<p>retained = {_fmt(r['retained'])} (paired 95% CI {_fmt((r.get('retained_ci') or [None])[0])}–{_fmt((r.get('retained_ci') or [None, None])[1])}),
-speedup = {_fmt(r['speedup'], '.0f')}x single-item, {_fmt(r.get('speedup_batched'), '.0f')}x batched; student params {s['params']:,};
-trained on {s.get('n_train')} teacher-labelled items.</p>
-<h2>Scores</h2><img alt="scores" src="{score_plot(r)}">
-<h2>Confusion matrices</h2><div class="row"><img alt="teacher confusion" src="{confusion_plot(r['confusion']['teacher'], labels, 'teacher vs gold')}">
-<img alt="student confusion" src="{confusion_plot(r['confusion']['student'], labels, 'student vs gold')}"></div>
-<h2>Cost</h2><p>At {c.get('volume_per_month', 0):,} calls/month: teacher ${_fmt(c.get('teacher_usd_per_month'), '.2f')}/month,
-student ${_fmt(c.get('student_usd_per_month'), '.2f')}/month; one-off labelling + training ${_fmt(c.get('one_off_usd'), '.4f')};
-break-even after {_fmt(be, '.2f') if be is not None else 'never (no saving)'} months.</p>
-<h2>Student errors (first 20)</h2><table><tr><th>input</th><th>gold</th><th>teacher</th><th>student</th><th>conf.</th></tr>{ex}</table>
-<p style="color:#777">Measured on {html.escape(str(r.get('machine')))}.</p></body></html>"""
+    v = r.get("verdict") or {"decision": "ship", "text": ""}
+    cls = {"ship": "ship", "cascade": "cascade"}.get(v["decision"], "notyet")
+    labels = r.get("labels") or []
+    sections = [f"<h1>protege report — {_e(r['task'])}</h1>",
+                f"<p class=sub>{_e(r['kind'])} · {r['n_eval']} held-out gold items · teacher {_e(r['teacher']['name'])} → "
+                f"student {_e(r['student']['name'])} · {_e((r.get('machine') or {}).get('date', ''))}</p>",
+                f'<p class="verdict {cls}"><b>{_e(v["decision"].upper())}.</b> {_e(v["text"])}</p>', _kpis(r), _main_table(r),
+                "<h2>Scores</h2>", f'<img alt="scores" src="{plots.score_bars(_score_series(r), "score on gold items (95% bootstrap CI)")}">',
+                _paired(r), _fidelity(r)]
+    if r.get("confusion") and labels:
+        sections += ["<h2>Where the errors are</h2>", f'<img alt="confusion matrices" src="{plots.confusion_pair(r["confusion"], labels)}">',
+                     _per_label(r)]
+    cal, cas = r.get("calibration") or {}, r.get("cascade")
+    if cal or cas:
+        sections.append("<h2>Calibration and the cascade</h2><div class=row>")
+        if cal:
+            ece = "; ".join(f"{k} ECE {_f(c['ece'])}" for k, c in cal.items())
+            sections.append(f'<div><img alt="reliability diagram" src="{plots.reliability(cal)}"><p class=note>Reliability: {ece}. '
+                            "Bars under the diagonal are over-confident bins.</p></div>")
+        if cas:
+            sections.append(f'<div><img alt="coverage curve" src="{plots.coverage_curve(cas, r["metric"])}">'
+                            f"<p class=note>Answer with the student when its confidence ≥ <b>{_f(cas['threshold'], '.3f')}</b>: it answers "
+                            f"{_f(cas['coverage'], '.1%')} of items and the system scores {_f(cas['quality'])} {_ci(cas.get('quality_ci'))} "
+                            f"vs the teacher's {_f(cas['teacher_quality'])} (target {_f(cas['target'], '.0%')}). "
+                            f"Chosen on {_e(cas.get('selected_on', 'the gold items'))}; written to report.json → cascade.</p></div>")
+        sections.append("</div>")
+    c = r.get("cost") or {}
+    lat = [("teacher", r["teacher"]["ms_per_item"], r["teacher"].get("ms_per_item_p95"), r["teacher"].get("ms_per_item_batched")),
+           ("student", r["student"]["ms_per_item"], r["student"].get("ms_per_item_p95"), r["student"].get("ms_per_item_batched"))]
+    sections += ["<h2>Speed and cost</h2><div class=row>", f'<div><img alt="latency" src="{plots.latency(lat)}"></div>']
+    if c.get("teacher_usd_per_month") is not None:
+        be = c.get("break_even_months")
+        sections += [f'<div><img alt="break-even chart" src="{plots.break_even(c)}"></div></div>',
+                     f"<p>At {c['volume_per_month']:,} calls/month: teacher {_money(c['teacher_usd_per_month'])}/month, student "
+                     f"{_money(c['student_usd_per_month'])}/month; one-off labelling {_money(c.get('labelling_usd'))} + training "
+                     f"{_money(c.get('training_usd'))}; break-even after {'never (no saving)' if be is None else f'{be:.3g} months'}. "
+                     f"<span class=note>Basis: {_e(c.get('basis', ''))}.</span></p>"]
+    else:
+        sections.append("</div>")
+    sections += ["<h2>Worst student errors</h2>", _errors(r)]
+    d = r.get("data") or {}
+    if d:
+        cur = d.get("curated") or {}
+        sections.append(f"<h2>Data</h2><p>{d.get('teacher_labelled')} inputs labelled by the teacher; curate kept "
+                        f"{cur.get('n_kept')} (dropped: {_e(cur.get('dropped') or 'none')}); the student trained on "
+                        f"{r['student'].get('n_train')} and early-stopped on a dev split of teacher labels. Gold items are never trained on.</p>")
+    sections.append(f"<p class=note>Measured in one run on {_machine(r.get('machine'))}.</p>")
+    return _page(f"protege report: {r['task']}", "\n".join(sections))
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>")
+
+
+def render_compare_html(c: dict) -> str:
+    """Several runs side by side: one table, score bars with CIs, and paired tests against the first run."""
+    runs = c["runs"]
+    head = ("<tr><th>run</th><th>task</th><th>student</th><th>teacher</th><th>metric</th><th>student score [95% CI]</th>"
+            "<th>teacher score</th><th>retained [CI]</th><th>agreement</th><th>vs first run (p)</th><th>ECE</th>"
+            "<th>cascade coverage</th><th>ms/item p50</th><th>items/s batched</th><th>$ / 1k</th><th>break-even (months)</th></tr>")
+    rows = []
+    for x in runs:
+        vs = x.get("vs_first")
+        vs_txt = "baseline" if x is runs[0] else ("—" if not vs else f"{vs['diff']:+.3f} (p = {vs['p_value']:.2g}, n = {vs['n']})")
+        rows.append(f"<tr><td>{_e(x['run'])}</td><td>{_e(x['task'])}</td><td>{_e(x['student'])}</td><td>{_e(x['teacher'])}</td>"
+                    f"<td>{_e(x['metric'])}</td><td class=num>{_f(x['score'])} {_ci(x['score_ci'])}</td>"
+                    f"<td class=num>{_f(x['teacher_score'])}</td><td class=num>{_f(x['retained'], '.1%')} {_ci(x.get('retained_ci'), '.1%')}</td>"
+                    f"<td class=num>{_f(x.get('agreement'))}</td><td class=num>{vs_txt}</td><td class=num>{_f(x.get('ece'))}</td>"
+                    f"<td class=num>{_f(x.get('cascade_coverage'), '.0%')}</td><td class=num>{_f(x['ms_per_item'], '.3g')}</td>"
+                    f"<td class=num>{_f(x.get('items_per_s_batched'), ',.0f')}</td><td class=num>{_money(x.get('usd_per_1k'))}</td>"
+                    f"<td class=num>{_f(x.get('break_even_months'), '.3g', 'never')}</td></tr>")
+    colors = [plots.STUDENT, plots.CASCADE, "#3b7dd8", "#c0392b", "#8e8e8e", "#16a085"]
+    series = [("student", x["run"], x["score"], x["score_ci"]) for x in runs]
+    img = plots.score_bars(series, "student score on gold items (95% bootstrap CI)",
+                           colors=[colors[i % len(colors)] for i in range(len(runs))])
+    body = (f"<h1>protege compare — {len(runs)} runs</h1><p class=sub>{_e(c.get('date', ''))}</p>"
+            f"<table>{head}{''.join(rows)}</table><p class=note>“vs first run”: paired test of each run's student against the "
+            f"first run's on the gold items both share (McNemar for right/wrong scores).</p>"
+            f'<h2>Scores</h2><img alt="compare scores" src="{img}">')
+    return _page("protege compare", body)

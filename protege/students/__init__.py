@@ -1,0 +1,129 @@
+"""Students: found by ``student.kind`` in the task file, or by the folder a trained one was saved to.
+
+=========  =========================================  ==================================================
+kind       class                                      what it is
+=========  =========================================  ==================================================
+static     ``classifier.StaticClassifier``            static token embeddings + linear head; ~0.1 ms/item
+encoder    ``encoder.EncoderClassifier``              a small transformer encoder (MiniLM) fine-tuned
+causal_lm  ``causal_lm.CausalLMStudent``              a small chat LM (SFT + token KD, LoRA), servable by
+                                                      Ollama / vLLM
+=========  =========================================  ==================================================
+
+Every saved student folder has a ``config.json`` naming its kind (``protege_student``), so
+:func:`load_student` needs nothing but the path. Imports are lazy: the static student must not pay for
+importing transformers / TRL.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import import_module
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+STUDENTS: dict[str, tuple[str, str]] = {
+    "static": ("protege.students.classifier", "StaticClassifier"),
+    "encoder": ("protege.students.encoder", "EncoderClassifier"),
+    "causal_lm": ("protege.students.causal_lm", "CausalLMStudent"),
+}
+
+
+def student_class(kind: str) -> type:
+    try:
+        mod, name = STUDENTS[kind]
+    except KeyError:
+        raise ValueError(f"unknown student kind {kind!r}; use one of {sorted(STUDENTS)}") from None
+    return getattr(import_module(mod), name)
+
+
+def load_student(path: str | Path):
+    """Load any saved student; its kind is read from ``config.json``."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{p} is not a protege student folder (no config.json)")
+    kind = json.loads(cfg_file.read_text(encoding="utf-8")).get("protege_student")
+    if kind is None:
+        raise ValueError(f"{cfg_file} does not say which protege student it is (no 'protege_student' key)")
+    return student_class(kind).from_pretrained(p)
+
+
+# -- process topology (accelerate launch) ---------------------------------------------------------
+
+def is_main_process() -> bool:
+    """True outside distributed runs; under ``accelerate launch`` only on global rank 0."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+# -- the train stage's neural students -------------------------------------------------------------
+
+def fit_student(task, texts: Sequence[str], probs: np.ndarray, hard: np.ndarray, *,
+                sample_weight: np.ndarray | None = None, dev: tuple[Sequence[str], np.ndarray] | None = None,
+                class_weights: np.ndarray | None = None):
+    """Build and train the task's ``encoder`` or ``causal_lm`` student on teacher-labelled classify data.
+
+    The static student keeps its own path in :mod:`protege.train`. Settings come from ``task.student``
+    (model, epochs, batch size, lr, LoRA...) and ``task.train`` (alpha, temperature, seed).
+    """
+    s, t = task.student, task.train
+    if s.kind == "encoder":
+        from .encoder import EncoderClassifier
+
+        student = EncoderClassifier.from_base(s.model or s.embedder, task.labels, max_length=s.max_length,
+                                              seed=t.seed)
+        return student.fit(texts, probs, hard_labels=hard, sample_weight=sample_weight, dev=dev, alpha=t.alpha,
+                           temperature=t.temperature, epochs=s.epochs, lr=s.lr or 5e-5, batch_size=s.batch_size,
+                           grad_accum=s.grad_accum, patience=s.patience, seed=t.seed, class_weights=class_weights)
+    if s.kind == "causal_lm":
+        return _fit_causal_lm_classifier(task, texts, hard)
+    raise ValueError(f"fit_student handles encoder / causal_lm students, not {s.kind!r}")
+
+
+def _fit_causal_lm_classifier(task, texts: Sequence[str], hard: np.ndarray):
+    """A chat LM that answers a classify task with the label word (SFT on the teacher's labels).
+
+    Token KD needs the teacher's logits on the answer tokens, so it is used when the teacher is a local
+    model (``teacher.backend: hf``); an API teacher's label distribution is already in the hard label.
+    """
+    from ..task import TaskError
+    from ..teachers.base import system_prompt
+    from .causal_lm import CausalLMStudent
+
+    s, t = task.student, task.train
+    teacher = teacher_tok = None
+    wants_kd = s.kd in ("auto", "logits")
+    if task.teacher.backend == "hf" and (s.init_from_teacher or (wants_kd and s.model is None)):
+        from ..teachers.hf import load_causal_lm
+
+        teacher_tok, teacher = load_causal_lm(task.teacher.model, task.teacher.gguf_file, task.teacher.dtype)
+    elif s.init_from_teacher:
+        raise TaskError("student.init_from_teacher needs a local teacher (teacher.backend: hf)")
+    elif s.kd == "logits":
+        raise TaskError("student.kd: logits needs a local teacher (teacher.backend: hf); use kd: none or topk")
+    prompt = system_prompt(task)
+    if s.init_from_teacher:
+        student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, system_prompt=prompt,
+                                               max_new_tokens=8)
+    else:
+        ref = s.model or task.teacher.model
+        student = CausalLMStudent.from_base(ref, s.gguf_file or (None if s.model else task.teacher.gguf_file),
+                                            system_prompt=prompt, qlora=bool(s.lora and s.lora.qlora),
+                                            max_new_tokens=8)
+    student.labels = list(task.labels)
+    student.max_input_tokens = max(8, s.max_length - 96)  # room for the instruction and the answer
+    answers = [task.labels[i] for i in hard]
+    use_kd = teacher is not None and wants_kd
+    return student.fit(texts, answers, teacher=teacher if use_kd else None, teacher_tokenizer=teacher_tok,
+                       kd="logits" if use_kd else "none", alpha=t.alpha, beta=s.beta, temperature=1.0,
+                       epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                       max_length=s.max_length, lora=s.lora, seed=t.seed)

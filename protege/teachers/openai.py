@@ -1,11 +1,11 @@
 """Any OpenAI-compatible chat-completions server as teacher (OpenAI, vLLM, Ollama, llama.cpp, protege).
 
-Soft labels come from the answer's ``top_logprobs``: at the first answer token that starts a label,
-each label takes the probability of the top-k token that is the longest prefix of it (stripped,
-case-insensitive); the distribution is renormalised over the labels and the mass that fell on
-non-label tokens is kept as ``missing_mass``. Multi-token labels are therefore scored by their first
-distinguishing token — write labels whose first words differ. Servers that return no logprobs give
-the parsed hard label with probability 1 (``soft="hard"``).
+Soft labels come from the answer's ``top_logprobs``: at the first generated token that starts a label,
+each label takes the summed probability of the top-k tokens that are a prefix of it and of no other
+label (stripped, case-insensitive: " Sports" and "sports" both count); the distribution is renormalised
+over the labels and the mass that fell on non-label tokens is kept as ``missing_mass``. Multi-token
+labels are therefore scored by their first distinguishing token — write labels whose first words differ.
+Servers that return no logprobs give the parsed hard label with probability 1 (``soft="hard"``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,22 @@ from .base import Answer, Teacher, build_messages, parse_label, register_teacher
 
 
 def label_probs_from_top_logprobs(content: list[dict], labels: list[str], answer_prefix: str = "") -> tuple[list[float] | None, float]:
-    """Label distribution from a chat completion's logprobs.content list (dicts with token/top_logprobs)."""
+    """Label distribution from a chat completion's logprobs.content list (dicts with token/top_logprobs).
+
+    The distribution is read at the first position whose *generated* token starts a label. Positions
+    of an answer prefix ("Topic", ":") are skipped even when their top-k alternatives happen to hold a
+    label-like token ("Business" at 0.0003 behind "Topic"): scoring there would return a confident
+    distribution built from almost no mass.
+    """
     low = [lab.lower() for lab in labels]
     for pos in content:
-        cands = pos.get("top_logprobs") or [{"token": pos["token"], "logprob": pos["logprob"]}]
+        chosen = pos["token"].strip().lower()
+        if not chosen or not any(lab.startswith(chosen) for lab in low):
+            continue  # answer prefix, punctuation or whitespace: the answer starts later
+        cands = list(pos.get("top_logprobs") or [])
+        if all(c["token"] != pos["token"] for c in cands):  # a sampled token may be outside the top-k
+            cands.append({"token": pos["token"], "logprob": pos["logprob"]})
         mass = [0.0] * len(labels)
-        hit = False
         for c in cands:
             tok = c["token"].strip().lower()
             if not tok:
@@ -34,11 +44,10 @@ def label_probs_from_top_logprobs(content: list[dict], labels: list[str], answer
             matches = [i for i, lab in enumerate(low) if lab.startswith(tok)]
             if len(matches) == 1:
                 mass[matches[0]] += math.exp(c["logprob"])  # " Sports", "sports" both count
-                hit = True
-        if hit:
-            total = sum(mass)
-            return [m / total for m in mass], max(0.0, 1.0 - total)
-        # this position is the answer prefix ("Topic", ":") or whitespace: move on to the next token
+        total = sum(mass)
+        if total <= 0:  # only tokens shared by several labels: the first token cannot tell them apart
+            return None, 1.0
+        return [m / total for m in mass], max(0.0, 1.0 - total)
     return None, 1.0
 
 
@@ -106,7 +115,8 @@ class OpenAITeacher(Teacher):
             if probs is not None:
                 soft = "logprobs"
         if label is None:
-            return Answer(label=None, text=text, status="error", error=f"answer {text[:80]!r} is not one of the labels",
+            return Answer(label=None, text=text, status="error",
+                          error=f"answer {text[:80]!r} is not one of the labels {labels}",
                           tokens_in=tin, tokens_out=tout, latency_s=dt, cost_usd=cost)
         if probs is None:
             probs = [1.0 if lab == label else 0.0 for lab in labels]
@@ -115,6 +125,8 @@ class OpenAITeacher(Teacher):
                       tokens_out=tout, latency_s=dt, cost_usd=cost, extra={"finish_reason": ch.finish_reason})
 
     def answer(self, requests: list[dict]) -> list[Answer]:
+        if not requests:  # ThreadPoolExecutor refuses max_workers=0
+            return []
         with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 

@@ -1,0 +1,108 @@
+"""Build invoices.jsonl: short invoice texts with their four gold fields, generated deterministically.
+
+Each item is one invoice written in one of four layouts (labelled lines, an e-mail, a one-line receipt, a
+German-style header) with distractors a careless extractor copies by mistake: a subtotal and a tax line
+before the total, a customer reference next to the invoice number, a due date after the issue date.
+Values are copied verbatim into the answer, so exact match is well defined:
+
+    {"vendor": "...", "invoice_number": "...", "date": "...", "total": "..."}
+
+The first ``N_TRAIN`` items are the unlabelled pool the teacher labels; the rest are held out (gold).
+
+    python examples/invoice-fields/make_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SEED, N_TRAIN, N_EVAL = 7, 160, 60
+FIELDS = ("vendor", "invoice_number", "date", "total")
+
+_FIRST = ["Northwind", "Blue Harbor", "Kestrel", "Alder & Finch", "Copperline", "Redwood", "Silverbirch", "Marlow",
+          "Greystone", "Oakridge", "Brightwater", "Fenwick", "Hollis", "Juniper", "Lakeside", "Pinecrest"]
+_LAST = ["Traders Ltd", "Supplies", "Office GmbH", "Logistics", "Print Co.", "Catering", "IT Services",
+         "Hardware Inc.", "Cleaning BV", "Consulting LLP"]
+_ITEMS = ["office chairs", "printer toner", "consulting hours", "laptop stands", "catering for 20",
+          "server maintenance", "delivery", "cleaning service", "paper reams", "monitor arms"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+
+
+def _money(x: float, rng: random.Random) -> str:
+    s = f"{x:,.2f}" if rng.random() < 0.6 else f"{x:.2f}"
+    return s
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+    y, m, d = rng.choice([2023, 2024, 2025]), rng.randint(1, 12), rng.randint(1, 28)
+    fmt = rng.randrange(4)
+    issue = [f"{y}-{m:02d}-{d:02d}", f"{d} {_MONTHS[m - 1]} {y}", f"{_MONTHS[m - 1]} {d}, {y}", f"{d:02d}/{m:02d}/{y}"][fmt]
+    m2 = m % 12 + 1
+    due = [f"{y}-{m2:02d}-{d:02d}", f"{d} {_MONTHS[m2 - 1]} {y}", f"{_MONTHS[m2 - 1]} {d}, {y}", f"{d:02d}/{m2:02d}/{y}"][fmt]
+    return issue, due
+
+
+def _number(rng: random.Random) -> str:
+    k = rng.randrange(4)
+    if k == 0:
+        return f"INV-{rng.randint(1000, 99999)}"
+    if k == 1:
+        return f"{rng.choice('ABCDEFGHKLMNPRST')}{rng.choice('ABCDEFGHKLMNPRST')}-{rng.randint(10000, 99999)}"
+    if k == 2:
+        return f"#{rng.randint(100000, 999999)}"
+    return f"{rng.choice([2023, 2024, 2025])}/{rng.randint(1000, 9999)}"
+
+
+def make_item(rng: random.Random) -> dict:
+    vendor = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    number, (issue, due) = _number(rng), _date(rng)
+    qty, price = rng.randint(1, 40), rng.choice([4.5, 12.0, 19.99, 35.0, 49.5, 85.0, 120.0, 310.0])
+    sub = round(qty * price, 2)
+    rate = rng.choice([0, 7, 10, 19, 20])
+    tax = round(sub * rate / 100, 2)
+    total = _money(sub + tax, rng)
+    sub_s, tax_s = _money(sub, rng), _money(tax, rng)
+    cur = rng.choice(["EUR", "USD", "GBP"])
+    sym = {"EUR": "€", "USD": "$", "GBP": "£"}[cur]
+    ref = f"CUST-{rng.randint(100, 999)}"
+    item = rng.choice(_ITEMS)
+    layout = rng.randrange(4)
+    if layout == 0:
+        text = (f"{vendor}\nInvoice no. {number}\nCustomer ref: {ref}\nDate: {issue}\nDue: {due}\n"
+                f"{qty} x {item}: {sym}{sub_s}\nTax {rate}%: {sym}{tax_s}\nTotal due: {sym}{total}")
+    elif layout == 1:
+        text = (f"Hello,\nplease find attached invoice {number} from {vendor}, issued on {issue} (your reference "
+                f"{ref}). It covers {qty} x {item}: subtotal {sub_s} {cur} plus {tax_s} {cur} tax, for a total of "
+                f"{total} {cur}, payable by {due}.\nKind regards")
+    elif layout == 2:
+        text = f"RECEIPT | {vendor} | No. {number} | {issue} | {item} x{qty} | net {sub_s} | amount payable {total} {cur}"
+    else:
+        text = (f"Rechnung / Invoice\nSeller: {vendor}\nInvoice number: {number}    Invoice date: {issue}\n"
+                f"Customer: {ref}\nNet: {sub_s} {cur}   VAT {rate}%: {tax_s} {cur}\nGross total: {total} {cur}")
+    return {"text": text, "gold": {"vendor": vendor, "invoice_number": number, "date": issue, "total": total}}
+
+
+def make(seed: int = SEED, n: int = N_TRAIN + N_EVAL) -> list[dict]:
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        it = make_item(rng)
+        if it["text"] not in seen:
+            seen.add(it["text"])
+            out.append({"id": f"inv{len(out):04d}", **it})
+    return out
+
+
+def main() -> None:
+    rows = make()
+    with open(HERE / "invoices.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"{len(rows)} invoices → {HERE / 'invoices.jsonl'} (first {N_TRAIN} = teacher pool, last {N_EVAL} = held out)")
+
+
+if __name__ == "__main__":
+    main()

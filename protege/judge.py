@@ -1,0 +1,104 @@
+"""Pairwise LLM-as-judge for generation tasks, through the teacher backend and its ledger.
+
+ROUGE-L and chrF reward overlap with one reference; two good answers worded differently score low.
+A judge model comparing the student's answer with the teacher's on the same input is the usual
+complement (Zheng et al. 2023, "Judging LLM-as-a-judge"). Two things make it trustworthy enough:
+
+- **Position swap.** Judges prefer whichever answer comes first (or second). Each pair is judged in
+  both orders; a verdict counts only when both orders agree, a flip counts as a tie. The share of
+  items whose verdict survives the swap is reported (``position_consistency``).
+- **The ledger.** Judge calls are teacher calls: same request → answered from the ledger, no new
+  cost; every call's tokens and $ are logged under stage ``judge``.
+
+The judge is any :class:`~protege.teachers.base.Teacher` built on :func:`judge_task` — a copy of the
+task whose "labels" are ``A``, ``B`` and ``tie`` — so an OpenAI-compatible API, a local model, or a
+test backend all work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .metrics import bootstrap_ci
+from .task import TaskSpec
+
+JUDGE_LABELS = ["A", "B", "tie"]
+JUDGE_INSTRUCTION = (
+    "You are a strict judge. Given a task, an input and two candidate answers A and B, decide which answer "
+    "does the task better: correct, complete, faithful to the input, no invented facts. Length is not quality. "
+    "Reply with exactly one of: A, B, tie.")
+
+
+def judge_task(task: TaskSpec) -> TaskSpec:
+    """The task as the judge sees it: same teacher settings, labels A / B / tie, no few-shot examples."""
+    teacher = task.teacher.model_copy(update={"answer_prefix": "", "calibrate": False, "samples": 1,
+                                              "temperature": 0.0, "max_tokens": 4})
+    return task.model_copy(update={"instruction": JUDGE_INSTRUCTION, "labels": list(JUDGE_LABELS), "examples": [],
+                                   "teacher": teacher})
+
+
+def judge_prompt(task_instruction: str, text: str, a: str, b: str, reference: str | None = None) -> str:
+    """One judge input. Candidates are fenced with tags so an answer cannot impersonate the prompt."""
+    ref = f"\n<reference>\n{reference}\n</reference>" if reference else ""
+    return (f"<task>\n{task_instruction.strip()}\n</task>\n<input>\n{text}\n</input>{ref}\n"
+            f"<answer_A>\n{a}\n</answer_A>\n<answer_B>\n{b}\n</answer_B>\nWhich answer is better: A, B or tie?")
+
+
+def _b_points(label: str | None, b_is_first: bool) -> float | None:
+    """Points for candidate ``b`` from one verdict: 1 win, 0.5 tie, 0 loss, None if no valid verdict."""
+    if label not in JUDGE_LABELS:
+        return None
+    if label == "tie":
+        return 0.5
+    won_first = label == "A"
+    return 1.0 if won_first == b_is_first else 0.0
+
+
+def pairwise_judge(judge, ledger, instruction: str, texts: Sequence[str], outputs_a: Sequence[str],
+                   outputs_b: Sequence[str], references: Sequence[str] | None = None, *,
+                   budget_usd: float | None = None, names: tuple[str, str] = ("teacher", "student")) -> dict:
+    """Judge ``b`` against ``a`` on every item, in both orders, through ``ledger``.
+
+    Returns the win rate of ``b`` (wins + ½ ties, per item averaged over both orders) with a bootstrap
+    CI, win / tie / loss counts after the swap, position consistency, the share of verdicts that went
+    to the first position (order bias), the call / cache / $ counts, and per-item verdicts.
+    """
+    from .generate import label_with_ledger
+
+    n = len(texts)
+    refs = list(references) if references is not None else [None] * n
+    ab = [judge_prompt(instruction, t, a, b, r) for t, a, b, r in zip(texts, outputs_a, outputs_b, refs)]
+    ba = [judge_prompt(instruction, t, b, a, r) for t, a, b, r in zip(texts, outputs_a, outputs_b, refs)]
+    answers, stats = label_with_ledger(judge, ab + ba, ledger, stage="judge", samples=1, budget_usd=budget_usd,
+                                       description="judge: pairwise, both orders")
+    first = [a[0].label if a[0].status == "ok" else None for a in answers[:n]]
+    second = [a[0].label if a[0].status == "ok" else None for a in answers[n:]]
+    items, points, firsts, valid, consistent = [], [], 0, 0, 0
+    for i in range(n):
+        p1, p2 = _b_points(first[i], b_is_first=False), _b_points(second[i], b_is_first=True)
+        for lab in (first[i], second[i]):
+            if lab in ("A", "B"):
+                valid += 1
+                firsts += lab == "A"
+        got = [p for p in (p1, p2) if p is not None]
+        consistent += len(got) == 2 and p1 == p2
+        if len(got) == 2 and p1 == p2:
+            verdict = {1.0: names[1], 0.0: names[0], 0.5: "tie"}[p1]
+        else:
+            verdict = "tie" if got else "invalid"
+        score = float(np.mean(got)) if got else 0.5
+        points.append(score)
+        items.append({"first_order": first[i], "swapped_order": second[i], "verdict": verdict, "points": score})
+    pts = np.array(points, dtype=float)
+    verdicts = [it["verdict"] for it in items]
+    return {
+        "judge": getattr(judge, "name", "?"), "n": n, f"{names[1]}_win_rate": float(pts.mean()) if n else float("nan"),
+        "win_rate_ci": list(bootstrap_ci(pts)), "wins": verdicts.count(names[1]), "losses": verdicts.count(names[0]),
+        "ties": verdicts.count("tie"), "invalid": verdicts.count("invalid"),
+        "position_consistency": consistent / n if n else float("nan"),
+        "first_position_rate": firsts / valid if valid else None,
+        "calls": stats["calls"], "cache_hits": stats["cache_hits"], "usd": stats["usd"], "items": items,
+        "rule": "judged in both orders; a flip counts as a tie; win rate = (wins + ties / 2) / n",
+    }

@@ -1,0 +1,187 @@
+"""The report's figures: each function takes report.json data and returns a PNG data URI.
+
+PNG data URIs keep report.html one self-contained file (mail it, attach it to a ticket, open it
+offline). Matplotlib runs on the Agg backend; every figure is closed after rendering.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+
+TEACHER, STUDENT, CASCADE, GREY = "#7b61a8", "#2e9e5b", "#e08a1e", "#999999"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def to_data_uri(fig) -> str:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _ok(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def score_bars(series: list[tuple[str, str, float, list[float] | None]], title: str, colors: list[str] | None = None) -> str:
+    """Horizontal bars with 95% CI whiskers: one bar per (group, name, value, ci)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * len(series) + 0.9))
+    ys = np.arange(len(series))[::-1]
+    vals = [v for _, _, v, _ in series]
+    lo = [v - ci[0] if ci and _ok(ci[0]) else 0 for _, _, v, ci in series]
+    hi = [ci[1] - v if ci and _ok(ci[1]) else 0 for _, _, v, ci in series]
+    colors = colors or [TEACHER if g == "teacher" else STUDENT for g, *_ in series]
+    ax.barh(ys, vals, xerr=[lo, hi], color=colors, capsize=4, height=0.65, error_kw={"elinewidth": 1.2})
+    for y, v, (_, _, _, ci) in zip(ys, vals, series):
+        txt = f"{v:.3f}" + (f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and _ok(ci[0]) else "")
+        ax.text(0.01, y, txt, va="center", color="white", fontweight="bold", fontsize=8.5)
+    ax.set_yticks(ys, [f"{n}" for _, n, _, _ in series])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(title)
+    ax.grid(axis="x", alpha=0.3)
+    return to_data_uri(fig)
+
+
+def confusion_pair(mats: dict[str, list[list[int]]], labels: list[str]) -> str:
+    """Teacher and student confusion matrices side by side (rows gold, columns predicted)."""
+    plt = _plt()
+    names = list(mats)
+    arrays = [np.array(mats[n]) for n in names]
+    invalid = any(a[:, -1].any() for a in arrays)
+    cols = labels + ["(invalid)"] if invalid else labels
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 0.4, 3.4))
+    axes = np.atleast_1d(axes)
+    vmax = max(a.max() for a in arrays)
+    for ax, n, a in zip(axes, names, arrays):
+        a = a if invalid else a[:, :-1]
+        ax.imshow(a, cmap="Blues", vmin=0, vmax=vmax)
+        ax.set_xticks(range(len(cols)), cols, rotation=40, ha="right")
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels))
+        ax.set_xlabel("predicted")
+        if ax is axes[0]:
+            ax.set_ylabel("gold")
+        ax.set_title(f"{n} vs gold")
+        for i in range(a.shape[0]):
+            for j in range(a.shape[1]):
+                if a[i, j]:
+                    ax.text(j, i, str(a[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if a[i, j] > vmax / 2 else "black")
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def reliability(cal: dict[str, dict]) -> str:
+    """Reliability diagram: accuracy per confidence bin vs the diagonal, bin counts underneath."""
+    plt = _plt()
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(4.6, 4.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color=GREY, lw=1, label="perfectly calibrated")
+    width = 1.0 / max(len(c["bins"]) for c in cal.values())
+    for k, (who, c) in enumerate(cal.items()):
+        color = STUDENT if who == "student" else TEACHER
+        bins = [b for b in c["bins"] if b["n"]]
+        off = (k - (len(cal) - 1) / 2) * width / len(cal)
+        ax.bar([(b["lo"] + b["hi"]) / 2 + off for b in bins], [b["accuracy"] for b in bins], width=width / len(cal),
+               color=color, alpha=0.8, edgecolor="white", label=f"{who} (ECE {c['ece']:.3f})")
+        axn.bar([(b["lo"] + b["hi"]) / 2 + off for b in bins], [b["n"] for b in bins], width=width / len(cal),
+                color=color, alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    axn.set_xlabel("confidence (top-label probability)")
+    axn.set_ylabel("items")
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def coverage_curve(cas: dict, metric: str) -> str:
+    """Cascade quality and student-only quality vs the share of traffic the student answers."""
+    plt = _plt()
+    pts = cas["curve"]
+    cov = [p["coverage"] for p in pts]
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    ax.plot(cov, [p["cascade"] for p in pts], color=CASCADE, lw=2, label="cascade (student, else teacher)")
+    sel = [(p["coverage"], p["selective"]) for p in pts if p["selective"] is not None]
+    ax.plot([a for a, _ in sel], [b for _, b in sel], color=STUDENT, lw=1.5, label="student on the items it answers")
+    ax.axhline(cas["teacher_quality"], color=TEACHER, lw=1, ls="-", label="teacher")
+    ax.axhline(cas["needed"], color=TEACHER, lw=1, ls=":", label=f"{cas['target']:.0%} of teacher")
+    ax.axvline(cas["coverage"], color=GREY, lw=1, ls="--")
+    ax.plot([cas["coverage"]], [cas["quality"]], "o", color="black", zorder=5)
+    ax.annotate(f"t = {cas['threshold']:.2f}\ncoverage {cas['coverage']:.0%}", (cas["coverage"], cas["quality"]),
+                xytext=(-80, 18 if cas["coverage"] > 0.5 else -30), textcoords="offset points", fontsize=8, arrowprops={"arrowstyle": "-", "color": GREY})
+    lo = min([cas["needed"]] + [b for _, b in sel] + [p["cascade"] for p in pts])
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(1.0, cas["teacher_quality"])) + 0.01)
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("coverage: share of items the student answers (confidence ≥ t)")
+    ax.set_ylabel(metric)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7.5, frameon=False)
+    ax.grid(alpha=0.3)
+    return to_data_uri(fig)
+
+
+def cumulative_costs(months: np.ndarray, teacher_monthly: float, student_monthly: float, one_off: float):
+    """(teacher-only, distilled) cumulative $ after each month: the break-even chart's two lines."""
+    return months * teacher_monthly, one_off + months * student_monthly
+
+
+def break_even(cost: dict) -> str:
+    """Cumulative cost of calling the teacher vs distilling once and serving the student."""
+    plt = _plt()
+    be = cost.get("break_even_months")
+    horizon = 12 if not be or be < 6 else min(60, math.ceil(2 * be))
+    m = np.linspace(0, horizon, 200)
+    t_line, s_line = cumulative_costs(m, cost["teacher_usd_per_month"], cost["student_usd_per_month"], cost["one_off_usd"])
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    d = r"\$"  # a bare $ starts matplotlib mathtext
+    ax.plot(m, t_line, color=TEACHER, lw=2, label=f"teacher only ({d}{cost['teacher_usd_per_month']:,.2f}/month)")
+    ax.plot(m, s_line, color=STUDENT, lw=2, label=f"distilled: {d}{cost['one_off_usd']:,.4g} once + "
+            f"{d}{cost['student_usd_per_month']:,.4g}/month")
+    if be is not None and be <= horizon:
+        y = be * cost["teacher_usd_per_month"]
+        ax.plot([be], [y], "o", color="black")
+        ax.annotate(f"break-even: {be:.2g} months", (be, y), xytext=(12, 10), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(f"months at {cost['volume_per_month']:,} calls/month")
+    ax.set_ylabel(r"cumulative \$")
+    ax.set_xlim(0, horizon)
+    ax.set_ylim(0, None)
+    ax.legend(loc="upper left", fontsize=7.5, frameon=False)
+    ax.grid(alpha=0.3)
+    return to_data_uri(fig)
+
+
+def latency(rows: list[tuple[str, float | None, float | None, float | None]]) -> str:
+    """ms per item, log scale: (name, single p50, single p95, batched) per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 0.5 * len(rows) + 1.2))
+    ys = np.arange(len(rows))[::-1]
+    h = 0.38
+    for y, (name, p50, p95, batched) in zip(ys, rows):
+        if _ok(p50):
+            ax.barh(y + h / 2, p50, height=h, color=STUDENT if "student" in name else TEACHER,
+                    xerr=[[0], [max(0.0, (p95 or p50) - p50)]], capsize=3)
+            ax.text(max(p50, p95 or p50) * 1.25, y + h / 2, f"{p50:.3g} ms single (p50)", va="center", fontsize=8)
+        if _ok(batched):
+            ax.barh(y - h / 2, batched, height=h, color=GREY)
+            ax.text(batched * 1.15, y - h / 2, f"{batched:.3g} ms batched", va="center", fontsize=8)
+    ax.set_xscale("log")
+    vals = [v for r in rows for v in r[1:] if _ok(v)]
+    if vals:
+        ax.set_xlim(min(vals) / 3, max(vals) * 30)
+    ax.set_yticks(ys, [r[0] for r in rows])
+    ax.set_xlabel("ms per item (log scale; whisker = p95)")
+    return to_data_uri(fig)

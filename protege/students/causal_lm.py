@@ -1,0 +1,448 @@
+"""The causal-LM student for extract / generate tasks: a small chat model trained on the teacher's outputs.
+
+Training is TRL's ``SFTTrainer`` on prompt + completion sequences rendered with the student's chat
+template, cross-entropy on the completion only, plus (optionally) token-level KD
+(:class:`protege.kd_trainer.TokenKDTrainer`):
+
+* ``kd="logits"`` — a local teacher's full next-token distributions, computed on the fly on the same
+  completion tokens (generalized JSD, TRL's GKD convention). The teacher may see its own, longer prompt
+  (few-shot examples the student no longer needs); only the completion positions are matched.
+* ``kd="topk"`` — top-k log-probs stored with the teacher's outputs (what an API teacher returns),
+  matched with ``topk_kl``.
+
+Both need the teacher's tokens to mean the same thing to the student. Identical tokenizers are the
+normal case (same family, or :func:`init_from_teacher`); a student vocabulary contained in the teacher's
+is mapped by token string; anything else raises :class:`TokenizerMismatch` instead of training on
+misaligned distributions.
+
+LoRA adapters (peft) are merged into the weights on save, so the saved folder is a plain HF model that
+llama.cpp's converter, Ollama or vLLM take as is. QLoRA loads the base in 4-bit and needs bitsandbytes
+and a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..task import TaskError, resolve_model_path
+
+
+class TokenizerMismatch(ValueError):
+    """Teacher and student tokenizers disagree and no token mapping exists: token-level KD is impossible."""
+
+
+# -- tokenizers ----------------------------------------------------------------------------------
+
+def vocab_map(student_tok, teacher_tok):
+    """``None`` when both tokenizers share one vocabulary; else a LongTensor ``[V_student]`` of teacher ids.
+
+    The mapping exists when every student token string is also a teacher token (a teacher with extra
+    added tokens, a re-ordered vocabulary); the teacher's logits are then read in the student's order.
+    """
+    import torch
+
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s == t:
+        return None
+    missing = [tok for tok in s if tok not in t]
+    if missing:
+        raise TokenizerMismatch(
+            f"token-level KD needs the teacher's tokens to mean the same to the student, but {len(missing)} of the "
+            f"student's {len(s)} tokens are not in the teacher's vocabulary (e.g. {missing[:3]}) and no mapping "
+            f"exists. Use a student from the teacher's family (student.init_from_teacher: true), or train with "
+            f"student.kd: none (SFT on the teacher's outputs only).")
+    inv = {i: tok for tok, i in s.items()}
+    return torch.tensor([t[inv[i]] for i in range(len(s))], dtype=torch.long)
+
+
+def render(tok, messages: list[dict], completion: str | None = None) -> str:
+    """Chat-template text of ``messages`` (+ the assistant ``completion``); a plain layout for base models."""
+    if tok.chat_template:
+        if completion is None:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    text = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant") + "\n\nAnswer:"
+    return text if completion is None else f"{text} {completion}{tok.eos_token or ''}"
+
+
+def encode_example(tok, messages: list[dict], completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask) the way TRL's SFTTrainer builds them for prompt-completion data.
+
+    The completion starts where the tokenised prompt and prompt + completion first differ, so template
+    tokens after the answer (end-of-turn) are trained too: the student learns to stop.
+    """
+    p = tok(render(tok, messages), add_special_tokens=False).input_ids
+    f = tok(render(tok, messages, completion), add_special_tokens=False).input_ids
+    n = 0
+    while n < min(len(p), len(f)) and p[n] == f[n]:
+        n += 1
+    return f, [0] * n + [1] * (len(f) - n)
+
+
+def topk_from_openai(tok, content: list[dict]) -> dict | None:
+    """OpenAI ``logprobs.content`` (token strings + ``top_logprobs``) → student token ids, or None.
+
+    A candidate whose string is not exactly one student token is dropped (its mass falls into the
+    rest bucket of ``topk_kl``); a *chosen* token that is not one student token means the sequences
+    cannot be aligned, and the item gets no KD (None).
+    """
+    def one_id(s: str):
+        ids = tok(s, add_special_tokens=False).input_ids
+        return ids[0] if len(ids) == 1 else None
+
+    token_ids, ids, lps = [], [], []
+    for step in content:
+        chosen = one_id(step["token"])
+        if chosen is None:
+            return None
+        token_ids.append(chosen)
+        row: dict[int, float] = {}
+        for c in step.get("top_logprobs") or [{"token": step["token"], "logprob": step["logprob"]}]:
+            i = one_id(c["token"])
+            if i is not None and i not in row:
+                row[i] = float(c["logprob"])
+        ids.append(list(row))
+        lps.append(list(row.values()))
+    return {"token_ids": token_ids, "ids": ids, "logprobs": lps}
+
+
+# -- layer dropping ------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|layer|h|blocks))\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+
+def init_from_teacher(teacher, keep_every: int = 2, keep: Sequence[int] | None = None):
+    """A shallower copy of ``teacher``: layers ``0, k, 2k, ...`` (or ``keep``), everything else shared.
+
+    DistilBERT's initialisation (Sanh et al. 2019): a student that starts as "every other layer of the
+    teacher" keeps its embeddings, output head and much of its function, and recovers with far less
+    training than a random init. Works for any HF model whose blocks live in ``*.layers.N`` /
+    ``*.layer.N`` / ``*.h.N`` / ``*.blocks.N`` and whose config has ``num_hidden_layers``.
+    """
+    cfg = copy.deepcopy(teacher.config)
+    n = cfg.num_hidden_layers
+    keep = list(range(0, n, keep_every)) if keep is None else sorted(set(int(i) for i in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= n:
+        raise ValueError(f"layers to keep {keep} must lie in 0..{n - 1}")
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    pos = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for k, v in teacher.state_dict().items():
+        m = _LAYER.match(k)
+        if m is None:
+            state[k] = v
+        elif int(m["i"]) in pos:
+            state[f"{m['pre']}.{pos[int(m['i'])]}.{m['rest']}"] = v
+    student = type(teacher)(cfg)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"layer-dropped copy of {type(teacher).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (unsupported layer naming?)")
+    student = student.to(next(teacher.parameters()).dtype)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.config.protege_kept_layers = keep
+    return student.eval()
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+def decode(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64, top_k: int = 0, batch_size: int = 8,
+           description: str | None = None) -> list[dict]:
+    """Greedy decoding of rendered ``prompts``: ``{"text", "token_ids", "ids", "logprobs", "seconds"}`` each.
+
+    With ``top_k`` the k most likely next tokens and their log-probs (``log_softmax`` of the raw logits,
+    T = 1) are kept for every generated token, end-of-turn included: the stored form of a teacher's
+    soft outputs that ``kd="topk"`` trains on.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from ..progress import bar
+
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                               output_logits=bool(top_k), return_dict_in_generate=True)
+    dev = next(model.parameters()).device
+    out: list[dict] = []
+    model.eval()
+    with bar(description or "decode", len(prompts) if description else 0) as advance, torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            enc = [tok(p, add_special_tokens=False).input_ids for p in prompts[i : i + batch_size]]
+            L = max(len(e) for e in enc)
+            ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc], device=dev)
+            att = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
+            t0 = time.perf_counter()
+            g = model.generate(input_ids=ids, attention_mask=att, generation_config=gen_cfg)
+            dt = (time.perf_counter() - t0) / len(enc)
+            new = g.sequences[:, L:].tolist()
+            for b, seq in enumerate(new):
+                n = seq.index(eos) + 1 if eos in seq else len(seq)
+                item = {"text": tok.decode([t for t in seq[:n] if t != eos], skip_special_tokens=True),
+                        "token_ids": seq[:n], "finished": eos in seq[:n], "seconds": dt}
+                if top_k:
+                    lp = torch.log_softmax(torch.stack([s[b] for s in g.logits[:n]]).float(), -1)
+                    v, j = lp.topk(top_k, dim=-1)
+                    item.update(ids=j.tolist(), logprobs=v.tolist())
+                out.append(item)
+            advance(len(enc))
+    return out
+
+
+# -- the student ---------------------------------------------------------------------------------
+
+def qlora_problem() -> str | None:
+    """Why QLoRA cannot run here (None when it can)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "QLoRA needs a CUDA GPU (4-bit bitsandbytes kernels) and this machine has none"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "QLoRA needs bitsandbytes (pip install bitsandbytes)"
+    return None
+
+
+class CausalLMStudent:
+    """``fit / predict / save_pretrained / from_pretrained`` for a chat model answering one task."""
+
+    def __init__(self, model, tokenizer, system_prompt: str = "", max_new_tokens: int = 128,
+                 base: dict | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
+        self.base = base or {}  # how to reload the base in 16-bit (QLoRA merge)
+        self.labels: list[str] | None = None  # classify tasks: predict() maps answers onto these
+        self.max_input_tokens: int | None = None  # inputs are clipped to this many tokens
+        self.history: list[dict] = []
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_base(cls, ref: str, gguf_file: str | None = None, *, system_prompt: str = "", qlora: bool = False,
+                  dtype: str = "float32", max_new_tokens: int = 128) -> "CausalLMStudent":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_path(ref)
+        if not Path(path).exists():
+            raise TaskError(f"student.model: local path {path!r} does not exist")
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        if qlora:
+            why = qlora_problem()
+            if why:
+                raise TaskError(f"student.lora.qlora: {why}. Set qlora: false to train plain LoRA adapters on "
+                                f"16/32-bit weights, or run on a GPU machine.")
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **kw)
+        return cls(model, tok, system_prompt, max_new_tokens, base={"ref": ref, "gguf_file": gguf_file, "qlora": qlora})
+
+    @classmethod
+    def from_teacher(cls, teacher_model, tokenizer, keep_every: int = 2, *, system_prompt: str = "",
+                     max_new_tokens: int = 128) -> "CausalLMStudent":
+        """Layer-dropped copy of a local teacher (:func:`init_from_teacher`); shares its tokenizer."""
+        return cls(init_from_teacher(teacher_model, keep_every), copy.deepcopy(tokenizer), system_prompt,
+                   max_new_tokens)
+
+    def messages(self, text: str) -> list[dict]:
+        if self.max_input_tokens is not None:
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) > self.max_input_tokens:
+                text = self.tokenizer.decode(ids[: self.max_input_tokens])
+        sys = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return sys + [{"role": "user", "content": text}]
+
+    # -- training ------------------------------------------------------------------------------
+    def build_rows(self, inputs: Sequence[str], outputs: Sequence[str], *, kd: str, max_length: int,
+                   teacher_tokenizer=None, teacher_messages: Sequence[list[dict]] | None = None,
+                   topk: Sequence[dict | None] | None = None) -> tuple[list[dict], dict]:
+        """Tokenised training rows (+ teacher / top-k columns) and counts of what was dropped and why."""
+        rows, stats = [], {"too_long": 0, "no_kd": 0}
+        for i, (x, y) in enumerate(zip(inputs, outputs)):
+            ids, cmask = encode_example(self.tokenizer, self.messages(x), y)
+            if len(ids) > max_length:
+                stats["too_long"] += 1
+                continue
+            row = {"input_ids": ids, "completion_mask": cmask}
+            if kd == "logits":
+                t_msgs = teacher_messages[i] if teacher_messages is not None else self.messages(x)
+                t_ids, t_mask = encode_example(teacher_tokenizer, t_msgs, y)
+                s_toks = self.tokenizer.convert_ids_to_tokens([t for t, m in zip(ids, cmask) if m])
+                t_toks = teacher_tokenizer.convert_ids_to_tokens([t for t, m in zip(t_ids, t_mask) if m])
+                if s_toks != t_toks:
+                    raise TokenizerMismatch(
+                        f"item {i}: the teacher tokenises the answer as {t_toks[:8]}... and the student as "
+                        f"{s_toks[:8]}...: the token positions do not line up, so no mapping exists. Use a student "
+                        f"with the teacher's tokenizer and chat template, or student.kd: none (SFT only).")
+                row.update(teacher_input_ids=t_ids, teacher_completion_mask=t_mask)
+            elif kd == "topk":
+                t = topk[i] if topk is not None else None
+                if t is not None and "content" in t:
+                    t = topk_from_openai(self.tokenizer, t["content"])
+                completion = [tid for tid, m in zip(ids, cmask) if m]
+                if t is None or completion[: len(t["token_ids"])] != list(t["token_ids"]):
+                    stats["no_kd"] += 1
+                    row.update(topk_ids=[], topk_logprobs=[])
+                else:
+                    row.update(topk_ids=t["ids"], topk_logprobs=t["logprobs"])
+            rows.append(row)
+        if kd == "topk" and rows and stats["no_kd"] > len(rows) / 2:
+            raise TokenizerMismatch(
+                f"{stats['no_kd']} of {len(rows)} items' stored top-k tokens do not line up with the student's "
+                f"tokenisation of the same answer: the teacher's tokenizer differs and no mapping exists. Use a "
+                f"student from the teacher's family, or student.kd: none (SFT only).")
+        if not rows:
+            raise ValueError(f"no training item fits in max_length={max_length} tokens; raise student.max_length")
+        return rows, stats
+
+    def fit(self, inputs: Sequence[str], outputs: Sequence[str], *, teacher=None, teacher_tokenizer=None,
+            teacher_messages: Sequence[list[dict]] | None = None, topk: Sequence[dict | None] | None = None,
+            kd: str = "auto", alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0,
+            epochs: float = 2.0, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1,
+            weight_decay: float = 0.0, warmup: float = 0.05, max_length: int = 512, lora=None, seed: int = 0,
+            max_steps: int = -1, output_dir: str | Path | None = None) -> "CausalLMStudent":
+        """SFT on (input, teacher output) pairs, plus token KD when the teacher's distributions exist.
+
+        ``kd="auto"`` picks "logits" with a ``teacher`` model, "topk" with stored ``topk`` rows, else
+        "none". ``alpha`` weighs KD against cross-entropy. ``lora``: a ``LoraSettings``-like object
+        (``r, alpha, dropout, target_modules``) or None for a full fine-tune.
+        """
+        import torch
+        from datasets import Dataset
+        from trl import SFTConfig
+
+        from ..kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer
+
+        if kd == "auto":
+            kd = "logits" if teacher is not None else ("topk" if topk is not None else "none")
+        vmap = None
+        if kd == "logits":
+            if teacher is None:
+                raise ValueError("kd='logits' needs the teacher model")
+            teacher_tokenizer = teacher_tokenizer or self.tokenizer
+            vmap = vocab_map(self.tokenizer, teacher_tokenizer)
+        rows, self.data_stats = self.build_rows(inputs, outputs, kd=kd, max_length=max_length,
+                                                teacher_tokenizer=teacher_tokenizer, teacher_messages=teacher_messages,
+                                                topk=topk)
+        peft_config = None
+        if lora is not None:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        lr = lr or (2e-4 if lora is not None else 5e-5)
+        tmp = tempfile.TemporaryDirectory(prefix="protege-lm-") if output_dir is None else None
+        steps = max(1, -(-len(rows) // (batch_size * grad_accum)))
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        args = SFTConfig(
+            output_dir=str(output_dir) if output_dir is not None else tmp.name, num_train_epochs=epochs,
+            max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+            learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="cosine",
+            logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
+            disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
+            data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+        t_pad = None if teacher_tokenizer is None else (teacher_tokenizer.pad_token_id or teacher_tokenizer.eos_token_id)
+        from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+        bars = is_progress_bar_enabled()
+        disable_progress_bar()  # SFTTrainer's dataset preparation: instant here, one bar per map otherwise
+        try:
+            trainer = TokenKDTrainer(
+                model=self.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=self.tokenizer,
+                data_collator=TokenKDCollator(self.tokenizer.pad_token_id, t_pad), peft_config=peft_config,
+                teacher_model=teacher if kd == "logits" else None, alpha=alpha, beta=beta, temperature=temperature,
+                kd=kd, vocab_size=len(self.tokenizer), vocab_map=vmap)
+        finally:
+            if bars:
+                enable_progress_bar()
+        quiet_trainer(trainer, f"student: SFT{'' if kd == 'none' else ' + token KD (' + kd + ')'}")
+        try:
+            trainer.train()
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        self.model = trainer.model.eval()
+        self.history = [dict(h) for h in trainer.state.log_history]
+        self.kd = kd
+        return self
+
+    # -- inference -----------------------------------------------------------------------------
+    def generate(self, texts: Sequence[str], *, max_new_tokens: int | None = None, batch_size: int = 8,
+                 description: str | None = None) -> list[dict]:
+        prompts = [render(self.tokenizer, self.messages(t)) for t in texts]
+        return decode(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                      batch_size=batch_size, description=description)
+
+    def predict(self, texts: Sequence[str], **kw) -> list[str | None]:
+        """Answers; for a classify task (``labels`` set) mapped onto the label set (None if not a label)."""
+        answers = [d["text"] for d in self.generate(texts, **kw)]
+        if self.labels is None:
+            return answers
+        from ..teachers.base import parse_label
+
+        return [parse_label(a, self.labels) for a in answers]
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def merged_model(self):
+        """The model with LoRA adapters folded in (QLoRA: into a 16-bit reload of the base)."""
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):
+            return model
+        if self.base.get("qlora"):
+            import torch
+
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)
+                base = CausalLMStudent.from_base(self.base["ref"], self.base.get("gguf_file"), dtype="bfloat16").model
+                model = PeftModel.from_pretrained(base, d, torch_dtype=torch.bfloat16)
+        return model.merge_and_unload()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """A plain HF causal-LM folder (adapters merged) + tokenizer; the prompt settings in config.json."""
+        from .. import __version__
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        model = self.merged_model()
+        self.model = model
+        model.config.protege_student = "causal_lm"
+        model.config.protege_system_prompt = self.system_prompt
+        model.config.protege_max_new_tokens = self.max_new_tokens
+        model.config.protege_labels = self.labels
+        model.config.protege_max_input_tokens = self.max_input_tokens
+        model.config.protege_version = __version__
+        model.save_pretrained(p)
+        self.tokenizer.save_pretrained(p)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "CausalLMStudent":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} is not a protege student folder (no config.json)")
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        student = cls(model, tok, cfg.get("protege_system_prompt", ""), int(cfg.get("protege_max_new_tokens", 128)))
+        student.labels, student.max_input_tokens = cfg.get("protege_labels"), cfg.get("protege_max_input_tokens")
+        return student
