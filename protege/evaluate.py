@@ -31,41 +31,46 @@ import numpy as np
 
 from . import metrics as M
 from .artifacts import fingerprint, require, stage_writer
-from .costs import break_even_months, compute_usd_per_call
+from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
 from .data import load_gold, read_jsonl, write_json, write_jsonl
 from .ledger import Ledger
-from .students.classifier import StaticClassifier
+from .students import load_student
 from .task import TaskSpec
 
 CASCADE_TARGET = 0.99  # share of the teacher's quality the cascade must keep
-STUDENTS = {"static": StaticClassifier}
 
 
-def load_student(path: Path):
-    """The trained student from its folder, dispatched on ``config.json``'s ``protege_student``."""
-    import json
+def student_name(student, task: TaskSpec) -> str:
+    """Short name for tables: what the student is, not where it was saved."""
+    kind = task.student.kind
+    if kind == "static":
+        return f"static-{int(student.base.shape[1])}d+linear"
+    ref = getattr(task.student, "model", None) or (task.student.embedder if kind == "encoder" else task.teacher.model)
+    return f"{kind}:{str(ref).rstrip('/').rsplit('/', 1)[-1].removeprefix('pkg:')}"
 
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} is not a protege student folder (no config.json); run `protege train`")
-    kind = json.loads(cfg_path.read_text(encoding="utf-8")).get("protege_student", "static")
-    if kind not in STUDENTS:
-        raise ValueError(f"{path}: student kind {kind!r} cannot be evaluated here; known: {sorted(STUDENTS)}")
-    return STUDENTS[kind].from_pretrained(path)
+
+def student_outputs(student, texts: list[str], labels: list[str]) -> tuple[list, np.ndarray | None]:
+    """(predicted labels, probabilities or None): students without ``predict_proba`` (a causal LM
+    answering in words) get no calibration or cascade section, since they have no confidence."""
+    if hasattr(student, "predict_proba"):
+        proba = np.asarray(student.predict_proba(texts))
+        return [labels[i] for i in proba.argmax(1)], proba
+    return list(student.predict(texts)), None
 
 
 def time_student(student, texts: list[str], n_single: int = 200, repeats: int = 3) -> dict:
     """Single-item latencies (one call per item, as a server sees them) and batched throughput."""
-    student.predict_proba(texts[:4])  # warm-up: caches, lazy allocations
+    fn = student.predict_proba if hasattr(student, "predict_proba") else student.predict
+    fn(texts[:4])  # warm-up: caches, lazy allocations
     single = []
     for t in texts[:n_single]:
         t0 = time.perf_counter()
-        student.predict_proba([t])
+        fn([t])
         single.append(time.perf_counter() - t0)
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        student.predict_proba(texts)
+        fn(texts)
         runs.append((time.perf_counter() - t0) / len(texts))
     batched = statistics.median(runs)
     return {**M.latency_summary(single), "batched_ms_per_item": batched * 1000,
@@ -181,8 +186,8 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
     t_pred = [r.get("label") for r in trows]
     t_probs = [r.get("probs") for r in trows]
     t_conf = [r.get("confidence") if r.get("status") == "ok" else None for r in trows]
-    s_proba = student.predict_proba(texts)
-    s_pred = [task.labels[i] for i in s_proba.argmax(1)]
+    s_pred, s_proba = student_outputs(student, texts, task.labels)
+    s_conf = None if s_proba is None else s_proba.max(1)
     q = quality(task, gold, t_pred, s_pred, s_proba, t_probs)
     t_items, s_items = q.pop("t_items"), q.pop("s_items")
     q.pop("agree")
@@ -205,7 +210,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
                     "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": t_usd_call * 1000,
                     "usd_per_month": t_usd_call * vol, "timing_source": tt["source"],
                     "invalid_answers": int(sum(p is None for p in t_pred))},
-        "student": {"name": f"static-{int(student.base.shape[1])}d+linear",
+        "student": {"name": student_name(student, task),
                     "score": s_score, "score_ci": q["metrics"]["student"][f"{primary}_ci"],
                     "agreement": q["fidelity"]["agreement"], "agreement_ci": q["fidelity"]["agreement_ci"],
                     "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"], "ms_per_item_batched": st["batched_ms_per_item"],
@@ -228,14 +233,16 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
                  "train": train_stats},
         "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
-        "examples": worst_errors(texts, gold, t_pred, s_pred, s_items, s_proba.max(1), t_conf),
+        "examples": worst_errors(texts, gold, t_pred, s_pred, s_items, s_conf, t_conf),
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
+    be = report["cost"]["break_even_months"]
+    report["cost"]["cumulative"] = cumulative_costs(chart_months(be), t_usd_call, s_usd_call, vol, one_off)
     report["verdict"] = verdict(report)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
-              "student_score": float(ss), "student_confidence": float(c)}
-             for g, y, tp, sp, ts, ss, c in zip(gold_rows, gold, t_pred, s_pred, t_items, s_items, s_proba.max(1))]
+              "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}
+             for i, (g, y, tp, sp, ts, ss) in enumerate(zip(gold_rows, gold, t_pred, s_pred, t_items, s_items))]
     write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
         {"generate": gen["fingerprint"], "train": train_cfg.get("fingerprint")})})
     return report

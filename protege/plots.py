@@ -134,34 +134,33 @@ def coverage_curve(cas: dict, metric: str) -> str:
     return to_data_uri(fig)
 
 
-def cumulative_costs(months: np.ndarray, teacher_monthly: float, student_monthly: float, one_off: float):
-    """(teacher-only, distilled) cumulative $ after each month: the break-even chart's two lines."""
-    return months * teacher_monthly, one_off + months * student_monthly
-
-
 def break_even(cost: dict) -> str:
-    """Cumulative cost of calling the teacher vs distilling once and serving the student."""
-    plt = _plt()
-    be = cost.get("break_even_months")
-    horizon = 12 if not be or be < 6 else min(60, math.ceil(2 * be))
-    m = np.linspace(0, horizon, 200)
-    t_line, s_line = cumulative_costs(m, cost["teacher_usd_per_month"], cost["student_usd_per_month"], cost["one_off_usd"])
-    fig, ax = plt.subplots(figsize=(5.6, 3.2))
-    d = r"\$"  # a bare $ starts matplotlib mathtext
-    ax.plot(m, t_line, color=TEACHER, lw=2, label=f"teacher only ({d}{cost['teacher_usd_per_month']:,.2f}/month)")
-    ax.plot(m, s_line, color=STUDENT, lw=2, label=f"distilled: {d}{cost['one_off_usd']:,.4g} once + "
-            f"{d}{cost['student_usd_per_month']:,.4g}/month")
-    if be is not None and be <= horizon:
-        y = be * cost["teacher_usd_per_month"]
-        ax.plot([be], [y], "o", color="black")
-        ax.annotate(f"break-even: {be:.2g} months", (be, y), xytext=(12, 10), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(f"months at {cost['volume_per_month']:,} calls/month")
-    ax.set_ylabel(r"cumulative \$")
-    ax.set_xlim(0, horizon)
-    ax.set_ylim(0, None)
-    ax.legend(loc="upper left", fontsize=7.5, frameon=False)
-    ax.grid(alpha=0.3)
+    """Cumulative cost of calling the teacher vs distilling once and serving the student.
+
+    Drawn by :func:`protege.costs.break_even_figure` from the report's ``cost.cumulative`` curves
+    (computed by :func:`protege.costs.cumulative_costs`), or from the monthly figures when absent.
+    """
+    from .costs import break_even_figure, chart_months
+
+    _plt()
+    curves = cost.get("cumulative")
+    if not curves:
+        months = list(range(chart_months(cost.get("break_even_months")) + 1))
+        curves = {"months": months, "teacher_only": [cost["teacher_usd_per_month"] * m for m in months],
+                  "distilled": [cost["one_off_usd"] + cost["student_usd_per_month"] * m for m in months],
+                  "teacher_usd_per_month": cost["teacher_usd_per_month"], "one_off_usd": cost["one_off_usd"],
+                  "break_even_months": cost.get("break_even_months")}
+    title = (f"at {cost['volume_per_month']:,} calls/month: teacher {_usd(cost['teacher_usd_per_month'])}/month, "
+             f"student {_usd(cost['student_usd_per_month'])}/month, one-off {_usd(cost['one_off_usd'])}")
+    fig = break_even_figure(curves, title=title)
     return to_data_uri(fig)
+
+
+def _usd(x: float) -> str:
+    """Like report._money, with the $ escaped for matplotlib's mathtext."""
+    if x == 0 or abs(x) >= 1:
+        return f"\\${x:,.2f}"
+    return f"\\${x:.{max(2, 1 - math.floor(math.log10(abs(x))))}f}"
 
 
 def latency(rows: list[tuple[str, float | None, float | None, float | None]]) -> str:

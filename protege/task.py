@@ -263,5 +263,12 @@ def load_task(path: str | Path) -> TaskSpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise TaskError(f"{p}: invalid YAML: {e}") from None
+        # one line: PyYAML's own message spans several (with source excerpts and carets)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        ctx, cm = getattr(e, "context", None), getattr(e, "context_mark", None)
+        ctx = f"{ctx} that starts at line {cm.line + 1}" if ctx and cm else ctx
+        what = " ".join(x for x in (getattr(e, "problem", None), ctx) if x) or str(e).split("\n")[0]
+        raise TaskError(f"{p}: invalid YAML{where}: {what}; check the indentation, brackets and quotes "
+                        f"on that line or the one before") from None
     return parse_task(raw, str(p), p.resolve().parent)

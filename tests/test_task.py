@@ -116,8 +116,9 @@ def test_bad_task_name(tmp_path):
 def test_invalid_yaml_names_the_line(tmp_path):
     p = _write(tmp_path, "name: x\nlabels: [a, b\ninstruction: hi\n")
     msg = _error(p)
-    assert "invalid YAML" in msg
-    assert "line" in msg
+    assert "invalid YAML at line 3, column 12" in msg
+    assert "starts at line 2" in msg  # where the unclosed bracket opened
+    assert "\n" not in msg
 
 
 def test_non_utf8_task_file(tmp_path):
