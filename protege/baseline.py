@@ -180,19 +180,19 @@ def time_calls(fn: Callable[[list[str]], object], texts: Sequence[str], n_single
 def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: float | None) -> dict:
     """Seconds per call of the student: told, measured on a trained one, or on an untrained twin."""
     if task.baseline.student_ms_per_item is not None:
-        return {"single_s_p50": task.baseline.student_ms_per_item / 1000, "source": "baseline.student_ms_per_item"}
+        return {"single_s_p50": task.baseline.student_ms_per_item / 1000, "source": "told: baseline.student_ms_per_item"}
     folder = Path(out) / "train" / "student"
     if task.student.kind == "static":
         from .students.classifier import StaticClassifier
 
         if (folder / "config.json").is_file():
-            model, src = StaticClassifier.from_pretrained(folder), "measured: trained student"
+            model, src = StaticClassifier.from_pretrained(folder), "timed: trained student"
         else:
             model = StaticClassifier.from_encoder(task.student.embedder, task.labels, task.student.dims)
-            src = "measured: untrained student of the same architecture (same speed)"
+            src = "timed: untrained twin (same architecture, same speed)"
         return {**time_calls(model.predict_proba, texts), "source": src}
     if small_s is not None:
-        return {"single_s_p50": small_s, "source": "small model latency (a student of that size)"}
+        return {"single_s_p50": small_s, "source": "assumed: the small model's latency"}
     raise ValueError(f"cannot time student kind {task.student.kind!r}; set baseline.student_ms_per_item")
 
 

@@ -61,13 +61,87 @@ def _out(task, out: Path | None) -> Path:
 
 @app.command()
 @_guard
-def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False, help="Ignore the cached artifact")):
+def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False, help="Ignore the cached artifact"),
+             shard: str = typer.Option(None, "--shard", help="i/n: label only shard i of n (0-based), e.g. one per "
+                                       "machine; then `protege ledger merge` the ledgers and run generate unsharded")):
     """Label the task's inputs (and gold inputs) with the teacher, through the ledger."""
-    from .generate import generate as run_generate
+    import json
+
+    from .generate import generate as run_generate, parse_shard
 
     t = _load(task)
-    d = run_generate(t, _out(t, out), force=force)
+    d = run_generate(t, _out(t, out), force=force, shard=parse_shard(shard))
+    s = json.loads((d / "stats.json").read_text())
+    for part in ("inputs", "gold"):
+        p = s.get(part) or {}
+        fails = ", ".join(f"{k} {v}" for k, v in (p.get("failures") or {}).items())
+        console.print(f"{part}: {p.get('requests', 0)} requests, {p.get('cache_hits', 0)} from the ledger, "
+                      f"{p.get('calls', 0)} new calls (${p.get('usd', 0.0):.4f}), {p.get('failed', 0)} failed"
+                      + (f" ({fails})" if fails else ""), highlight=False)
     console.print(f"generate → {d}")
+
+
+@app.command()
+@_guard
+def ledger(args: list[str] = typer.Argument(..., help="A ledger (file, run folder or task.yaml) to show; or: merge "
+                                            "DEST SRC... to add ledgers from other machines into DEST"),
+           out: Path = OutOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")):
+    """Spend, calls, cache hits, failures by reason, latency p50/p95 by model and stage; or merge ledgers."""
+    import json
+
+    from .ledger import Ledger
+
+    if args[0] == "merge":
+        if len(args) < 3:
+            _fail("usage: protege ledger merge DEST.sqlite SRC.sqlite [SRC.sqlite ...]")
+        dest = Path(args[1])
+        with Ledger(dest) as led:
+            for src in args[2:]:
+                r = led.merge(_ledger_path(Path(src), out))
+                console.print(f"merged {r['source']}: +{r['added']} calls, {r['now_ok']} failures replaced by "
+                              f"successes → {r['calls']} calls in {dest}", highlight=False)
+        return
+    if len(args) != 1:
+        _fail(f"protege ledger takes one ledger to show (got {len(args)}); to combine ledgers: protege ledger merge DEST SRC...")
+    path = _ledger_path(Path(args[0]), out)
+    with Ledger(path) as led:
+        rows, runs = led.stats(), led.runs(10)
+    if as_json:
+        print(json.dumps({"ledger": str(path), "stats": rows, "runs": runs}, indent=2))
+        return
+    tb = Table(title=f"ledger {path}")
+    for c in ("model", "stage", "calls", "ok", "failed", "cache hits", "requests", "re-asks", "tokens in/out", "$",
+              "p50 s", "p95 s"):
+        tb.add_column(c)
+    fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    for r in rows:
+        tb.add_row(r["model"], r["stage"], str(r["calls"]), str(r["ok"]), str(r["failed"]), str(r["cache_hits"]),
+                   str(r["requests"]), str(r["reasks"]), f"{r['tokens_in']:,}/{r['tokens_out']:,}",
+                   f"{r['cost_usd']:.4f}", fmt(r["latency_p50_s"]), fmt(r["latency_p95_s"]))
+    console.print(tb)
+    for r in rows:
+        if r["failures"]:
+            console.print(f"failures {r['model']} / {r['stage']}: "
+                          + ", ".join(f"{k} {v}" for k, v in r["failures"].items()), highlight=False)
+    console.print(f"total: ${sum(r['cost_usd'] for r in rows):.4f} over {sum(r['calls'] for r in rows)} calls")
+    for r in runs[:5]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
+        status = "running (or killed)" if r["status"] == "running" else r["status"]
+        console.print(f"run {r['id']} {when} {r['stage']}: {status}, {r['calls']} calls, {r['cache_hits']} cached, "
+                      f"{r['failed']} failed, ${r['usd']:.4f}" + (f" — {r['note']}" if r.get("note") else ""),
+                      highlight=False)
+
+
+def _ledger_path(p: Path, out: Path | None) -> Path:
+    """A ledger file, a run folder holding ledger.sqlite, or a task file (→ its run folder's ledger)."""
+    if p.suffix in (".yaml", ".yml"):
+        t = _load(p)
+        p = _out(t, out) / "ledger.sqlite"
+    elif p.is_dir():
+        p = p / "ledger.sqlite"
+    if not p.is_file():
+        raise FileNotFoundError(f"no ledger at {p}: run `protege generate` first, or give the ledger.sqlite path")
+    return p
 
 
 @app.command()
@@ -138,22 +212,20 @@ def _print_baseline(r: dict, out: Path) -> None:
     from .costs import format_months
 
     tb = Table(title=f"{r['task']}: baseline on {r['n']} gold items")
-    for c in ("", "model", f"{r['metric']} ± 95% CI", "agrees w/ teacher", "invalid", "ms/item", "$ / 1M calls"):
+    for c in ("", f"{r['metric']} [95% CI]", "agree", "invalid", "ms/item", "$/1M calls"):
         tb.add_column(c)
-    rows = [("teacher", r["teacher"]), (f"small ({r['small_model'].get('shots', '')})", r["small_model"])]
-    for who, d in rows:
+    sm, st = r["small_model"], r["student"]
+    for who, d in (("teacher", r["teacher"]), ("small", sm)):
         if "score" not in d:
             continue
         lo, hi = d["score_ci"]
         agr = d.get("agreement_with_teacher")
-        tb.add_row(who, d["name"], f"{d['score']:.3f} [{lo:.3f}, {hi:.3f}]", "—" if agr is None else f"{agr:.3f}",
+        tb.add_row(who, f"{d['score']:.3f} [{lo:.3f}, {hi:.3f}]", "—" if agr is None else f"{agr:.3f}",
                    str(d["invalid_answers"]), f"{d['ms_per_item']:.1f}", f"{d['usd_per_1k'] * 1000:.4f}")
-    st = r["student"]
-    tb.add_row(f"student ({st['kind']})", st["timing"]["source"], "—", "—", "—", f"{st['ms_per_item']:.3f}",
-               f"{st['usd_per_1k'] * 1000:.4f}")
+    tb.add_row("student", "—", "—", "—", f"{st['ms_per_item']:.3f}", f"{st['usd_per_1k'] * 1000:.4f}")
     console.print(tb)
-    if "skipped" in r["small_model"]:
-        console.print(f"small model: {r['small_model']['skipped']}")
+    console.print(f"teacher: {r['teacher']['name']}; small: " + (f"{sm['name']} ({sm['shots']})" if "score" in sm
+                  else sm["skipped"]) + f"; student: {st['kind']}, {st['timing']['source']}", highlight=False)
     c = r["consistency"]
     if c["measured"]:
         console.print(f"teacher self-consistency: {c['consistent']:.1%} of inputs agree across "

@@ -158,10 +158,9 @@ def break_even_figure(curves: dict, *, title: str | None = None, ax=None):
     ax.plot(m, curves["distilled"], color="#41ab5d", lw=2, label="distilled (one-off + student)")
     be = curves.get("break_even_months")
     if be is not None and be <= m[-1]:
-        y = curves["teacher_usd_per_month"] * be
         ax.axvline(be, color="grey", ls=":", lw=1)
-        ax.annotate(f"break-even: {format_months(be)}", (be, y), textcoords="offset points", xytext=(6, -14),
-                    fontsize=8, color="#333333")
+        ax.text(0.98, 0.05, f"break-even: {format_months(be)}", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=8, color="#333333", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_xlabel("months from now")
     ax.set_ylabel("cumulative cost (USD)")
     ax.set_xlim(0, m[-1])

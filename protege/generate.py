@@ -12,8 +12,8 @@ artifact, then applied unchanged to the gold inputs.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,9 +32,39 @@ def file_signature(path: Path) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+# Teacher settings that change how fast or how far a run goes, never what an answer is.
+_RUNTIME_ONLY = {"budget_usd", "concurrency", "timeout_s", "max_retries", "rpm", "tpm", "budget_tokens", "retry_base_s",
+                 "retry_max_s"}
+# Settings added later that change answers: left out at their defaults so earlier artifacts stay fresh.
+_LATER_DEFAULTS = {"max_reasks": 2, "shuffle_labels": False, "paraphrases": [], "label_map": {}}
+
+
+def _teacher_signature(task: TaskSpec) -> dict:
+    d = task.teacher.model_dump(exclude=_RUNTIME_ONLY)
+    return {k: v for k, v in d.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+
+
+def shard_of(item_id: str, n: int) -> int:
+    """Which of ``n`` shards an input belongs to: a stable hash of its id, the same on every machine."""
+    return int(hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:8], 16) % n
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0-based ``i``) → ``(i, n)``; ValueError with the fix otherwise."""
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: write i/n, e.g. 0/4 for the first of four shards") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {spec!r}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
 def generate_fingerprint(task: TaskSpec) -> str:
     sig = {
-        "teacher": task.teacher.model_dump(exclude={"budget_usd", "concurrency", "timeout_s", "max_retries"}),
+        "teacher": _teacher_signature(task),
         "instruction": task.instruction, "labels": task.labels, "examples": [e.model_dump() for e in task.examples],
         "input_field": task.input_field, "gold_field": task.gold_field,
         "data": task.data.model_dump(exclude={"train"}),
@@ -44,13 +74,23 @@ def generate_fingerprint(task: TaskSpec) -> str:
 
 
 def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, stage: str, samples: int = 1,
-                      budget_usd: float | None = None, description: str = "teacher") -> tuple[list[list[Answer]], dict]:
-    """Answers [item][sample] for ``texts``; cached calls are free, new ones are ledgered one by one."""
+                      budget_usd: float | None = None, description: str = "teacher",
+                      budget_tokens: int | None = None) -> tuple[list[list[Answer]], dict]:
+    """Answers [item][sample] for ``texts``; cached calls are free, new ones are ledgered one by one.
+
+    API teachers (``acall``) run ``teacher.concurrency`` calls at a time; local ones in batches. The
+    budget — ``budget_usd``, and ``budget_tokens`` (default ``teacher.budget_tokens``) — is checked
+    before each call is sent, counting calls in flight (:mod:`protege.calls`). When it stops the run,
+    every answer received is in the ledger and :class:`BudgetExceeded` says how far the run got.
+    Requests are rebuilt when sent rather than held, so a million inputs never sit in memory as prompts.
+    """
+    from .calls import BudgetGate, Tally, send_async, send_batched
+
     n = len(texts)
-    reqs = [[teacher.request(t, s) for s in range(samples)] for t in texts]
-    keys = [[request_key(teacher.name, r, s) for s, r in enumerate(rs)] for rs in reqs]
-    flat_keys = [k for ks in keys for k in ks]
-    cached = ledger.lookup(flat_keys)
+    if budget_tokens is None:
+        budget_tokens = getattr(teacher.cfg, "budget_tokens", None)
+    keys = [[request_key(teacher.name, teacher.request(t, s), s) for s in range(samples)] for t in texts]
+    cached = ledger.lookup([k for ks in keys for k in ks])
     out: list[list[Answer | None]] = [[None] * samples for _ in range(n)]
     todo = []
     for i in range(n):
@@ -60,28 +100,45 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
                 out[i][s] = Answer.from_json(hit)
             else:
                 todo.append((i, s))
+    del cached
     stats = {"requests": n * samples, "cache_hits": n * samples - len(todo), "calls": 0, "failed": 0, "usd": 0.0}
-    bs = max(1, teacher.cfg.batch_size if teacher.cfg.backend == "hf" else teacher.cfg.concurrency * 2)
-    t0 = time.perf_counter()
+    gate = BudgetGate(ledger, budget_usd, budget_tokens)
+    run_id = ledger.start_run(stage, teacher.name, n * samples, stats["cache_hits"])
     with bar(description, n * samples) as advance:
-        advance(stats["cache_hits"], cached=stats["cache_hits"])
-        for b in range(0, len(todo), bs):
-            chunk = todo[b : b + bs]
-            batch_reqs = [reqs[i][s] for i, s in chunk]
-            if budget_usd is not None:
-                ledger.check_budget(budget_usd, sum(teacher.estimate_cost(r) for r in batch_reqs))
-            answers = teacher.answer(batch_reqs)
-            for (i, s), req, ans in zip(chunk, batch_reqs, answers):
-                ledger.record(keys[i][s], model=teacher.name, stage=stage, request=req,
-                              response=ans.to_json() if ans.status == "ok" else None, status=ans.status,
-                              error=ans.error, sample=s, tokens_in=ans.tokens_in, tokens_out=ans.tokens_out,
-                              cost_usd=ans.cost_usd, latency_s=ans.latency_s)
-                out[i][s] = ans
-                stats["calls"] += 1
-                stats["failed"] += ans.status != "ok"
-                stats["usd"] += ans.cost_usd
-            rate = stats["calls"] / max(1e-9, time.perf_counter() - t0)
-            advance(len(chunk), cached=stats["cache_hits"], calls_per_s=f"{rate:.1f}", usd=f"{stats['usd']:.4f}")
+        tally = Tally(n, samples, todo, stats["cache_hits"], gate, advance)
+        advance(stats["cache_hits"], **tally.fields())
+
+        def on_answer(i: int, s: int, req: dict, ans: Answer) -> None:
+            extra = ans.extra or {}
+            ok = ans.status == "ok"
+            ledger.record(keys[i][s], model=teacher.name, stage=stage, request=req,
+                          response=ans.to_json() if ok else None, status=ans.status, error=ans.error, sample=s,
+                          tokens_in=ans.tokens_in, tokens_out=ans.tokens_out, cost_usd=ans.cost_usd,
+                          latency_s=ans.latency_s, reason=None if ok else (extra.get("reason") or "error"),
+                          requests=int(extra.get("requests", 1)), reasks=len(extra.get("reasks", ())))
+            out[i][s] = ans
+            tally.add(i, ans)
+
+        status = "interrupted"
+        try:
+            if hasattr(teacher, "acall"):
+                stop = send_async(teacher, texts, todo, gate, on_answer, teacher.cfg.concurrency)
+            else:
+                bs = max(1, teacher.cfg.concurrency * 2 if teacher.cfg.backend == "openai" else teacher.cfg.batch_size)
+                stop = send_batched(teacher, texts, todo, gate, on_answer, bs)
+            status = "budget" if stop else "done"
+        finally:
+            stats.update(calls=tally.calls, failed=tally.failed, usd=tally.usd, failures=dict(tally.failures),
+                         items_done=tally.items_done)
+            ledger.finish_run(run_id, status, calls=tally.calls, failed=tally.failed, usd=tally.usd,
+                              note=locals().get("stop"))
+    if stop:
+        left = n * samples - stats["cache_hits"] - stats["calls"]
+        err = BudgetExceeded(
+            f"{stop}. Stage {stage!r} stopped cleanly after {stats['calls']} new calls: {tally.items_done} of {n} "
+            f"items done ({stats['cache_hits']} answers from the ledger), {left} calls not sent")
+        err.stats = stats  # type: ignore[attr-defined]
+        raise err
     return out, stats  # type: ignore[return-value]
 
 
@@ -101,16 +158,26 @@ def summarise(answers: list[Answer], labels: list[str], calib: np.ndarray | None
     mean = P.mean(0)
     return {"label": majority, "probs": [round(float(x), 6) for x in mean], "confidence": float(mean.max()),
             "agreement": n_major / len(ok), "samples": len(ok), "status": "ok", "error": None, "soft": ok[0].soft,
-            "missing_mass": float(np.mean([a.missing_mass for a in ok]))}
+            "missing_mass": float(np.mean([a.missing_mass for a in ok])),
+            **({"sample_labels": [a.label if a.status == "ok" else None for a in answers]} if len(answers) > 1 else {})}
 
 
-def generate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
-    """Label inputs and gold inputs with the teacher; write ``<out>/generate``. Returns that folder."""
-    stage_dir = Path(out) / "generate"
-    fp = generate_fingerprint(task)
+def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int, int] | None = None) -> Path:
+    """Label inputs and gold inputs with the teacher; write ``<out>/generate``. Returns that folder.
+
+    ``shard=(i, n)`` labels only the inputs (and gold inputs) whose id hashes to shard ``i`` of ``n``
+    and writes ``<out>/generate-shard-<i>of<n>``, never a partial ``generate``: run one shard per
+    machine, ``protege ledger merge`` the ledgers, then an unsharded run answers everything from the
+    merged ledger (zero calls) and writes the full artifact.
+    """
+    stage_dir = Path(out) / ("generate" if shard is None else f"generate-shard-{shard[0]}of{shard[1]}")
+    fp = generate_fingerprint(task) if shard is None else fingerprint([generate_fingerprint(task), list(shard)])
     if not force and is_fresh(stage_dir, fp):
         return stage_dir
     inputs, gold = load_inputs(task), load_gold(task)
+    if shard is not None:
+        inputs = [r for r in inputs if shard_of(r["id"], shard[1]) == shard[0]]
+        gold = [r for r in gold if shard_of(r["id"], shard[1]) == shard[0]]
     teacher = make_teacher(task)
     ledger = Ledger(Path(out) / "ledger.sqlite")
     try:
@@ -122,8 +189,9 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
                                              description="teacher: gold inputs")
         timing = teacher_timing(teacher, ledger, [r["text"] for r in gold[:8]])
     except BudgetExceeded as e:
+        cap = "teacher.budget_tokens" if str(e).startswith("token budget") else "teacher.budget_usd"
         raise BudgetExceeded(f"{e}. Calls made so far are in {ledger.path} and will not be repaid; raise "
-                             f"teacher.budget_usd in the task file and run again to continue.") from None
+                             f"{cap} in the task file and run again to continue.") from None
     finally:
         ledger.close()
         teacher.close()
@@ -143,10 +211,18 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         "label_counts": dict(Counter(r["label"] for r in train_rows if r["label"])),
         "timing": timing, "teacher": teacher.display_name, "teacher_id": teacher.name,
     }
+    topk = [next((a.extra.get("topk") for a in item if a.status == "ok" and (a.extra or {}).get("topk")), None)
+            for item in pool]
+    if shard is not None:
+        stats["shard"] = list(shard)
     with stage_writer(stage_dir, {"stage": "generate", "fingerprint": fp, "task": task.name}) as tmp:
         write_jsonl(tmp / "train.jsonl", train_rows)
         write_jsonl(tmp / "gold.jsonl", gold_rows)
         write_json(tmp / "stats.json", stats)
+        if any(t is not None for t in topk):  # generation: per-token top-k for token-level KD, row i = train row i
+            from .teachers.topk_store import save_topk
+
+            save_topk(tmp / "topk.safetensors", topk)
     return stage_dir
 
 

@@ -222,6 +222,27 @@ def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, k
     return {"loss": loss, "ce": ce.detach(), "kd": kd_term.detach()}
 
 
+def completion_logits(model, input_ids, attention_mask, labels):
+    """Forward pass that projects only from the first position predicting a completion token onwards.
+
+    The LM head over a 50k-token vocabulary costs about as much as the whole 135M-parameter body for one
+    position; prompt positions carry no loss, so ``logits_to_keep`` skips them (padding is on the right,
+    so "from the earliest completion in the batch to the end" covers every trained position). Returns
+    (outputs, start): ``outputs.logits`` covers positions ``start..L-1``.
+    """
+    L = labels.shape[1]
+    has = (labels != -100).any(0)
+    first = int(has.nonzero()[0]) if has.any() else L - 1
+    start = max(first - 1, 0)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=L - start)
+    except TypeError:  # a model without logits_to_keep: full logits
+        out, start = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False), 0
+    if out.logits.shape[1] != L - start:  # logits_to_keep ignored
+        start = L - out.logits.shape[1]
+    return out, start
+
+
 def TokenKDTrainer(*args, **kwargs):
     """Build a :class:`_TokenKDTrainer` (an ``SFTTrainer``); a function so that ``trl`` loads lazily."""
     return _token_kd_trainer_class()(*args, **kwargs)
@@ -262,20 +283,23 @@ def _token_kd_trainer_class() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
-            labels = inputs.pop("labels")
+            labels = labels_full = inputs.pop("labels")
             t_ids = inputs.pop("teacher_input_ids", None)
             t_att = inputs.pop("teacher_attention_mask", None)
             t_lab = inputs.pop("teacher_labels", None)
             topk = [inputs.pop(k, None) for k in ("topk_ids", "topk_logprobs", "topk_mask")]
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            out, start = completion_logits(model, inputs["input_ids"], inputs["attention_mask"], labels)
+            labels = labels[:, start:]
+            topk = [None if t is None else t[:, start:] for t in topk]
             t_logits = None
             if self.kd == "logits" and self.alpha > 0:
                 if self.teacher is None:
                     raise ValueError("kd='logits' needs a teacher_model")
                 if t_ids is None:
-                    t_ids, t_att, t_lab = inputs["input_ids"], inputs["attention_mask"], labels
+                    t_ids, t_att, t_lab = inputs["input_ids"], inputs["attention_mask"], labels_full
                 with torch.no_grad():
-                    t_logits = self.teacher(input_ids=t_ids, attention_mask=t_att, use_cache=False).logits
+                    t_out, t_start = completion_logits(self.teacher, t_ids, t_att, t_lab)
+                t_logits, t_lab = t_out.logits, t_lab[:, t_start:]
                 if self.vocab_map is not None:
                     t_logits = t_logits.index_select(-1, self.vocab_map.to(t_logits.device))
             res = token_kd_loss(out.logits, labels, alpha=self.alpha, kd=self.kd, beta=self.beta,

@@ -150,8 +150,8 @@ def break_even(cost: dict) -> str:
                   "distilled": [cost["one_off_usd"] + cost["student_usd_per_month"] * m for m in months],
                   "teacher_usd_per_month": cost["teacher_usd_per_month"], "one_off_usd": cost["one_off_usd"],
                   "break_even_months": cost.get("break_even_months")}
-    title = (f"at {cost['volume_per_month']:,} calls/month: teacher {_usd(cost['teacher_usd_per_month'])}/month, "
-             f"student {_usd(cost['student_usd_per_month'])}/month, one-off {_usd(cost['one_off_usd'])}")
+    title = (f"{_usd(cost['one_off_usd'])} once, then saves "
+             f"{_usd(cost['teacher_usd_per_month'] - cost['student_usd_per_month'])}/month at {cost['volume_per_month']:,} calls/month")
     fig = break_even_figure(curves, title=title)
     return to_data_uri(fig)
 

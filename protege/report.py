@@ -12,6 +12,7 @@ import html
 import math
 
 from . import plots
+from .costs import format_months
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}
@@ -63,7 +64,7 @@ def _kpis(r: dict) -> str:
         (f"{_f(cas.get('coverage'), '.0%')}", f"traffic the student answers alone at {_f(cas.get('target'), '.0%')} "
          f"of teacher quality (t = {_f(cas.get('threshold'), '.2f')})"),
         _price_tile(c),
-        ("never" if be is None else f"{be:.2g} mo", f"to break even at {c.get('volume_per_month', 0):,} calls/month"),
+        (format_months(be), f"to break even at {c.get('volume_per_month', 0):,} calls/month"),
     ]
     return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{t}</span></div>' for v, t in tiles) + "</div>"
 
@@ -202,7 +203,7 @@ def render_html(r: dict) -> str:
         sections += [f'<div><img alt="break-even chart" src="{plots.break_even(c)}"></div></div>',
                      f"<p>At {c['volume_per_month']:,} calls/month: teacher {_money(c['teacher_usd_per_month'])}/month, student "
                      f"{_money(c['student_usd_per_month'])}/month; one-off labelling {_money(c.get('labelling_usd'))} + training "
-                     f"{_money(c.get('training_usd'))}; break-even after {'never (no saving)' if be is None else f'{be:.3g} months'}. "
+                     f"{_money(c.get('training_usd'))}; break-even after {'never (no saving)' if be is None else format_months(be)}. "
                      f"<span class=note>Basis: {_e(c.get('basis', ''))}.</span></p>"]
     else:
         sections.append("</div>")
@@ -217,34 +218,43 @@ def render_html(r: dict) -> str:
     return _page(f"protege report: {r['task']}", "\n".join(sections))
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, extra_css: str = "") -> str:
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>")
+            f"<style>{CSS}{extra_css}</style></head><body>\n{body}\n</body></html>")
+
+
+def _short(name: str) -> str:
+    return str(name).rsplit("/", 1)[-1].removesuffix(".gguf")
 
 
 def render_compare_html(c: dict) -> str:
     """Several runs side by side: one table, score bars with CIs, and paired tests against the first run."""
     runs = c["runs"]
-    head = ("<tr><th>run</th><th>task</th><th>student</th><th>teacher</th><th>metric</th><th>student score [95% CI]</th>"
-            "<th>teacher score</th><th>retained [CI]</th><th>agreement</th><th>vs first run (p)</th><th>ECE</th>"
-            "<th>cascade coverage</th><th>ms/item p50</th><th>items/s batched</th><th>$ / 1k</th><th>break-even (months)</th></tr>")
+    tasks = sorted({x["task"] for x in runs})
+    metrics = sorted({x["metric"] for x in runs})
+    head = ("<tr><th>run</th><th>student</th><th>teacher</th><th>score [95% CI]</th><th>teacher score</th>"
+            "<th>retained [CI]</th><th>agreement</th><th>vs first run</th><th>ECE</th><th>cascade coverage</th>"
+            "<th>ms/item p50</th><th>items/s batched</th><th>$ / 1M calls</th><th>break-even</th></tr>")
     rows = []
     for x in runs:
         vs = x.get("vs_first")
-        vs_txt = "baseline" if x is runs[0] else ("—" if not vs else f"{vs['diff']:+.3f} (p = {vs['p_value']:.2g}, n = {vs['n']})")
-        rows.append(f"<tr><td>{_e(x['run'])}</td><td>{_e(x['task'])}</td><td>{_e(x['student'])}</td><td>{_e(x['teacher'])}</td>"
-                    f"<td>{_e(x['metric'])}</td><td class=num>{_f(x['score'])} {_ci(x['score_ci'])}</td>"
-                    f"<td class=num>{_f(x['teacher_score'])}</td><td class=num>{_f(x['retained'], '.1%')} {_ci(x.get('retained_ci'), '.1%')}</td>"
+        vs_txt = "baseline" if x is runs[0] else ("—" if not vs else f"{vs['diff']:+.3f}<br>p = {vs['p_value']:.2g}, n = {vs['n']}")
+        task = "" if len(tasks) == 1 else f"<br><span class=note>{_e(x['task'])}</span>"
+        rows.append(f"<tr><td>{_e(x['run'])}{task}</td><td>{_e(x['student'])}</td><td>{_e(_short(x['teacher']))}</td>"
+                    f"<td class=num>{_f(x['score'])}<br>{_ci(x['score_ci'])}</td><td class=num>{_f(x['teacher_score'])}</td>"
+                    f"<td class=num>{_f(x['retained'], '.1%')}<br>{_ci(x.get('retained_ci'), '.1%')}</td>"
                     f"<td class=num>{_f(x.get('agreement'))}</td><td class=num>{vs_txt}</td><td class=num>{_f(x.get('ece'))}</td>"
                     f"<td class=num>{_f(x.get('cascade_coverage'), '.0%')}</td><td class=num>{_f(x['ms_per_item'], '.3g')}</td>"
-                    f"<td class=num>{_f(x.get('items_per_s_batched'), ',.0f')}</td><td class=num>{_money(x.get('usd_per_1k'))}</td>"
-                    f"<td class=num>{_f(x.get('break_even_months'), '.3g', 'never')}</td></tr>")
+                    f"<td class=num>{_f(x.get('items_per_s_batched'), ',.0f')}</td>"
+                    f"<td class=num>{_money(None if x.get('usd_per_1k') is None else x['usd_per_1k'] * 1000)}</td>"
+                    f"<td class=num>{format_months(x.get('break_even_months'))}</td></tr>")
     colors = [plots.STUDENT, plots.CASCADE, "#3b7dd8", "#c0392b", "#8e8e8e", "#16a085"]
     series = [("student", x["run"], x["score"], x["score_ci"]) for x in runs]
-    img = plots.score_bars(series, "student score on gold items (95% bootstrap CI)",
+    img = plots.score_bars(series, f"student {' / '.join(metrics)} on gold items (95% bootstrap CI)",
                            colors=[colors[i % len(colors)] for i in range(len(runs))])
-    body = (f"<h1>protege compare — {len(runs)} runs</h1><p class=sub>{_e(c.get('date', ''))}</p>"
-            f"<table>{head}{''.join(rows)}</table><p class=note>“vs first run”: paired test of each run's student against the "
-            f"first run's on the gold items both share (McNemar for right/wrong scores).</p>"
+    body = (f"<h1>protege compare — {len(runs)} runs</h1><p class=sub>{_e(', '.join(tasks))} · {_e(' / '.join(metrics))} · "
+            f"{_e(c.get('date', ''))}</p><div style=\"overflow-x:auto\"><table>{head}{''.join(rows)}</table></div>"
+            f"<p class=note>“vs first run”: difference in score against the first run's student on the gold items both "
+            f"scored, with a paired test (exact McNemar for right/wrong scores, paired bootstrap otherwise).</p>"
             f'<h2>Scores</h2><img alt="compare scores" src="{img}">')
-    return _page("protege compare", body)
+    return _page("protege compare", body, extra_css="body{max-width:1400px}td,th{font-size:12px}")

@@ -33,7 +33,7 @@ class Example(_Strict):
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["hf", "openai"] = "openai"
+    backend: Literal["hf", "openai", "hf-seqcls"] = "openai"
     model: str = Field(description="Model name for an API, or a local path / 'pkg:<module>[/sub]'.")
     gguf_file: str | None = None
     base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -54,6 +54,21 @@ class TeacherConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     calibrate: bool = Field(False, description="Batch calibration: divide by the mean label distribution.")
     answer_prefix: str = Field("", description="Text the assistant turn starts with, e.g. 'Topic:'.")
+    # -- production API teachers (rate limits, retries, re-asks, budgets, self-consistency variants)
+    rpm: int | None = Field(None, ge=1, description="Client-side limit: requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Client-side limit: tokens per minute (prompt estimate + max_tokens).")
+    budget_tokens: int | None = Field(None, ge=0, description="Cap on tokens (in + out) in the ledger; no call is "
+                                      "sent that would pass it.")
+    max_reasks: int = Field(2, ge=0, description="Re-ask an unusable answer (not a label, cut off, bad JSON) this "
+                            "many times before recording it as failed with its reason.")
+    retry_base_s: float = Field(0.5, gt=0, description="Backoff of the first retry (then x2 per retry, full jitter).")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest backoff between retries (a server's Retry-After wins).")
+    shuffle_labels: bool = Field(False, description="Self-consistency: samples after the first list the labels in a "
+                                 "shuffled order.")
+    paraphrases: list[str] = Field([], description="Self-consistency: alternative instructions; sample s uses "
+                                   "[instruction, *paraphrases][s % (1 + len(paraphrases))].")
+    label_map: dict[str, str] = Field({}, description="hf-seqcls: the model's label names (id2label) -> task labels, "
+                                      "where they differ.")
 
 
 class DataConfig(_Strict):
@@ -164,6 +179,43 @@ class BaselineConfig(_Strict):
     max_break_even_months: float = Field(12.0, gt=0, description="Verdict: a longer payback means volume is too low.")
 
 
+class ServeConfig(_Strict):
+    """`protege serve`: the OpenAI-compatible gateway in front of the student (cascade, capture, drift).
+
+    Secrets never go in the task file: client API keys are read from the env var ``api_keys_env`` names
+    (comma-separated), the teacher's key from ``teacher.api_key_env``.
+    """
+
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 exposes the gateway to the network.")
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str | None = Field(None, description="Model id in /v1/models and responses; default: the task name.")
+    threshold: float | None = Field(None, ge=0, le=1, description="Cascade: the student answers when its confidence "
+                                    ">= this. null: report.json's cascade.threshold (chosen by evaluate), else "
+                                    "default_threshold.")
+    default_threshold: float = Field(0.9, ge=0, le=1, description="Threshold when neither threshold nor a report has one.")
+    escalate: Literal["teacher", "review", "none"] = Field("teacher", description="Where an unsure request goes: the "
+                                                            "teacher (through the ledger), the human review queue, or nowhere.")
+    capture: bool = Field(False, description="Capture mode: every request goes to the teacher, its answer is returned "
+                          "and recorded (input, output, label probabilities) as new training data.")
+    shadow_fraction: float = Field(0.05, ge=0, le=1, description="Share of student-answered requests also sent to the "
+                                   "teacher in the background, to measure live agreement.")
+    api_keys_env: str | None = Field("PROTEGE_API_KEYS", description="Env var holding the client API keys "
+                                     "(comma-separated); when it is set and non-empty, requests need 'Authorization: "
+                                     "Bearer <key>'.")
+    max_request_bytes: int = Field(1_000_000, ge=256, description="Larger request bodies get 413.")
+    rate_limit_per_minute: int | None = Field(6000, ge=1, description="Requests per minute per API key (per client "
+                                              "address without keys); 429 beyond. null = no limit.")
+    max_tokens: int = Field(256, ge=1, description="Cap on tokens a causal-LM student generates per request.")
+    budget_usd: float | None = Field(None, ge=0, description="Teacher spend cap (whole ledger) for escalations and "
+                                     "shadow calls; default teacher.budget_usd.")
+    drift_window: int = Field(1000, ge=20, description="Recent requests the live drift figures cover.")
+    psi_alert: float = Field(0.25, gt=0, description="PSI of student confidences above this says: re-distill.")
+    centroid_alert: float = Field(0.15, gt=0, description="Cosine distance between live and training input centroids "
+                                  "above this says: re-distill.")
+    agreement_drop: float = Field(0.05, gt=0, lt=1, description="Live shadow agreement this far below the evaluated "
+                                  "agreement says: re-distill.")
+
+
 class TaskSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kind: Literal["classify"] = "classify"
@@ -178,6 +230,7 @@ class TaskSpec(_Strict):
     baseline: BaselineConfig = BaselineConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
     volume_per_month: int = Field(100_000, ge=0, description="Expected calls per month, for cost forecasts.")
 
     # Set by load_task; not part of the file.

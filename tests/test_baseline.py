@@ -202,4 +202,4 @@ def test_student_latency_is_measured(tmp_path):
                              minilm_tokenizer(), LABELS)
     model.save_pretrained(tmp_path / "run" / "train" / "student")
     st = student_latency(task, tmp_path / "run", ["some text"] * 5, None)
-    assert st["source"] == "measured: trained student" and 0 < st["single_s_p50"] < 0.5
+    assert st["source"] == "timed: trained student" and 0 < st["single_s_p50"] < 0.5

@@ -274,3 +274,20 @@ def test_bad_review_file_names_row(tmp_path):
     p.write_text("id,label\na,red\n", encoding="utf-8")
     with pytest.raises(TaskError, match="missing column"):
         read_corrections(p, LABELS)
+
+
+def test_mixed_rows_reach_training_with_their_weights(run_dir):
+    from protege.train import train
+
+    task, out, pool, gold = run_dir
+    task = task.model_copy(update={"curate": task.curate.model_copy(update={"real_weight": 3.0, "real_fraction": 0.2})})
+    cur = json.loads((curate(task, out) / "stats.json").read_text())
+    # 12 teacher rows; a real share of 0.2 → round(0.2 * 12 / 0.8) = 3 real rows (all of data.train)
+    assert cur["sources"] == {"teacher": 12, "real": 3, "review": 0} and cur["mix"]["dropped_by_mix"] == 0
+    task = task.model_copy(update={"curate": task.curate.model_copy(update={"real_fraction": 0.1})})
+    cur = json.loads((curate(task, out) / "stats.json").read_text())
+    assert cur["sources"] == {"teacher": 12, "real": 1, "review": 0}  # round(0.1 * 12 / 0.9) = 1
+    st = json.loads((train(task, out) / "stats.json").read_text())
+    assert st["sources"] == cur["sources"]
+    assert sum(st["sources_in_fit"].values()) == st["n_train"]
+    assert st["weights"]["real"] == [3.0] and st["weights"]["teacher"] == [1.0]

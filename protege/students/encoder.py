@@ -84,7 +84,8 @@ class EncoderClassifier:
             alpha: float = 0.5, temperature: float = 2.0, epochs: float = 3.0, lr: float = 5e-5,
             weight_decay: float = 0.01, batch_size: int = 16, grad_accum: int = 1, patience: int = 2,
             seed: int = 0, class_weights: np.ndarray | None = None, warmup: float = 0.1,
-            evals_per_epoch: int = 1, output_dir: str | Path | None = None, **_static_only) -> "EncoderClassifier":
+            evals_per_epoch: int = 1, max_steps: int = -1, output_dir: str | Path | None = None,
+            **_static_only) -> "EncoderClassifier":
         """Fine-tune on the KD loss; with ``dev``, keep the evaluation with the best agreement with the teacher.
 
         ``**_static_only`` swallows the static student's knobs (``idf_texts``...) so callers can pass
@@ -103,7 +104,7 @@ class EncoderClassifier:
         out_dir = str(output_dir) if output_dir is not None else tmp.name
         strategy = "steps" if dev_rows else "no"
         args = TrainingArguments(
-            output_dir=out_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+            output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=batch_size * 2, gradient_accumulation_steps=grad_accum, learning_rate=lr,
             weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="linear", seed=seed, data_seed=seed,
             eval_strategy=strategy, save_strategy=strategy, eval_steps=eval_every, save_steps=eval_every,

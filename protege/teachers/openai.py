@@ -1,23 +1,81 @@
 """Any OpenAI-compatible chat-completions server as teacher (OpenAI, vLLM, Ollama, llama.cpp, protege).
 
-Soft labels come from the answer's ``top_logprobs``: at the first generated token that starts a label,
-each label takes the summed probability of the top-k tokens that are a prefix of it and of no other
-label (stripped, case-insensitive: " Sports" and "sports" both count); the distribution is renormalised
-over the labels and the mass that fell on non-label tokens is kept as ``missing_mass``. Multi-token
-labels are therefore scored by their first distinguishing token — write labels whose first words differ.
-Servers that return no logprobs give the parsed hard label with probability 1 (``soft="hard"``).
+**Calls.** Async (``openai.AsyncOpenAI`` on a private event loop, so sync callers and callers inside
+an event loop both work), ``teacher.concurrency`` requests in flight, client-side limits in requests
+and tokens per minute (``rpm`` / ``tpm``), and retries with exponential backoff and full jitter on
+429 (``Retry-After`` / ``retry-after-ms`` honoured, and every worker pauses, not just the one told),
+408 / 409 / 5xx, timeouts, dropped connections and unparseable bodies. Errors that retrying cannot
+fix (401, 403, 404, 400) are not retried.
+
+**Answers.** An answer that arrived but is unusable — not one of the labels, cut off by ``max_tokens``,
+invalid JSON or JSON that breaks the schema (extraction) — is *re-asked* up to ``teacher.max_reasks``
+times: the bad answer goes back as an assistant turn followed by a one-line correction. What is still
+unusable is returned as ``status="error"`` with ``extra["reason"]`` (``not_a_label``, ``truncated``,
+``bad_json``, ``schema_mismatch``, ``empty``; transport: ``rate_limited``, ``server_error``,
+``timeout``, ``connection``, ``bad_response``, ``http_4xx``), never dropped. Every HTTP request, retry
+and re-ask is counted in ``extra`` and its tokens and $ are added to the call.
+
+**Soft labels** come from the answer's ``top_logprobs``: at the first generated token that starts a
+label, each label takes the summed probability of the top-k tokens that are a prefix of it and of no
+other label (stripped, case-insensitive: " Sports" and "sports" both count). *Multi-token labels* are
+scored by their first distinguishing token: when the generated token is shared by several labels
+(" ne" for "negative" / "neutral"), its probability is split among those labels by the next
+position's top-k (P(" ne") x P("utral" | " ne") ...), following the generated path; a shared token the
+model did *not* generate cannot be followed and its mass counts as missing. The distribution is
+renormalised over the labels and the mass outside them is kept as ``missing_mass``. Servers that return
+no logprobs, or refuse the parameter, give the parsed hard label with probability 1 (``soft="hard"``,
+the reason in ``extra["soft_fallback"]``).
+
+**Extraction** (``kind: extract`` with a ``schema``, or :meth:`OpenAITeacher.extract_request`): the
+request carries ``response_format: {"type": "json_schema", ...}`` and the answer is validated with
+``jsonschema``. **Generation** (:meth:`OpenAITeacher.generation_request`): free text plus per-token
+top-k log-probs, packed compactly (:mod:`protege.teachers.topk_store`) for token-level KD.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from typing import Any, Callable
 
 from ..costs import price_for
+from ..ratelimit import RateLimiter, backoff_delay, retry_after_s
 from ..task import TaskError, TaskSpec
 from .base import Answer, Teacher, build_messages, parse_label, register_teacher, truncate_words
+from .variants import describe_variant, variant_task
+
+Reserve = Callable[[float, int], bool]  # reserve(usd, tokens) -> may this extra call be sent (budget)?
+
+
+# -- soft labels ---------------------------------------------------------------------------------
+
+def _alternatives(pos: dict) -> list[dict]:
+    cands = list(pos.get("top_logprobs") or [])
+    if all(c["token"] != pos["token"] for c in cands):  # a sampled token may be outside the top-k
+        cands.append({"token": pos["token"], "logprob": pos["logprob"]})
+    return cands
+
+
+def _spread(content: list[dict], j: int, low: list[str], cands: list[int], prefix: str, weight: float,
+            mass: list[float]) -> None:
+    """Share ``weight`` (P of having generated ``prefix``) among labels ``cands`` by position ``j``'s top-k."""
+    pos = content[j]
+    for c in _alternatives(pos):
+        s = (prefix + c["token"]).strip().lower()
+        if not s or s == prefix:
+            continue
+        hit = [k for k in cands if low[k].startswith(s) or (s.startswith(low[k]) and not s[len(low[k]):][:1].isalnum())]
+        p = weight * math.exp(c["logprob"])
+        if len(hit) == 1:
+            mass[hit[0]] += p  # " Sports", "sports" both count
+        elif len(hit) > 1 and c["token"] == pos["token"] and j + 1 < len(content):
+            _spread(content, j + 1, low, hit, s, p, mass)  # shared first token: follow the generated path
+        # else: a shared token the model did not generate, or no label: missing mass
 
 
 def label_probs_from_top_logprobs(content: list[dict], labels: list[str], answer_prefix: str = "") -> tuple[list[float] | None, float]:
@@ -29,47 +87,89 @@ def label_probs_from_top_logprobs(content: list[dict], labels: list[str], answer
     distribution built from almost no mass.
     """
     low = [lab.lower() for lab in labels]
-    for pos in content:
+    for j, pos in enumerate(content):
         chosen = pos["token"].strip().lower()
         if not chosen or not any(lab.startswith(chosen) for lab in low):
             continue  # answer prefix, punctuation or whitespace: the answer starts later
-        cands = list(pos.get("top_logprobs") or [])
-        if all(c["token"] != pos["token"] for c in cands):  # a sampled token may be outside the top-k
-            cands.append({"token": pos["token"], "logprob": pos["logprob"]})
         mass = [0.0] * len(labels)
-        for c in cands:
-            tok = c["token"].strip().lower()
-            if not tok:
-                continue
-            matches = [i for i, lab in enumerate(low) if lab.startswith(tok)]
-            if len(matches) == 1:
-                mass[matches[0]] += math.exp(c["logprob"])  # " Sports", "sports" both count
+        _spread(content, j, low, list(range(len(labels))), "", 1.0, mass)
         total = sum(mass)
-        if total <= 0:  # only tokens shared by several labels: the first token cannot tell them apart
+        if total <= 0:  # only tokens shared by several labels, and no later position to tell them apart
             return None, 1.0
         return [m / total for m in mass], max(0.0, 1.0 - total)
     return None, 1.0
+
+
+# -- error classification ------------------------------------------------------------------------
+
+def classify_error(e: BaseException) -> tuple[str, bool, float | None, str]:
+    """(reason, retryable, retry_after_s, message) for an exception raised by one HTTP request."""
+    import openai
+
+    msg = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, openai.APITimeoutError):
+        return "timeout", True, None, msg
+    if isinstance(e, openai.APIConnectionError):
+        return "connection", True, None, msg + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    if isinstance(e, openai.APIStatusError):
+        code = e.status_code
+        ra = retry_after_s(e.response.headers if e.response is not None else None)
+        if code == 429:
+            return "rate_limited", True, ra, msg
+        if code >= 500:
+            return "server_error", True, ra, msg
+        if code in (408, 409):
+            return ("timeout" if code == 408 else "conflict"), True, ra, msg
+        if code == 400 and "logprob" in str(e).lower():
+            return "logprobs_refused", False, None, msg
+        return f"http_{code}", False, None, msg
+    if isinstance(e, (ValueError, openai.APIResponseValidationError)):  # JSONDecodeError, a body that is no completion
+        return "bad_response", True, None, msg
+    import httpx
+
+    if isinstance(e, httpx.HTTPError):
+        return "connection", True, None, msg
+    return "client_error", False, None, msg
+
+
+REASK_NOT_A_LABEL = "That is not one of the allowed answers. Reply with exactly one of: {labels}. Nothing else."
+REASK_TRUNCATED = "Your answer was cut off. Reply with only the answer: exactly one of: {labels}."
+REASK_BAD_JSON = "That was not valid JSON ({error}). Reply with only a JSON object that follows the schema."
+REASK_SCHEMA = "That JSON does not follow the schema: {error}. Reply with only a corrected JSON object."
 
 
 @register_teacher("openai")
 class OpenAITeacher(Teacher):
     def __init__(self, task: TaskSpec):
         super().__init__(task)
-        import openai
-
         cfg = self.cfg
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if cfg.api_key_env and not key and not cfg.base_url:
             raise TaskError(f"teacher.api_key_env: environment variable {cfg.api_key_env} is not set; export it (the key never goes in the task file)")
+        self._key = key or "none"
         self.name = f"openai:{cfg.model}"
-        self.client = openai.OpenAI(api_key=key or "none", base_url=cfg.base_url, timeout=cfg.timeout_s,
-                                    max_retries=cfg.max_retries)
         self.price_in, self.price_out = price_for(cfg.model, cfg.price_in_per_1m, cfg.price_out_per_1m)
         self.use_logprobs = cfg.top_logprobs > 0
+        self.logprob_fallback: str | None = None  # why logprobs are no longer asked for, when they are not
+        self.limiter = RateLimiter(getattr(cfg, "rpm", None), getattr(cfg, "tpm", None))
+        self.max_reasks = int(getattr(cfg, "max_reasks", 2))
+        self.retry_base_s = float(getattr(cfg, "retry_base_s", 0.5))
+        self.retry_max_s = float(getattr(cfg, "retry_max_s", 30.0))
+        self.counters: Counter = Counter()  # http requests, retries by reason, re-asks by reason
+        self._chars_per_token: float | None = None  # learned from usage: the token estimate stays an upper bound
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client = None
+        self._lock = threading.Lock()
 
+    # -- requests ------------------------------------------------------------------------------
     def request(self, text: str, sample: int = 0) -> dict:
+        if getattr(self.task, "kind", "classify") == "extract" and getattr(self.task, "schema", None):
+            return self.extract_request(text, self.task.schema, sample)
         cfg = self.cfg
-        req = {"model": cfg.model, "messages": build_messages(self.task, truncate_words(text, cfg.max_input_tokens)),
+        task = variant_task(self.task, sample)
+        req = {"model": cfg.model, "messages": build_messages(task, truncate_words(text, cfg.max_input_tokens)),
                "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
         if cfg.top_logprobs:
             req.update(logprobs=True, top_logprobs=cfg.top_logprobs)
@@ -77,58 +177,297 @@ class OpenAITeacher(Teacher):
             req["seed"] = sample
         return req
 
+    def extract_request(self, text: str, schema: dict, sample: int = 0, name: str = "extraction") -> dict:
+        """A schema-constrained request: ``response_format`` json_schema (strict), validated on return."""
+        cfg = self.cfg
+        task = variant_task(self.task, sample)
+        system = (f"{task.instruction.strip()}\nReply with one JSON object that follows this JSON schema:\n"
+                  f"{json.dumps(schema, ensure_ascii=False)}")
+        msgs = [{"role": "system", "content": system}]
+        for ex in task.examples:
+            msgs += [{"role": "user", "content": ex.input}, {"role": "assistant", "content": ex.output}]
+        msgs.append({"role": "user", "content": truncate_words(text, cfg.max_input_tokens)})
+        req = {"model": cfg.model, "messages": msgs, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+               "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
+               "protege": {"mode": "extract"}}
+        if sample:
+            req["seed"] = sample
+        return req
+
+    def generation_request(self, messages: list[dict] | str, sample: int = 0, *, top_k: int | None = None,
+                           max_tokens: int | None = None) -> dict:
+        """Free-text generation with per-token top-k log-probs (``top_k`` defaults to teacher.top_logprobs)."""
+        cfg = self.cfg
+        if isinstance(messages, str):
+            messages = [{"role": "system", "content": self.task.instruction.strip()},
+                        {"role": "user", "content": truncate_words(messages, cfg.max_input_tokens)}]
+        k = cfg.top_logprobs if top_k is None else top_k
+        req = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
+               "max_tokens": max_tokens or cfg.max_tokens, "protege": {"mode": "generate"}}
+        if k:
+            req.update(logprobs=True, top_logprobs=k)
+        if sample:
+            req["seed"] = sample
+        return req
+
+    # -- budget estimates ----------------------------------------------------------------------
+    def estimate_tokens(self, request: dict) -> int:
+        """Upper-bound tokens of one call: prompt (chars / the smallest chars-per-token seen) + max_tokens."""
+        chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else len(json.dumps(m.get("content")))
+                    for m in request["messages"])
+        cpt = self._chars_per_token or 3.0
+        extra = len(json.dumps(request["response_format"])) if "response_format" in request else 0
+        return int((chars + extra) / cpt) + 8 * len(request["messages"]) + 8 + int(request.get("max_tokens") or 0)
+
     def estimate_cost(self, request: dict) -> float:
-        chars = sum(len(m["content"]) for m in request["messages"])
-        return (chars / 3.5) * self.price_in / 1e6 + request["max_tokens"] * self.price_out / 1e6
+        n_out = int(request.get("max_tokens") or 0)
+        n_in = self.estimate_tokens(request) - n_out
+        return n_in * self.price_in / 1e6 + n_out * self.price_out / 1e6
 
-    def _one(self, req: dict) -> Answer:
-        import openai
+    def _learn_ratio(self, body: dict, prompt_tokens: int) -> None:
+        if prompt_tokens <= 0:
+            return
+        chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else 0 for m in body["messages"])
+        r = 0.9 * chars / prompt_tokens
+        if r > 0.5:
+            self._chars_per_token = r if self._chars_per_token is None else min(self._chars_per_token, r)
 
-        t0 = time.perf_counter()
-        body = dict(req)
-        if not self.use_logprobs:
-            body.pop("logprobs", None), body.pop("top_logprobs", None)
+    # -- the event loop and client ---------------------------------------------------------------
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                t = threading.Thread(target=loop.run_forever, name=f"protege-{self.name}", daemon=True)
+                t.start()
+                self._loop, self._thread = loop, t
+            return self._loop
+
+    def run(self, coro):
+        """Run ``coro`` on the teacher's event loop and wait for it (callable from any thread)."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
         try:
-            resp = self.client.chat.completions.create(**body)
-        except openai.BadRequestError as e:
-            if self.use_logprobs and "logprob" in str(e).lower():  # provider without logprobs: fall back to hard labels
-                self.use_logprobs = False
-                return self._one(req)
-            return Answer(label=None, status="error", error=f"bad request: {e}", latency_s=time.perf_counter() - t0)
-        except openai.OpenAIError as e:
-            return Answer(label=None, status="error", error=f"{type(e).__name__}: {e}", latency_s=time.perf_counter() - t0)
-        dt = time.perf_counter() - t0
-        if not resp.choices:
-            return Answer(label=None, status="error", error="response has no choices", latency_s=dt)
-        ch = resp.choices[0]
-        text = (ch.message.content or "").strip()
-        u = resp.usage
-        tin, tout = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
-        cost = tin * self.price_in / 1e6 + tout * self.price_out / 1e6
-        labels = self.task.labels
-        label = parse_label(text, labels, self.cfg.answer_prefix)
-        probs, missing, soft = None, 0.0, "hard"
-        lp = getattr(ch, "logprobs", None)
-        if lp is not None and lp.content:
-            content = [c.model_dump() for c in lp.content]
-            probs, missing = label_probs_from_top_logprobs(content, labels, self.cfg.answer_prefix)
-            if probs is not None:
-                soft = "logprobs"
-        if label is None:
-            return Answer(label=None, text=text, status="error",
-                          error=f"answer {text[:80]!r} is not one of the labels {labels}",
-                          tokens_in=tin, tokens_out=tout, latency_s=dt, cost_usd=cost)
-        if probs is None:
-            probs = [1.0 if lab == label else 0.0 for lab in labels]
-            soft = "hard"
-        return Answer(label=label, probs=probs, soft=soft, text=text, missing_mass=missing, tokens_in=tin,
-                      tokens_out=tout, latency_s=dt, cost_usd=cost, extra={"finish_reason": ch.finish_reason})
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
 
-    def answer(self, requests: list[dict]) -> list[Answer]:
-        if not requests:  # ThreadPoolExecutor refuses max_workers=0
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(requests))) as pool:
-            return list(pool.map(self._one, requests))
+    def _client_for_loop(self):
+        if self._client is None:
+            import httpx
+            import openai
+
+            n = max(100, 2 * self.cfg.concurrency)
+            http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._client = openai.AsyncOpenAI(api_key=self._key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s,
+                                              max_retries=0, http_client=http)  # retries are ours: see acall
+        return self._client
 
     def close(self) -> None:
-        self.client.close()
+        if self._loop is None:
+            return
+        loop, client = self._loop, self._client
+        if client is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
+            except Exception:  # pragma: no cover - closing is best effort
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        loop.close()
+        self._loop, self._thread, self._client = None, None, None
+
+    # -- one call ------------------------------------------------------------------------------
+    def _body(self, req: dict, messages: list[dict], max_tokens: int | None) -> dict:
+        body = {k: v for k, v in req.items() if k != "protege"}
+        body["messages"] = messages
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if not self.use_logprobs:
+            body.pop("logprobs", None), body.pop("top_logprobs", None)
+        return body
+
+    async def acall(self, req: dict, reserve: Reserve | None = None) -> Answer:
+        """One teacher call with rate limits, retries and re-asks. Never raises for a server's fault.
+
+        ``reserve(usd, tokens)`` is asked before every *re-ask* (a new paid call); when it says no,
+        the call ends as failed (``reason="budget"``) rather than pass the budget.
+        """
+        cfg = self.cfg
+        mode = (req.get("protege") or {}).get("mode", "classify")
+        messages, max_tokens = list(req["messages"]), req.get("max_tokens")
+        acc = {"tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
+        info: dict[str, Any] = {"requests": 0, "retries": [], "reasks": []}
+        t_start = time.perf_counter()
+        transient = 0
+        client = self._client_for_loop()
+        while True:
+            body = self._body(req, messages, max_tokens)
+            await self.limiter.acquire(self.estimate_tokens(body) if self.limiter.tokens else 0)
+            info["requests"] += 1
+            self.counters["requests"] += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await client.chat.completions.create(**body)
+                if not getattr(resp, "choices", None):
+                    raise ValueError("response has no choices")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure becomes a recorded reason
+                reason, retryable, ra, msg = classify_error(e)
+                if reason == "logprobs_refused" and self.use_logprobs:
+                    self.use_logprobs = False  # provider without logprobs: hard labels from now on
+                    self.logprob_fallback = f"server refused logprobs ({msg[:160]})"
+                    continue
+                if retryable and transient < cfg.max_retries:
+                    if ra is not None and reason == "rate_limited":
+                        self.limiter.pause(ra)  # the account is limited, not this request: everyone waits
+                    info["retries"].append(reason)
+                    self.counters[f"retry:{reason}"] += 1
+                    await asyncio.sleep(backoff_delay(transient, self.retry_base_s, self.retry_max_s, ra))
+                    transient += 1
+                    continue
+                if retryable:
+                    msg = f"{msg} (gave up after {transient} retries)"
+                return self._failed(reason, msg, acc, info, time.perf_counter() - t0, t_start)
+            dt = time.perf_counter() - t0
+            u = resp.usage
+            tin, tout = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
+            acc["tokens_in"] += tin
+            acc["tokens_out"] += tout
+            acc["cost_usd"] += tin * self.price_in / 1e6 + tout * self.price_out / 1e6
+            self._learn_ratio(body, tin)
+            ch = resp.choices[0]
+            judged = {"classify": self._judge_label, "extract": self._judge_json, "generate": self._judge_text}[mode](ch, req)
+            if isinstance(judged, Answer):
+                judged.tokens_in, judged.tokens_out, judged.cost_usd = acc["tokens_in"], acc["tokens_out"], acc["cost_usd"]
+                judged.latency_s = dt
+                judged.extra.update(finish_reason=ch.finish_reason, requests=info["requests"], wall_s=time.perf_counter() - t_start)
+                if info["retries"]:
+                    judged.extra["retries"] = info["retries"]
+                if info["reasks"]:
+                    judged.extra["reasks"] = info["reasks"]
+                return judged
+            reason, msg, fix, text = judged
+            if len(info["reasks"]) >= self.max_reasks:
+                if self.max_reasks:
+                    msg = f"{msg} (still after {self.max_reasks} re-asks)"
+                return self._failed(reason, msg, acc, info, dt, t_start, text=text)
+            nxt_max = max_tokens
+            if reason == "truncated" and mode != "classify":
+                nxt_max = min(4 * (req.get("max_tokens") or 16), 2 * (max_tokens or 16))
+            nxt = req["messages"] + ([{"role": "assistant", "content": text}, {"role": "user", "content": fix}]
+                                     if fix else [])
+            nbody = self._body(req, nxt, nxt_max)
+            if reserve is not None and not reserve(self.estimate_cost(nbody), self.estimate_tokens(nbody)):
+                return self._failed("budget", f"{msg}; not re-asked: the next call would pass the budget", acc, info,
+                                    dt, t_start, text=text)
+            info["reasks"].append(reason)
+            self.counters[f"reask:{reason}"] += 1
+            messages, max_tokens = nxt, nxt_max
+
+    def _failed(self, reason: str, msg: str, acc: dict, info: dict, dt: float, t_start: float, text: str = "") -> Answer:
+        extra = {"reason": reason, "requests": info["requests"], "wall_s": time.perf_counter() - t_start}
+        if info["retries"]:
+            extra["retries"] = info["retries"]
+        if info["reasks"]:
+            extra["reasks"] = info["reasks"]
+        return Answer(label=None, status="error", error=msg, text=text, latency_s=dt, extra=extra, **acc)
+
+    def _labels_hint(self) -> str:
+        return ", ".join(self.task.labels)
+
+    def _judge_label(self, ch, req: dict) -> Answer | tuple:
+        text = (ch.message.content or "").strip()
+        labels = self.task.labels
+        label = parse_label(text, labels, self.cfg.answer_prefix)
+        if label is None:
+            if ch.finish_reason == "length":
+                return ("truncated", f"answer {text[:80]!r} was cut off by max_tokens={self.cfg.max_tokens} before it "
+                        f"named one of the labels {labels}", REASK_TRUNCATED.format(labels=self._labels_hint()), text)
+            if not text:
+                return "empty", "empty answer", REASK_NOT_A_LABEL.format(labels=self._labels_hint()), text
+            return ("not_a_label", f"answer {text[:80]!r} is not one of the labels {labels}",
+                    REASK_NOT_A_LABEL.format(labels=self._labels_hint()), text)
+        probs, missing, soft, extra = None, 0.0, "hard", {}
+        lp = getattr(ch, "logprobs", None)
+        if lp is not None and lp.content:
+            probs, missing = label_probs_from_top_logprobs([c.model_dump() for c in lp.content], labels,
+                                                           self.cfg.answer_prefix)
+            if probs is not None:
+                soft = "logprobs"
+                if labels[max(range(len(labels)), key=probs.__getitem__)] != label:
+                    extra["argmax_differs"] = True  # sampled (temperature > 0) or a multi-token tie
+            else:
+                extra["soft_fallback"] = "the answer's tokens were not found in top_logprobs"
+        elif self.cfg.top_logprobs:
+            extra["soft_fallback"] = self.logprob_fallback or "server returned no logprobs"
+        if probs is None:
+            probs, missing = [1.0 if lab == label else 0.0 for lab in labels], 0.0
+        return Answer(label=label, probs=probs, soft=soft, text=text, missing_mass=missing, extra=extra)
+
+    def _judge_json(self, ch, req: dict) -> Answer | tuple:
+        import jsonschema
+
+        text = (ch.message.content or "").strip()
+        schema = ((req.get("response_format") or {}).get("json_schema") or {}).get("schema")
+        try:
+            obj = json.loads(_strip_fence(text))
+        except json.JSONDecodeError as e:
+            if ch.finish_reason == "length":
+                return ("truncated", f"JSON answer cut off by max_tokens: {text[:80]!r}",
+                        REASK_BAD_JSON.format(error="it was cut off"), text)
+            return "bad_json", f"answer is not valid JSON ({e}): {text[:80]!r}", REASK_BAD_JSON.format(error=e), text
+        if schema:
+            err = next(iter(jsonschema.Draft202012Validator(schema).iter_errors(obj)), None)
+            if err is not None:
+                where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+                return ("schema_mismatch", f"answer breaks the schema at {where}: {err.message}",
+                        REASK_SCHEMA.format(error=f"{where}: {err.message}"), text)
+        return Answer(label=json.dumps(obj, sort_keys=True, ensure_ascii=False), probs=None, soft="none", text=text,
+                      extra={"json": obj})
+
+    def _judge_text(self, ch, req: dict) -> Answer | tuple:
+        from .topk_store import pack_openai_content
+
+        text = ch.message.content or ""
+        if ch.finish_reason == "length":
+            return "truncated", f"answer cut off by max_tokens after {len(text)} characters", None, text
+        if not text.strip():
+            return "empty", "empty answer", None, text
+        lp = getattr(ch, "logprobs", None)
+        extra, soft = {}, "none"
+        if lp is not None and lp.content:
+            extra["topk"] = pack_openai_content([c.model_dump() for c in lp.content])
+            soft = "logprobs"
+        elif self.cfg.top_logprobs:
+            extra["soft_fallback"] = self.logprob_fallback or "server returned no logprobs"
+        return Answer(label=text, soft=soft, text=text, extra=extra)
+
+    # -- batch API (sync) ------------------------------------------------------------------------
+    async def _answer_all(self, requests: list[dict]) -> list[Answer]:
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(r):
+            async with sem:
+                return await self.acall(r)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    def answer(self, requests: list[dict]) -> list[Answer]:
+        if not requests:
+            return []
+        return self.run(self._answer_all(requests))
+
+    def sample_info(self, sample: int) -> dict:
+        """What prompt variant sample ``sample`` used (for the per-sample record)."""
+        return describe_variant(self.task, sample)
+
+
+def _strip_fence(text: str) -> str:
+    """```json ... ``` → the JSON inside (some providers fence JSON even in JSON mode)."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.split("\n", 1)[1] if "\n" in t else t[3:]
+        t = t.rsplit("```", 1)[0]
+    return t.strip()

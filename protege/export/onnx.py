@@ -1,0 +1,319 @@
+"""Classifier students to ONNX (fp32 + dynamic int8), checked against the original on the eval set.
+
+- **static** student: its whole forward pass after tokenization — gather the token rows, IDF-weighted
+  bag mean, L2 norm, linear head, softmax — is written directly as an ONNX graph that takes the token
+  ids of a batch flattened (``input_ids [N]``) and each text's start in it (``offsets [B]``), the
+  EmbeddingBag calling convention. No torch at inference, same as the numpy student.
+- **encoder** student: ``torch.onnx.export(..., dynamo=True)`` (exact on padded batches, where the legacy
+  exporter is not) with dynamic batch and sequence axes.
+
+Both are then quantized with ``onnxruntime.quantization.quantize_dynamic`` (int8 weights; the static
+table is the bulk of the bytes). Tokenization stays outside the graph; :class:`OnnxClassifier` does it
+with the exported ``tokenizer.json`` and runs the graph with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import atomic_dir, metadata, model_card, student_dir, student_kind
+from ..data import write_json
+
+OPSET = 18
+MIN_AGREEMENT = 0.99
+
+
+def _need_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs {' and '.join(missing)}: pip install 'protege[onnx]'")
+
+
+# -- the static student as a graph -----------------------------------------------------------------
+
+def static_graph(student):
+    """ONNX graph of :class:`StaticClassifier` from token ids on: ``(input_ids [N], offsets [B]) → logits, probabilities``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    table = np.ascontiguousarray(student.table, dtype=np.float32)
+    inits = [numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.ascontiguousarray(student.idf, dtype=np.float32), "idf"),
+             numpy_helper.from_array(np.ascontiguousarray(student.W, dtype=np.float32), "W"),
+             numpy_helper.from_array(np.ascontiguousarray(student.b, dtype=np.float32), "b")]
+    c = {"zero": 0, "one": 1, "zero1": [0], "axis0": [0], "axis1": [1], "dims": [table.shape[1]], "start1": [1], "big": [2**62]}
+    for name, v in c.items():
+        inits.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name))
+    inits += [numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "eps_w"),
+              numpy_helper.from_array(np.array(1e-9, dtype=np.float32), "eps_n")]
+    N = helper.make_node
+    nodes = [
+        # bag index of every token: 1 at each text's start (but the first), cumulative sum
+        N("Shape", ["input_ids"], ["n_tok"]),  # [1]
+        N("Add", ["n_tok", "one"], ["n_tok1"]),
+        N("ConstantOfShape", ["n_tok1"], ["marks0"], value=helper.make_tensor("v", i64, [1], [0])),
+        N("Slice", ["offsets", "start1", "big", "axis0"], ["starts"]),
+        N("Shape", ["starts"], ["starts_shape"]),
+        N("Expand", ["one", "starts_shape"], ["ones"]),
+        N("ScatterElements", ["marks0", "starts", "ones"], ["marks"], axis=0, reduction="add"),
+        N("CumSum", ["marks", "zero"], ["seg_all"]),
+        N("Slice", ["seg_all", "zero1", "n_tok", "axis0"], ["seg"]),  # [N]
+        # gather rows and weights, sum them per bag
+        N("Gather", ["table", "input_ids"], ["rows"], axis=0),  # [N, D]
+        N("Gather", ["idf", "input_ids"], ["w"], axis=0),  # [N]
+        N("Shape", ["offsets"], ["n_bag"]),  # [1]
+        N("Concat", ["n_bag", "dims"], ["bag_shape"], axis=0),
+        N("ConstantOfShape", ["bag_shape"], ["sum0"], value=helper.make_tensor("v", f32, [1], [0.0])),
+        N("ConstantOfShape", ["n_bag"], ["wsum0"], value=helper.make_tensor("v", f32, [1], [0.0])),
+        N("Unsqueeze", ["seg", "axis1"], ["seg_col"]),
+        N("Shape", ["rows"], ["rows_shape"]),
+        N("Expand", ["seg_col", "rows_shape"], ["seg_2d"]),
+        N("ScatterElements", ["sum0", "seg_2d", "rows"], ["sums"], axis=0, reduction="add"),
+        N("ScatterElements", ["wsum0", "seg", "w"], ["wsum"], axis=0, reduction="add"),
+        # mean by IDF mass, L2 normalise, linear head
+        N("Max", ["wsum", "eps_w"], ["wsum_c"]),
+        N("Unsqueeze", ["wsum_c", "axis1"], ["wsum_col"]),
+        N("Div", ["sums", "wsum_col"], ["mean"]),
+        N("Mul", ["mean", "mean"], ["sq"]),
+        N("ReduceSum", ["sq", "axis1"], ["ss"], keepdims=1),
+        N("Sqrt", ["ss"], ["norm"]),
+        N("Max", ["norm", "eps_n"], ["norm_c"]),
+        N("Div", ["mean", "norm_c"], ["x"]),
+        N("MatMul", ["x", "W"], ["xw"]),
+        N("Add", ["xw", "b"], ["logits"]),
+        N("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    L = len(student.labels)
+    graph = helper.make_graph(
+        nodes, "protege_static_classifier",
+        [helper.make_tensor_value_info("input_ids", i64, ["n_tokens"]),
+         helper.make_tensor_value_info("offsets", i64, ["batch"])],
+        [helper.make_tensor_value_info("logits", f32, ["batch", L]),
+         helper.make_tensor_value_info("probabilities", f32, ["batch", L])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="protege")
+    model.ir_version = 9
+    import onnx
+
+    onnx.checker.check_model(model)
+    return model
+
+
+def flatten_ids(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.cumsum([0] + [len(x) for x in ids[:-1]], dtype=np.int64)
+    flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=sum(len(x) for x in ids))
+    return flat, offsets
+
+
+# -- the encoder student through torch.export ---------------------------------------------------
+
+def export_encoder_graph(student, path: Path) -> None:
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            logits = self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+            return logits, torch.softmax(logits, -1)
+
+    enc = student.tokenizer(["a short example", "and a somewhat longer second example text"], padding=True,
+                            return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    model = Logits(student.model.eval()).eval()
+    with torch.no_grad():
+        prog = torch.onnx.export(model, (enc["input_ids"], enc["attention_mask"]), dynamo=True,
+                                 input_names=["input_ids", "attention_mask"], output_names=["logits", "probabilities"],
+                                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                                 opset_version=OPSET, verbose=False)
+    prog.save(str(path), external_data=False)
+
+
+# -- running an export --------------------------------------------------------------------------
+
+class OnnxClassifier:
+    """``predict / predict_proba`` over an exported folder, with onnxruntime (no torch)."""
+
+    def __init__(self, folder: str | Path, quantized: bool = True, threads: int = 1):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "protege.json").read_text(encoding="utf-8"))
+        self.labels = list(self.meta["labels"])
+        self.kind = self.meta["student"]
+        name = "model.int8.onnx" if quantized and (self.folder / "model.int8.onnx").is_file() else "model.onnx"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.folder / name), opts, providers=["CPUExecutionProvider"])
+        self.model_file = name
+        if self.kind == "static":
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            self.tokenizer.no_padding()
+            self.tokenizer.no_truncation()
+            self.max_tokens = int(self.meta.get("max_tokens", 256))
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+            self.max_length = int(self.meta.get("max_length", 128))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kw) -> "OnnxClassifier":
+        return cls(folder, **kw)
+
+    def decision_function(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        if self.kind == "static":
+            enc = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            flat, offsets = flatten_ids([e.ids[: self.max_tokens] for e in enc])
+            return self.session.run(["logits"], {"input_ids": flat, "offsets": offsets})[0]
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for i in range(0, len(texts), batch_size):
+            idx = order[i : i + batch_size]
+            enc = self.tokenizer([texts[j] for j in idx], truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="np")
+            out[idx] = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                                     "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+        return out
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        z = self.decision_function(texts)
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.decision_function(texts).argmax(1)]
+
+
+def quantize(src: Path, dst: Path) -> None:
+    """Dynamic int8: weights of MatMul / Gather stored as int8, activations quantized on the fly."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing to these graphs
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    finally:
+        root.setLevel(level)
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+def parity(ref_proba: np.ndarray, proba: np.ndarray) -> dict:
+    agree = float((ref_proba.argmax(1) == proba.argmax(1)).mean()) if len(proba) else float("nan")
+    return {"agreement": agree, "max_abs_prob_diff": float(np.abs(ref_proba - proba).max()) if len(proba) else 0.0,
+            "ok": bool(agree >= MIN_AGREEMENT)}
+
+
+def timing(fn, texts: Sequence[str], n_single: int = 100, repeats: int = 3) -> dict:
+    fn(texts[:2])  # warm-up
+    single = []
+    for t in texts[:n_single]:
+        t0 = time.perf_counter()
+        fn([t])
+        single.append(time.perf_counter() - t0)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(texts)
+        runs.append((time.perf_counter() - t0) / len(texts))
+    return {"single_ms_p50": statistics.median(single) * 1000, "batched_ms_per_item": statistics.median(runs) * 1000}
+
+
+def eval_texts(run: Path, task=None, limit: int = 2000) -> tuple[list[str], str]:
+    """The task's gold inputs (the eval set); without the task file, the run's curated training inputs."""
+    if task is not None:
+        from ..data import load_gold
+
+        return [g["text"] for g in load_gold(task)][:limit], "gold"
+    from ..data import read_jsonl
+
+    p = Path(run) / "curate" / "train.jsonl"
+    if p.is_file():
+        return [r["text"] for r in read_jsonl(p)][:limit], "curated training inputs"
+    raise ValueError("no texts to check ONNX parity on: pass --task (gold set) or keep the run's curate/ folder")
+
+
+def export_onnx(run: Path, dest: Path, task=None, *, texts: Sequence[str] | None = None, threads: int = 1) -> dict:
+    _need_onnx()
+    import onnx
+
+    from ..students import load_student
+
+    src = student_dir(run)
+    kind = student_kind(src)
+    if kind not in ("static", "encoder"):
+        raise ValueError(f"ONNX export is for classifier students (static, encoder); this run's student is {kind!r}: "
+                         f"use --format gguf / ollama for a causal LM")
+    student = load_student(src)
+    if texts is None:
+        texts, source = eval_texts(run, task)
+    else:
+        texts, source = list(texts), "given texts"
+    if not texts:
+        raise ValueError("no texts to check parity on")
+    meta = metadata(run, task)
+    with atomic_dir(dest) as tmp:
+        if kind == "static":
+            onnx.save(static_graph(student), str(tmp / "model.onnx"))
+            student.tokenizer.save(str(tmp / "tokenizer.json"))
+            meta["max_tokens"] = student.max_tokens
+            meta["inputs"] = {"input_ids": "int64 [n_tokens]: token ids of the batch, concatenated (tokenizer.json, "
+                              "no special tokens, first max_tokens per text)",
+                              "offsets": "int64 [batch]: where each text starts in input_ids"}
+        else:
+            export_encoder_graph(student, tmp / "model.onnx")
+            student.tokenizer.save_pretrained(tmp)
+            meta["max_length"] = student.max_length
+            meta["inputs"] = {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence]"}
+        quantize(tmp / "model.onnx", tmp / "model.int8.onnx")
+        write_json(tmp / "protege.json", meta)
+        ref = student.predict_proba(texts)
+        fp32 = OnnxClassifier(tmp, quantized=False, threads=threads)
+        int8 = OnnxClassifier(tmp, quantized=True, threads=threads)
+        checks = {"texts": len(texts), "source": source, "fp32": parity(ref, fp32.predict_proba(texts)),
+                  "int8": parity(ref, int8.predict_proba(texts))}
+        speed = {"original": timing(student.predict_proba, texts), "onnx_fp32": timing(fp32.predict_proba, texts),
+                 "onnx_int8": timing(int8.predict_proba, texts)}
+        for k in ("onnx_fp32", "onnx_int8"):
+            speed[k]["speedup_single"] = speed["original"]["single_ms_p50"] / speed[k]["single_ms_p50"]
+            speed[k]["speedup_batched"] = speed["original"]["batched_ms_per_item"] / speed[k]["batched_ms_per_item"]
+        sizes = {n: (tmp / n).stat().st_size for n in ("model.onnx", "model.int8.onnx")}
+        meta.update(parity=checks, speed=speed, sizes_bytes=sizes, original="numpy" if kind == "static" else "pytorch",
+                    recommended="model.int8.onnx" if checks["int8"]["ok"] else "model.onnx")
+        write_json(tmp / "protege.json", meta)
+        (tmp / "README.md").write_text(model_card(meta, _usage(kind)), encoding="utf-8")
+        if not checks["fp32"]["ok"]:
+            raise ValueError(f"ONNX fp32 export agrees with the student on only {checks['fp32']['agreement']:.2%} of "
+                             f"{len(texts)} {source} (need {MIN_AGREEMENT:.0%}); not written")
+    return {"format": "onnx", "path": str(dest), "student": kind, "parity": checks, "speed": speed, "sizes_bytes": sizes,
+            "recommended": meta["recommended"]}
+
+
+def _usage(kind: str) -> str:
+    if kind == "static":
+        return ("Run: `protege.export.onnx.OnnxClassifier(folder).predict_proba(texts)`, or feed onnxruntime "
+                "`input_ids` (all texts' token ids concatenated) and `offsets` (start of each text).")
+    return "Run: `protege.export.onnx.OnnxClassifier(folder).predict_proba(texts)` (input_ids + attention_mask)."
+
+
+__all__ = ["OnnxClassifier", "export_onnx", "static_graph", "flatten_ids"]

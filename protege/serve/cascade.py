@@ -1,0 +1,328 @@
+"""The gateway's decisions, without HTTP: who answers a request, and what is recorded about it.
+
+``Engine.answer(text)``:
+
+1. **capture mode** — the teacher answers (through the ledger), the answer and its label probabilities
+   are recorded as new training data; the student, if there is one, is scored alongside for free
+   agreement figures.
+2. otherwise the **student** answers when its confidence ≥ the threshold (``serve.threshold``, else the one
+   ``evaluate`` chose for a target quality in ``report.json``, else ``serve.default_threshold``); a
+   ``shadow_fraction`` of those answers is re-asked of the teacher in the background.
+3. below the threshold the request **escalates**: to the teacher (through the ledger:
+   :func:`protege.generate.label_with_ledger`, so a repeated input is never paid twice and the answer is
+   a cache hit when ``protege redistill`` labels the same input later), or into the human review queue
+   (the student's answer is returned, marked provisional, with the review id). A teacher that fails or
+   is over budget leaves the student's answer in place (``answered_by: student-fallback``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..task import ServeConfig, TaskSpec
+from .drift import DriftMonitor, Reference
+from .predictor import Prediction, load_predictor
+from .store import TrafficStore
+
+log = logging.getLogger("protege.serve")
+SNAPSHOT_EVERY = 100  # requests between drift snapshots written to the store
+
+
+class TeacherUnavailable(RuntimeError):
+    """Capture mode without a student, and the teacher did not answer."""
+
+
+@dataclass
+class GatewayConfig:
+    """Everything ``create_app`` needs. ``run`` is the run folder (student, report.json, ledger)."""
+
+    task: TaskSpec
+    run: Path | None = None
+    student: Path | None = None  # default <run>/train/student; an ONNX export folder works too
+    serve: ServeConfig | None = None  # default task.serve
+    teacher: object | None = None  # a Teacher instance; default make_teacher(task), built on first use
+    api_keys: list[str] | None = None  # default: the env var serve.api_keys_env names
+    data_dir: Path | None = None  # traffic.sqlite, reference.json; default <run>/serve
+    predictor: object | None = None  # an already loaded predictor (benchmarks, embedding)
+
+    @property
+    def settings(self) -> ServeConfig:
+        return self.serve or self.task.serve
+
+    def keys(self) -> list[str]:
+        if self.api_keys is not None:
+            return [k for k in self.api_keys if k]
+        env = self.settings.api_keys_env
+        return [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()] if env else []
+
+
+@dataclass
+class Outcome:
+    content: str
+    label: str | None
+    answered_by: str  # student | teacher | review | student-fallback
+    confidence: float | None  # of the answer given
+    student_confidence: float | None = None
+    probs: dict[str, float] | None = None
+    review_id: int | None = None
+    threshold: float | None = None
+    tokens: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    teacher_usd: float = 0.0
+    student_label: str | None = None
+    teacher_label: str | None = None
+    teacher_probs: list[float] | None = None
+    teacher_soft: str | None = None
+    error: str | None = None
+
+    def info(self) -> dict:
+        return {"answered_by": self.answered_by, "confidence": self.confidence,
+                "student_confidence": self.student_confidence, "threshold": self.threshold,
+                **({"review_id": self.review_id} if self.review_id is not None else {})}
+
+
+def _read_json(p: Path) -> dict | None:
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+class Engine:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg, self.task, self.s = cfg, cfg.task, cfg.settings
+        self.run = Path(cfg.run) if cfg.run else None
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else (self.run or Path("runs") / self.task.name) / "serve"
+        self.report = _read_json(self.run / "report.json") if self.run else None
+        self.model_name = self.s.model_name or self.task.name
+        self.threshold, self.threshold_source = self._threshold()
+        self.student_path = Path(cfg.student) if cfg.student else (self.run / "train" / "student" if self.run else None)
+        self.predictor = cfg.predictor
+        if self.predictor is None and self.student_path is not None and (
+                (self.student_path / "config.json").is_file() or (self.student_path / "model.onnx").is_file()):
+            self.predictor = load_predictor(self.student_path, self.model_name, self.s.max_tokens)
+        if self.predictor is None and not self.s.capture:
+            raise FileNotFoundError(f"no trained student at {self.student_path}; run `protege train` first, or serve in "
+                                    f"capture mode (serve.capture: true / --capture) to collect data with the teacher")
+        self.store = TrafficStore(self.data_dir / "traffic.sqlite")
+        self.ledger_path = (self.run or self.data_dir) / "ledger.sqlite"
+        self._teacher, self._teacher_lock, self._tl = cfg.teacher, threading.Lock(), threading.local()
+        self._ledgers: list = []
+        self.reference = self._reference()
+        self.monitor = DriftMonitor(self.reference, self.s.drift_window)
+        self.shadow_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-shadow")
+        self.rng = random.Random()
+        cost = (self.report or {}).get("cost") or {}
+        self.teacher_usd_per_call = cost.get("teacher_usd_per_call")
+        self.student_usd_per_call = cost.get("student_usd_per_call") or 0.0
+        self._count_lock, self._since_snapshot = threading.Lock(), 0
+        self.metrics = None  # set by the app (prometheus); events below are no-ops without it
+
+    # -- setup -------------------------------------------------------------------------------
+    def _threshold(self) -> tuple[float, str]:
+        if self.s.threshold is not None:
+            return float(self.s.threshold), "serve.threshold"
+        t = ((self.report or {}).get("cascade") or {}).get("threshold")
+        if t is not None:
+            return float(t), "report.json (evaluate)"
+        return float(self.s.default_threshold), "serve.default_threshold"
+
+    def _reference(self) -> Reference | None:
+        """Student confidences (+ embedding centroid) on the training inputs, cached per student version."""
+        if self.predictor is None or self.run is None or not (self.run / "curate" / "train.jsonl").is_file():
+            return None
+        agreement = ((self.report or {}).get("student") or {}).get("agreement")
+        sp = self.student_path
+        version = max((f.stat().st_mtime_ns for f in sp.iterdir()), default=0) if sp and sp.is_dir() else 0
+        path = self.data_dir / "reference.json"
+        cached = _read_json(path)
+        if cached and cached.get("student_version") == version:
+            ref = Reference.from_json(cached)
+            ref.agreement = agreement
+            return ref
+        from ..data import read_jsonl
+
+        rows = read_jsonl(self.run / "curate" / "train.jsonl")
+        n = 32 if self.predictor.is_lm else 1000
+        texts = [r["text"] for r in random.Random(0).sample(rows, min(n, len(rows)))]
+        ref = Reference.build(self.predictor, texts, agreement)
+        from ..data import write_json
+
+        write_json(path, {**ref.to_json(), "student_version": version})
+        return ref
+
+    def teacher(self):
+        with self._teacher_lock:
+            if self._teacher is None:
+                from ..teachers.base import make_teacher
+
+                self._teacher = make_teacher(self.task)
+            return self._teacher
+
+    def _ledger(self):
+        led = getattr(self._tl, "ledger", None)
+        if led is None:
+            from ..ledger import Ledger
+
+            led = self._tl.ledger = Ledger(self.ledger_path)
+            with self._count_lock:
+                self._ledgers.append(led)
+        return led
+
+    # -- the teacher -------------------------------------------------------------------------
+    def ask_teacher(self, text: str, stage: str):
+        """(Answer, $) through the ledger; errors come back as an Answer with status 'error'."""
+        from ..generate import label_with_ledger
+        from ..ledger import BudgetExceeded
+        from ..teachers.base import Answer
+
+        budget = self.s.budget_usd if self.s.budget_usd is not None else self.task.teacher.budget_usd
+        try:
+            teacher = self.teacher()
+            if self.task.teacher.backend == "hf":  # a local model's cached prompt prefix is not thread-safe
+                with self._teacher_lock:
+                    answers, stats = label_with_ledger(teacher, [text], self._ledger(), stage=stage, budget_usd=budget)
+            else:
+                answers, stats = label_with_ledger(teacher, [text], self._ledger(), stage=stage, budget_usd=budget)
+        except BudgetExceeded as e:
+            return Answer(label=None, status="error", error=f"teacher budget: {e}"), 0.0
+        except Exception as e:  # a teacher that cannot be built or reached must not take the gateway down
+            return Answer(label=None, status="error", error=f"{type(e).__name__}: {e}"), 0.0
+        usd = float(stats["usd"])
+        if self.metrics is not None and usd:
+            self.metrics.teacher_usd.inc(usd)
+        return answers[0][0], usd
+
+    def _teacher_outcome(self, ans, usd: float, base: Outcome | None) -> Outcome:
+        probs = dict(zip(self.task.labels, ans.probs)) if ans.probs else None
+        content = ans.label if ans.label is not None else ans.text
+        return Outcome(content, ans.label, "teacher", max(ans.probs) if ans.probs else None,
+                       base.student_confidence if base else None, probs, threshold=self.threshold, teacher_usd=usd,
+                       student_label=base.student_label if base else None, teacher_label=ans.label,
+                       teacher_probs=ans.probs, teacher_soft=ans.soft)
+
+    # -- answering ---------------------------------------------------------------------------
+    def predict(self, texts: list[str], **lm) -> list[Prediction]:
+        return self.predictor.predict(texts, **lm) if self.predictor.is_lm else self.predictor.predict(texts)
+
+    def answer(self, text: str, endpoint: str, **lm) -> Outcome:
+        return self.answer_many([text], endpoint, **lm)[0]
+
+    def answer_many(self, texts: list[str], endpoint: str, preds: list[Prediction] | None = None, **lm) -> list[Outcome]:
+        t0 = time.perf_counter()
+        if self.s.capture:
+            outs = [self._capture(t, lm) for t in texts]
+        else:
+            preds = preds if preds is not None else self.predict(texts, **lm)
+            outs = [self.route(t, p) for t, p in zip(texts, preds)]
+        ms = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
+        for t, o in zip(texts, outs):
+            self.record(endpoint, t, o, ms)
+        return outs
+
+    def student_outcome(self, p: Prediction) -> Outcome:
+        return Outcome(p.content, p.label, "student", p.confidence, p.confidence, p.probs, threshold=self.threshold,
+                       tokens=p.tokens, prompt_tokens=p.prompt_tokens, student_label=p.label)
+
+    def route(self, text: str, p: Prediction) -> Outcome:
+        emb = self.predictor.embed([text]) if self.reference is not None and self.reference.centroid is not None else None
+        self.monitor.observe(p.confidence, None if emb is None else emb[0])
+        base = self.student_outcome(p)
+        if p.confidence >= self.threshold or self.s.escalate == "none":
+            if self.s.shadow_fraction and self.rng.random() < self.s.shadow_fraction:
+                self.shadow_pool.submit(self._shadow, text, p)
+            return base
+        if self.s.escalate == "review":
+            base.answered_by = "review"
+            base.review_id = self.store.enqueue_review(text, p.label, p.confidence)
+            return base
+        ans, usd = self.ask_teacher(text, "serve")
+        if ans.status == "ok" and (ans.label is not None or ans.text):
+            return self._teacher_outcome(ans, usd, base)
+        log.warning("teacher unavailable, the student answers: %s", ans.error)
+        base.answered_by, base.error = "student-fallback", ans.error
+        return base
+
+    def _capture(self, text: str, lm: dict) -> Outcome:
+        p = None
+        if self.predictor is not None and not self.predictor.is_lm:
+            p = self.predictor.predict([text])[0]  # free: a classifier costs microseconds
+            self.monitor.observe(p.confidence)
+        ans, usd = self.ask_teacher(text, "capture")
+        if ans.status == "ok":
+            out = self._teacher_outcome(ans, usd, self.student_outcome(p) if p else None)
+            if p is not None and ans.label is not None:
+                self._shadow_row(text, p, ans)
+            return out
+        if p is None:
+            raise TeacherUnavailable(f"capture mode: the teacher did not answer ({ans.error})")
+        out = self.student_outcome(p)
+        out.answered_by, out.error = "student-fallback", ans.error
+        return out
+
+    def _shadow(self, text: str, p: Prediction) -> None:
+        try:
+            ans, _ = self.ask_teacher(text, "shadow")
+            if ans.status != "ok" or ans.label is None:
+                if self.metrics is not None:
+                    self.metrics.shadow.labels("error").inc()
+                return
+            self._shadow_row(text, p, ans)
+        except Exception:  # background work: log, never raise into the pool
+            log.exception("shadow check failed")
+
+    def _shadow_row(self, text: str, p: Prediction, ans) -> None:
+        agree = ans.label == p.label
+        self.monitor.observe_shadow(agree)
+        self.store.add("shadow", text=text, student_label=p.label, student_confidence=p.confidence,
+                       teacher_label=ans.label, teacher_probs=ans.probs, agree=int(agree))
+        if self.metrics is not None:
+            self.metrics.shadow.labels("agree" if agree else "disagree").inc()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def record(self, endpoint: str, text: str, o: Outcome, ms: float) -> None:
+        capture = self.s.capture
+        keep_text = capture or o.answered_by != "student"  # what left the student is what redistill learns from
+        self.store.add("requests", endpoint=endpoint, mode="capture" if capture else "cascade",
+                       answered_by=o.answered_by, label=o.label, confidence=o.student_confidence,
+                       threshold=o.threshold, student_label=o.student_label, teacher_label=o.teacher_label,
+                       teacher_probs=o.teacher_probs, teacher_soft=o.teacher_soft, teacher_usd=o.teacher_usd,
+                       review_id=o.review_id, latency_ms=ms, text=text if keep_text else None)
+        if self.metrics is not None:
+            self.metrics.observe(endpoint, o, ms / 1000)
+        with self._count_lock:
+            self._since_snapshot += 1
+            due = self._since_snapshot >= SNAPSHOT_EVERY
+            if due:
+                self._since_snapshot = 0
+        if due:
+            self.write_snapshot()
+
+    def write_snapshot(self) -> dict:
+        snap = self.monitor.snapshot()
+        self.store.add("drift", snapshot=json.dumps(snap))
+        return snap
+
+    def usd_saved_per_student_answer(self) -> float | None:
+        if self.teacher_usd_per_call is None:
+            return None
+        return max(0.0, float(self.teacher_usd_per_call) - float(self.student_usd_per_call))
+
+    def close(self) -> None:
+        self.shadow_pool.shutdown(wait=True)
+        if self.monitor.conf:
+            self.write_snapshot()
+        self.store.flush()
+        self.store.close()
+        for led in self._ledgers:
+            try:
+                led.close()
+            except Exception:
+                pass
+        if self._teacher is not None and self.cfg.teacher is None:
+            self._teacher.close()
