@@ -19,7 +19,7 @@ Peers:
   answers and timing come from the run) and the same model zero-shot (no examples, no calibration),
   run here.
 
-Usage: ``python bench/peers.py [--run /tmp/demo1] [--pairs 800] [--no-llm] [--json out.json]``
+Usage: ``python bench/peers.py [--run /tmp/demo1] [--pairs 800] [--threads 1] [--no-llm] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -139,10 +139,11 @@ def setfit_finetune(model, texts: list[str], labels: list[str], n_pairs: int, se
     model.max_seq_length = train_len
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    prep = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers ≥ 6 renamed it
     for b in range(0, len(pairs), batch):
         chunk = pairs[b : b + batch]
-        fa = model.tokenize([texts[i] for i, _, _ in chunk])
-        fb = model.tokenize([texts[j] for _, j, _ in chunk])
+        fa = prep([texts[i] for i, _, _ in chunk])
+        fb = prep([texts[j] for _, j, _ in chunk])
         ea = model(fa)["sentence_embedding"]
         eb = model(fb)["sentence_embedding"]
         loss = torch.nn.functional.mse_loss(torch.cosine_similarity(ea, eb), torch.tensor([y for *_, y in chunk]))
@@ -196,8 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=800, help="SetFit contrastive pairs (one per training item; ~4 min on 2 cores)")
     ap.add_argument("--no-llm", action="store_true", help="skip the zero-shot SmolLM2 row (~1-2 min)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: every model on one core, as one serving worker; on a busy "
+                         "machine more threads than free cores makes torch timings swing wildly)")
     a = ap.parse_args(argv)
     import torch
+
+    torch.set_num_threads(a.threads)
 
     run = Path(a.run)
     task = load_task(run / "task" / "task.yaml")
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             "no examples, no calibration")
 
     result = {"rows": rows, "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                        "python": platform.python_version()},
+                                        "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]},
               "date": time.strftime("%Y-%m-%d"), "run": str(run), "n_train": len(train_x), "n_gold": len(gx)}
     print(markdown(result))
     if a.json:
@@ -288,8 +294,9 @@ def _n(x, spec: str) -> str:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    head = (f"Measured {res['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch_threads']} threads, Python "
-            f"{m['python']}); {res['n_train']} curated teacher labels, {res['n_gold']} gold items.\n\n"
+    head = (f"Measured {res['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch_threads']} thread(s), Python "
+            f"{m['python']}, load average {m.get('load_avg_1m', float('nan')):.1f} at the end); {res['n_train']} curated "
+            f"teacher labels, {res['n_gold']} gold items.\n\n"
             "| model | accuracy [95% CI] | agreement w/ teacher | p vs protege (McNemar) | ms/item (single, p50) "
             "| items/s (batched) | train s |\n|---|---|---|---|---|---|---|\n")
     body = "".join(

@@ -352,10 +352,26 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
     result["cost"] = cost_case(task, out, t_cost, result["student"]["usd_per_1k"] / 1000, volume)
     result["verdict"] = verdict(result, cfg)
     result["seconds"] = time.perf_counter() - t0
+    result["machine"] = machine()
     items = side_by_side(gold, t_rows, base, calib, variants, small["rows"] if small else None, labels, repeats)
     result["sample"] = items[:20]
     _write(task, out, result, items, n)
     return result
+
+
+def machine() -> dict:
+    """Where the timings were taken; a load average above the core count means they are inflated."""
+    import os
+    import platform
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    out = {"cpu": platform.processor() or platform.machine(), "cores": cores, "load_avg_1m": load,
+           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    if load is not None and load > cores:
+        out["warning"] = (f"load average {load:.1f} on {cores} cores while timing: latencies (and the $ per call "
+                          f"derived from them) are inflated; re-run on an idle machine")
+    return out
 
 
 def _cost_view(c: dict) -> dict:

@@ -78,6 +78,10 @@ def render_baseline_html(r: dict, items: list[dict]) -> str:
              f"<tr><td><b>break-even</b></td><td class=num><b>{e(format_months(k['break_even_months']))}</b></td>"
              f"<td>saves ${k['monthly_saving']:,.2f}/month</td></tr></table>")
     p.append(f"<img alt='break-even chart' src='{_png(break_even_figure(k['curves']))}'>")
+    mach = r.get("machine") or {}
+    if mach:
+        p.append(f"<p><small>Timed on {e(str(mach.get('cpu')))}, {mach.get('cores')} cores, load "
+                 f"{mach.get('load_avg_1m') or 0:.1f}, {e(str(mach.get('date')))}. {e(mach.get('warning', ''))}</small></p>")
     err = t["errors"]
     if err["errors"]:
         p.append("<h2>Teacher errors by gold label (worst first)</h2><table><tr><th>label</th><th class=num>n</th>"

@@ -176,11 +176,21 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
 
 @app.command()
 @_guard
-def review(task: Path = TaskArg, out: Path = OutOpt):
-    """Export teacher-vs-gold and teacher-vs-itself disagreements (CSV + HTML) and the teacher's systematic errors."""
+def review(task: Path = TaskArg, out: Path = OutOpt,
+           queue: bool = typer.Option(False, "--queue", help="List the gateway's human review queue instead"),
+           answer: list[str] = typer.Option(None, "--answer", help="Answer a queued item: ID=LABEL or ID=drop "
+                                            "(repeatable); the answers become training data for `protege redistill`"),
+           reviewer: str = typer.Option(None, "--reviewer", help="Name recorded with --answer")):
+    """Export teacher-vs-gold and teacher-vs-itself disagreements (CSV + HTML) and the teacher's systematic errors.
+
+    With --queue / --answer: list and answer the requests `protege serve` queued for a person."""
     from .review import export_review
 
     t = _load(task)
+    if queue or answer:
+        from .cli_serve import review_queue
+
+        return review_queue(t, _out(t, out), answer or [], reviewer, console)
     r = export_review(t, _out(t, out))
     err = r["errors"]
     if err["n"]:
@@ -236,6 +246,8 @@ def _print_baseline(r: dict, out: Path) -> None:
                   f"{k['n_inputs_to_label']:,} inputs ${k['labelling_usd']:,.4f} + train ${k['training_usd']:,.4f}"
                   f" + people ${k['engineering_usd']:,.2f}) → break-even {format_months(k['break_even_months'])}, "
                   f"saves ${k['monthly_saving']:,.2f}/month")
+    if r.get("machine", {}).get("warning"):
+        console.print(f"[yellow]note:[/] {r['machine']['warning']}", highlight=False)
     v = r["verdict"]
     console.print(f"[bold]verdict: {v['decision']}[/]")
     for reason in v["reasons"]:
@@ -329,6 +341,12 @@ def _print_report(r: dict, out: Path) -> None:
     console.print(f"retained [bold]{r['retained']:.3f}[/]   speedup [bold]{r['speedup']:.0f}x[/] (single item), "
                   f"{r['speedup_batched']:.0f}x batched")
     console.print(f"report: {out / 'report.html'}  ({out / 'report.json'})")
+
+
+# ---- export, serve, drift, redistill (stages 6-7; implemented in cli_serve.py) --------------------
+from .cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app, guard=_guard, load=_load, out_of=_out, fail=_fail, console=console)
 
 
 if __name__ == "__main__":  # pragma: no cover

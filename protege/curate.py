@@ -117,11 +117,11 @@ def filter_rows(rows: list[dict], cfg: CurateConfig, *, labels: Sequence[str], k
 
     ``rows`` carry ``source`` ("review" / "real" / "teacher"); human rows skip the teacher-quality
     filters. Duplicates keep the first row in the order review → real → teacher → input order.
-    ``report[name]`` = {"dropped": n (first reason), "flagged": n (this filter alone), ...settings}.
+    ``report[name]`` = {"dropped": n (first reason), "flagged": n (this filter alone; for the duplicate
+    filters: among rows still kept), ...settings}.
     """
     order = sorted(range(len(rows)), key=lambda i: (_rank(rows[i]), i))
     rows = [rows[i] for i in order]
-    n = len(rows)
     teach = [r.get("source", "teacher") not in HUMAN for r in rows]
     reason: list[str | None] = [r.get("_drop") for r in rows]
     detail: list[str | None] = ["reviewer marked it drop" if x else None for x in reason]

@@ -112,7 +112,7 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
             extra = ans.extra or {}
             ok = ans.status == "ok"
             ledger.record(keys[i][s], model=teacher.name, stage=stage, request=req,
-                          response=ans.to_json() if ok else None, status=ans.status, error=ans.error, sample=s,
+                          response=dict(vars(ans)) if ok else None, status=ans.status, error=ans.error, sample=s,
                           tokens_in=ans.tokens_in, tokens_out=ans.tokens_out, cost_usd=ans.cost_usd,
                           latency_s=ans.latency_s, reason=None if ok else (extra.get("reason") or "error"),
                           requests=int(extra.get("requests", 1)), reasks=len(extra.get("reasks", ())))

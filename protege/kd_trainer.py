@@ -16,6 +16,7 @@ token counts are the Trainer's global ``num_items_in_batch``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,10 +159,12 @@ class TokenKDCollator:
                 for j, (cand, lps) in enumerate(zip(row["topk_ids"] or [], row["topk_logprobs"] or [])):
                     if j >= len(pos) or not cand:
                         break
-                    p = pos[j]
-                    k_ids[b, p, :] = cand[0]  # padding candidates repeat a real id with probability 0
-                    k_ids[b, p, : len(cand)] = torch.as_tensor(cand)
-                    k_lp[b, p, : len(lps)] = torch.as_tensor(lps, dtype=torch.float32)
+                    p, first = pos[j], int(cand[0])
+                    # padding candidates (none, or id -1 in stored files) repeat a real id with probability 0
+                    k_ids[b, p, :] = first
+                    k_ids[b, p, : len(cand)] = torch.as_tensor([int(c) if c >= 0 else first for c in cand])
+                    lp_row = torch.as_tensor(lps, dtype=torch.float32)
+                    k_lp[b, p, : len(lps)] = torch.where(torch.as_tensor(cand[: len(lps)]) >= 0, lp_row, -math.inf)
                     k_mask[b, p] = True
             out.update(topk_ids=k_ids, topk_logprobs=k_lp, topk_mask=k_mask)
         return out

@@ -58,7 +58,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE calls ADD COLUMN reasks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE calls ADD COLUMN tokens_paid INTEGER NOT NULL DEFAULT 0;
     UPDATE calls SET requests = attempts, tokens_paid = tokens_in + tokens_out;
-    CREATE INDEX calls_status ON calls(status);
     CREATE TABLE runs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         stage TEXT NOT NULL,

@@ -115,6 +115,10 @@ def create_fault_app(*, latency_s: float = 0.0, slow_s: float = 2.0, logprobs: s
     async def models():
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "tests"}]}
 
+    @app.get("/stats")
+    async def stats():  # for a client in another process (the benchmark): what the server has seen
+        return {"calls": st.calls, "answered": st.answered, "max_inflight": st.max_inflight}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         with st.lock:

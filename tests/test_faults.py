@@ -479,7 +479,7 @@ def test_kill_9_mid_run_then_resume_repeats_no_successful_call(tmp_path, servers
         ok_after_kill = {(json.loads(r[0])["messages"][-1]["content"], r[1]) for r in
                          led.db.execute("SELECT request, sample FROM calls WHERE status='ok'")}
         recorded_requests = led.db.execute("SELECT coalesce(sum(requests), 0) FROM calls").fetchone()[0]
-    assert 40 <= len(ok_after_kill) < n, "killed too late to test anything"
+    assert 30 <= len(ok_after_kill) < n, "killed too early or too late to test anything"
     assert 0 <= calls_at_kill - recorded_requests <= 4  # only the calls in flight (concurrency 4) were lost
     assert not (out / "generate").exists()  # no half artifact that looks whole
 

@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from make_data import FIELDS, N_TRAIN, make  # noqa: E402
-from protege.evaluate import bootstrap_ci, paired_ratio_ci  # noqa: E402
+from protege.metrics import bootstrap_ci, paired_ratio_ci  # noqa: E402
+from protege.progress import bar  # noqa: E402
 from protege.students.causal_lm import CausalLMStudent, decode, render  # noqa: E402
 from protege.teachers.hf import load_causal_lm  # noqa: E402
 
@@ -83,13 +84,16 @@ def label_with_teacher(tok, model, rows: list[dict], cache: Path, top_k: int, ma
     if cache.is_file():
         done = {r["id"]: r for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}
     todo = [r for r in rows if r["id"] not in done]
-    if todo:
-        outs = decode(model, tok, [render(tok, teacher_messages(r["text"])) for r in todo], top_k=top_k,
-                      max_new_tokens=max_new_tokens, batch_size=16, description="teacher: answer invoices")
-        with open(cache, "a", encoding="utf-8") as f:
-            for r, o in zip(todo, outs):
-                done[r["id"]] = {"id": r["id"], **o}
-                f.write(json.dumps(done[r["id"]]) + "\n")
+    with bar("teacher: answer invoices", len(todo)) as advance:
+        for i in range(0, len(todo), 16):  # appended batch by batch: a killed run resumes where it stopped
+            chunk = todo[i : i + 16]
+            outs = decode(model, tok, [render(tok, teacher_messages(r["text"])) for r in chunk], top_k=top_k,
+                          max_new_tokens=max_new_tokens, batch_size=16)
+            with open(cache, "a", encoding="utf-8") as f:
+                for r, o in zip(chunk, outs):
+                    done[r["id"]] = {"id": r["id"], **o}
+                    f.write(json.dumps(done[r["id"]]) + "\n")
+            advance(len(chunk))
     return done
 
 

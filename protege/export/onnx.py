@@ -40,44 +40,48 @@ def _need_onnx() -> None:
 # -- the static student as a graph -----------------------------------------------------------------
 
 def static_graph(student):
-    """ONNX graph of :class:`StaticClassifier` from token ids on: ``(input_ids [N], offsets [B]) → logits, probabilities``."""
+    """ONNX graph of :class:`StaticClassifier` from token ids on: ``(input_ids [N], offsets [B]) → logits, probabilities``.
+
+    Per-text sums are differences of prefix sums (``CumSum`` in float64, so long batches lose no
+    precision) read at each text's start and end: linear in the number of tokens, where ONNX's
+    ``ScatterElements(reduction="add")`` is ~100x slower on CPU and a one-hot matmul is quadratic.
+    """
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    f32, f64, i64 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64
     table = np.ascontiguousarray(student.table, dtype=np.float32)
-    inits = [numpy_helper.from_array(table, "table"),
-             numpy_helper.from_array(np.ascontiguousarray(student.idf, dtype=np.float32), "idf"),
-             numpy_helper.from_array(np.ascontiguousarray(student.W, dtype=np.float32), "W"),
-             numpy_helper.from_array(np.ascontiguousarray(student.b, dtype=np.float32), "b")]
-    c = {"zero": 0, "one": 1, "zero1": [0], "axis0": [0], "axis1": [1], "dims": [table.shape[1]], "start1": [1], "big": [2**62]}
-    for name, v in c.items():
-        inits.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name))
-    inits += [numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "eps_w"),
-              numpy_helper.from_array(np.array(1e-9, dtype=np.float32), "eps_n")]
+    D = table.shape[1]
+    arrays = {"table": table, "idf": np.ascontiguousarray(student.idf, dtype=np.float32),
+              "W": np.ascontiguousarray(student.W, dtype=np.float32), "b": np.ascontiguousarray(student.b, dtype=np.float32),
+              "zero": np.array(0, dtype=np.int64), "axis0": np.array([0], dtype=np.int64),
+              "axis1": np.array([1], dtype=np.int64), "start1": np.array([1], dtype=np.int64),
+              "big": np.array([2**62], dtype=np.int64), "zrow": np.zeros((1, D), dtype=np.float64),
+              "z1": np.zeros(1, dtype=np.float64), "eps_w": np.array(1e-6, dtype=np.float32),
+              "eps_n": np.array(1e-9, dtype=np.float32)}
+    inits = [numpy_helper.from_array(v, k) for k, v in arrays.items()]
     N = helper.make_node
     nodes = [
-        # bag index of every token: 1 at each text's start (but the first), cumulative sum
-        N("Shape", ["input_ids"], ["n_tok"]),  # [1]
-        N("Add", ["n_tok", "one"], ["n_tok1"]),
-        N("ConstantOfShape", ["n_tok1"], ["marks0"], value=helper.make_tensor("v", i64, [1], [0])),
-        N("Slice", ["offsets", "start1", "big", "axis0"], ["starts"]),
-        N("Shape", ["starts"], ["starts_shape"]),
-        N("Expand", ["one", "starts_shape"], ["ones"]),
-        N("ScatterElements", ["marks0", "starts", "ones"], ["marks"], axis=0, reduction="add"),
-        N("CumSum", ["marks", "zero"], ["seg_all"]),
-        N("Slice", ["seg_all", "zero1", "n_tok", "axis0"], ["seg"]),  # [N]
-        # gather rows and weights, sum them per bag
-        N("Gather", ["table", "input_ids"], ["rows"], axis=0),  # [N, D]
-        N("Gather", ["idf", "input_ids"], ["w"], axis=0),  # [N]
-        N("Shape", ["offsets"], ["n_bag"]),  # [1]
-        N("Concat", ["n_bag", "dims"], ["bag_shape"], axis=0),
-        N("ConstantOfShape", ["bag_shape"], ["sum0"], value=helper.make_tensor("v", f32, [1], [0.0])),
-        N("ConstantOfShape", ["n_bag"], ["wsum0"], value=helper.make_tensor("v", f32, [1], [0.0])),
-        N("Unsqueeze", ["seg", "axis1"], ["seg_col"]),
-        N("Shape", ["rows"], ["rows_shape"]),
-        N("Expand", ["seg_col", "rows_shape"], ["seg_2d"]),
-        N("ScatterElements", ["sum0", "seg_2d", "rows"], ["sums"], axis=0, reduction="add"),
-        N("ScatterElements", ["wsum0", "seg", "w"], ["wsum"], axis=0, reduction="add"),
+        N("Shape", ["input_ids"], ["n_tok"]),
+        N("Slice", ["offsets", "start1", "big", "axis0"], ["next_starts"]),
+        N("Concat", ["next_starts", "n_tok"], ["ends"], axis=0),  # each text's end = the next one's start
+        # IDF-weighted token rows and their weights, prefix-summed in float64
+        N("Gather", ["table", "input_ids"], ["rows"], axis=0),
+        N("Cast", ["rows"], ["rows64"], to=f64),
+        N("CumSum", ["rows64", "zero"], ["cs"]),
+        N("Concat", ["zrow", "cs"], ["cs0"], axis=0),
+        N("Gather", ["cs0", "ends"], ["cs_end"], axis=0),
+        N("Gather", ["cs0", "offsets"], ["cs_start"], axis=0),
+        N("Sub", ["cs_end", "cs_start"], ["sums64"]),
+        N("Cast", ["sums64"], ["sums"], to=f32),
+        N("Gather", ["idf", "input_ids"], ["w"], axis=0),
+        N("Cast", ["w"], ["w64"], to=f64),
+        N("CumSum", ["w64", "zero"], ["cw"]),
+        N("Concat", ["z1", "cw"], ["cw0"], axis=0),
+        N("Gather", ["cw0", "ends"], ["cw_end"], axis=0),
+        N("Gather", ["cw0", "offsets"], ["cw_start"], axis=0),
+        N("Sub", ["cw_end", "cw_start"], ["wsum64"]),
+        N("Cast", ["wsum64"], ["wsum"], to=f32),
         # mean by IDF mass, L2 normalise, linear head
         N("Max", ["wsum", "eps_w"], ["wsum_c"]),
         N("Unsqueeze", ["wsum_c", "axis1"], ["wsum_col"]),
@@ -101,8 +105,6 @@ def static_graph(student):
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="protege")
     model.ir_version = 9
-    import onnx
-
     onnx.checker.check_model(model)
     return model
 
@@ -131,11 +133,19 @@ def export_encoder_graph(student, path: Path) -> None:
                             return_tensors="pt")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     model = Logits(student.model.eval()).eval()
-    with torch.no_grad():
+    import logging
+    import warnings
+
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed", axis-renaming notes: not actionable here
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         prog = torch.onnx.export(model, (enc["input_ids"], enc["attention_mask"]), dynamo=True,
                                  input_names=["input_ids", "attention_mask"], output_names=["logits", "probabilities"],
                                  dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                                  opset_version=OPSET, verbose=False)
+    quiet.setLevel(level)
     prog.save(str(path), external_data=False)
 
 
@@ -160,10 +170,14 @@ class OnnxClassifier:
         if self.kind == "static":
             from tokenizers import Tokenizer
 
+            from ..students.classifier import _tokenizes_per_word
+
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             self.tokenizer.no_padding()
             self.tokenizer.no_truncation()
             self.max_tokens = int(self.meta.get("max_tokens", 256))
+            self._word_cache: dict[str, list[int]] = {}
+            self._per_word = _tokenizes_per_word(self.tokenizer)
         else:
             from transformers import AutoTokenizer
 
@@ -179,8 +193,10 @@ class OnnxClassifier:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         if self.kind == "static":
-            enc = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-            flat, offsets = flatten_ids([e.ids[: self.max_tokens] for e in enc])
+            from ..students.classifier import StaticClassifier
+
+            # the student's own tokenization (word cache, early truncation): same ids by construction
+            flat, offsets = flatten_ids(StaticClassifier._ids(self, texts))
             return self.session.run(["logits"], {"input_ids": flat, "offsets": offsets})[0]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")

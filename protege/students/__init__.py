@@ -17,6 +17,7 @@ importing transformers / TRL.
 from __future__ import annotations
 
 import json
+import os
 from importlib import import_module
 from pathlib import Path
 from typing import Sequence
@@ -50,19 +51,27 @@ def load_student(path: str | Path):
     return student_class(kind).from_pretrained(p)
 
 
-# -- process topology (accelerate launch) ---------------------------------------------------------
+# -- process topology (accelerate launch / torchrun / deepspeed) ----------------------------------
 
 def is_main_process() -> bool:
-    """True outside distributed runs; under ``accelerate launch`` only on global rank 0."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    """True outside distributed runs; under ``accelerate launch`` (any launcher setting RANK) on rank 0 only."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
+    """Barrier across ranks when a process group is up (the Trainer starts it); else nothing."""
+    import torch.distributed as dist
 
-    PartialState().wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def multi_process_cpu() -> bool:
+    """A multi-process launch on a machine without CUDA: the Trainer must be told ``use_cpu`` to run DDP
+    over gloo (otherwise every rank trains alone on all the data)."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 # -- the train stage's neural students -------------------------------------------------------------

@@ -323,6 +323,7 @@ class CausalLMStudent:
         from datasets import Dataset
         from trl import SFTConfig
 
+        from . import multi_process_cpu
         from ..kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer
 
         if kd == "auto":
@@ -352,7 +353,8 @@ class CausalLMStudent:
             learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="cosine",
             logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
             disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
-            data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+            data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=multi_process_cpu())
         t_pad = None if teacher_tokenizer is None else (teacher_tokenizer.pad_token_id or teacher_tokenizer.eos_token_id)
         from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 

@@ -94,6 +94,7 @@ class EncoderClassifier:
         import torch
         from transformers import EarlyStoppingCallback, TrainingArguments
 
+        from . import multi_process_cpu
         from ..kd_trainer import ClassifierKDCollator, ClassifierKDTrainer, quiet_trainer
 
         train_rows = self._rows(texts, teacher_probs, hard_labels, sample_weight)
@@ -111,7 +112,8 @@ class EncoderClassifier:
             load_best_model_at_end=bool(dev_rows), metric_for_best_model="agreement", greater_is_better=True,
             save_total_limit=1, save_only_model=True, logging_steps=max(1, eval_every // 4), report_to="none",
             disable_tqdm=True, remove_unused_columns=False, label_names=["teacher_probs"],
-            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=multi_process_cpu())
         cw = None if class_weights is None else torch.tensor(np.asarray(class_weights), dtype=torch.float32)
         trainer = ClassifierKDTrainer(
             model=self.model, args=args, train_dataset=train_rows, eval_dataset=dev_rows,

@@ -1,0 +1,152 @@
+"""``protege redistill``: fold served traffic into a new round and promote the result only if it is better.
+
+What the gateway recorded becomes training data:
+
+- inputs the **teacher** answered — escalations, capture mode, shadow checks — join the inputs to label.
+  They were asked through the ledger with the task's own prompt, and the candidate round starts from a
+  copy of the run's ledger, so labelling them again is a cache hit: no new teacher cost;
+- inputs a **person** answered in the review queue join the real labelled data (``data.train``),
+  which curate mixes in with ``curate.real_weight`` and never second-guesses.
+
+The candidate runs generate → curate → train → evaluate in ``<run>/redistill/<stamp>/`` with a derived
+task file there (same gold file: the comparison is on the same held-out items). It replaces the run's
+stages only when its student scores higher on gold than the current one (by more than ``min_gain``);
+the replaced stages are kept in ``<stamp>/previous/``. Restart ``protege serve`` to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import yaml
+
+from ..data import read_jsonl, read_rows, write_jsonl
+from ..task import TaskSpec, load_task
+
+STAGES = ("generate", "curate", "train", "evaluate", "report.json", "report.html")
+
+
+def collect(store_path: Path, labels: list[str]) -> tuple[list[str], list[dict], dict]:
+    """(texts the teacher answered, rows a person labelled, counts) from ``traffic.sqlite``."""
+    if not Path(store_path).is_file():
+        return [], [], {"teacher_answered": 0, "reviewed": 0, "review_dropped": 0}
+    db = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute("SELECT text FROM requests WHERE text IS NOT NULL AND teacher_label IS NOT NULL "
+                          "UNION SELECT text FROM shadow WHERE text IS NOT NULL AND teacher_label IS NOT NULL").fetchall()
+        reviewed = db.execute("SELECT text, answer FROM review WHERE status = 'answered'").fetchall()
+        dropped = db.execute("SELECT count(*) FROM review WHERE status = 'dropped'").fetchone()[0]
+    finally:
+        db.close()
+    texts = sorted({r[0] for r in rows if r[0] and r[0].strip()})
+    human = [{"text": t, "label": a} for t, a in reviewed if a in labels]
+    return texts, human, {"teacher_answered": len(texts), "reviewed": len(human), "review_dropped": int(dropped),
+                          "review_unknown_labels": len(reviewed) - len(human)}
+
+
+def _copy_ledger(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite file (the gateway may be writing to it)."""
+    if not src.is_file():
+        return
+    a, b = sqlite3.connect(str(src), timeout=30), sqlite3.connect(str(dst))
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _merge_ledger(src: Path, dst: Path) -> int:
+    """Add the candidate's new calls to the run's ledger (rows already there win)."""
+    db = sqlite3.connect(str(dst), timeout=30)
+    try:
+        before = db.execute("SELECT count(*) FROM calls").fetchone()[0]
+        db.execute("ATTACH DATABASE ? AS cand", (str(src),))
+        db.execute("INSERT OR IGNORE INTO calls SELECT * FROM cand.calls")
+        db.commit()
+        n = db.execute("SELECT count(*) FROM calls").fetchone()[0] - before
+        db.execute("DETACH DATABASE cand")
+        return n
+    finally:
+        db.close()
+
+
+def derived_task(task: TaskSpec, run: Path, folder: Path, texts: list[str], human: list[dict]) -> Path:
+    """Task file for the candidate: the inputs labelled last time + traffic, real data + reviewed rows."""
+    f_in, f_gold = task.input_field, task.gold_field
+    labelled = [r["text"] for r in read_jsonl(run / "generate" / "train.jsonl")] \
+        if (run / "generate" / "train.jsonl").is_file() else [r[f_in] for r in read_rows(task.path(task.data.inputs))]
+    seen, inputs = set(), []
+    for t in labelled + texts:
+        if t not in seen:
+            seen.add(t)
+            inputs.append({f_in: t})
+    write_jsonl(folder / "inputs.jsonl", inputs)
+    real = [{f_in: r[f_in], f_gold: str(r[f_gold])} for r in read_rows(task.path(task.data.train))] if task.data.train else []
+    real += [{f_in: h["text"], f_gold: h["label"]} for h in human]
+    spec = task.model_dump(mode="json", exclude={"root"})
+    spec["data"].update(inputs=str(folder / "inputs.jsonl"), gold=str(task.path(task.data.gold).resolve()), limit=None)
+    if real:
+        write_jsonl(folder / "train.jsonl", real)
+        spec["data"]["train"] = str(folder / "train.jsonl")
+    if task.curate.review_file:
+        spec["curate"]["review_file"] = str(task.path(task.curate.review_file).resolve())
+    path = folder / "task.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def better(new: dict, old: dict | None, min_gain: float = 0.0) -> tuple[bool, str]:
+    """Whether the candidate's report beats the current one on the same gold items."""
+    if old is None:
+        return True, "no current report to beat"
+    if new.get("n_eval") != old.get("n_eval") or new.get("metric") != old.get("metric"):
+        return False, (f"not comparable: {new.get('n_eval')} vs {old.get('n_eval')} gold items, "
+                       f"{new.get('metric')} vs {old.get('metric')}")
+    a, b = new["student"]["score"], old["student"]["score"]
+    if a > b + min_gain:
+        return True, f"student {new['metric']} {a:.4f} > current {b:.4f} (+{a - b:.4f}) on {new['n_eval']} gold items"
+    return False, f"student {new['metric']} {a:.4f} is not above current {b:.4f} + {min_gain} on {new['n_eval']} gold items"
+
+
+def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool = True,
+              store: Path | None = None) -> dict:
+    from ..pipeline import run as run_pipeline
+
+    run = Path(run)
+    store = Path(store) if store else run / "serve" / "traffic.sqlite"
+    texts, human, counts = collect(store, task.labels)
+    if not texts and not human:
+        return {"status": "nothing new", "counts": counts, "promoted": False,
+                "reason": f"no teacher-answered or reviewed traffic in {store}"}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cand = run / "redistill" / stamp
+    (cand / "task").mkdir(parents=True, exist_ok=True)
+    task_file = derived_task(task, run, cand / "task", texts, human)
+    new_task = load_task(task_file)
+    _copy_ledger(run / "ledger.sqlite", cand / "ledger.sqlite")
+    report = run_pipeline(new_task, cand)
+    old = json.loads((run / "report.json").read_text(encoding="utf-8")) if (run / "report.json").is_file() else None
+    ok, why = better(report, old, min_gain)
+    promoted = False
+    if ok and promote:
+        prev = cand / "previous"
+        prev.mkdir(exist_ok=True)
+        for name in STAGES:
+            if (run / name).exists():
+                (run / name).rename(prev / name)
+            if (cand / name).exists():
+                (cand / name).rename(run / name)
+        if (run / "ledger.sqlite").is_file():
+            _merge_ledger(cand / "ledger.sqlite", run / "ledger.sqlite")
+        else:
+            shutil.copy2(cand / "ledger.sqlite", run / "ledger.sqlite")
+        promoted = True
+    return {"status": "promoted" if promoted else ("better, not promoted" if ok else "kept current"),
+            "promoted": promoted, "reason": why, "counts": counts, "candidate": str(cand), "task_file": str(task_file),
+            "new_score": report["student"]["score"], "old_score": None if old is None else old["student"]["score"],
+            "metric": report["metric"], "n_eval": report["n_eval"]}
