@@ -4,10 +4,12 @@ Both sides send the *same* request bodies (built by protege's OpenAI teacher: sy
 ``max_tokens``, ``logprobs`` / ``top_logprobs``) to the same loopback OpenAI-compatible server
 (``tests/fault_server.py``, in its own process) that answers every request after a fixed artificial
 latency. The raw side is what a user would write: ``openai.AsyncOpenAI`` + an ``asyncio.Semaphore(32)``
-+ ``gather``, keeping only the reply text. protege's side is ``label_with_ledger`` — request keys,
++ ``gather``, keeping only the reply text. Both run in this one process, one after the other. protege's side is ``label_with_ledger`` — request keys,
 ledger lookup, rate-limit/budget gate, retries, answer parsing with soft labels from top_logprobs, one
 SQLite commit per answer — into a fresh ledger. Runs alternate (raw, protege, raw, ...) and the medians
-are compared. Then protege runs again on the same ledger: the server counts the calls that re-run made.
+are compared (and the median of per-rep ratios, which cancels drift in machine load). Client CPU time
+per call is printed too: on a machine where the client is CPU-bound, that is what the wall ratio
+measures. Then protege runs again on the same ledger: the server counts the calls that re-run made.
 
 Goals: wall-time ratio protege / raw <= 1.05; re-run cost 0 calls.
 
@@ -104,24 +106,39 @@ def main() -> None:
         asyncio.run(raw_loop(base_url, [teacher.request(t) for t in warm], a.concurrency))
         teacher.answer([teacher.request(t) for t in warm])  # starts protege's client and event loop
 
-        raw_s, ours_s, tmp = [], [], Path(tempfile.mkdtemp(prefix="protege-bench-"))
-        for rep in range(a.reps):
+        raw_s, ours_s, raw_cpu, ours_cpu = [], [], [], []
+        tmp = Path(tempfile.mkdtemp(prefix="protege-bench-"))
+
+        def run_raw(rep):
             bodies = [teacher.request(t) for t in texts[rep]]
-            c0 = server_calls(root)
-            t0 = time.perf_counter()
+            c0, p0, t0 = server_calls(root), time.process_time(), time.perf_counter()
             out = asyncio.run(raw_loop(base_url, bodies, a.concurrency))
             raw_s.append(time.perf_counter() - t0)
+            raw_cpu.append(time.process_time() - p0)
             assert len(out) == a.n and server_calls(root) - c0 == a.n
-            # protege labels different texts than raw did (fresh work), in a fresh ledger
+
+        def run_ours(rep):
+            # protege labels different texts than raw did (fresh work), into a fresh ledger
             ptexts = [t.replace("bench run", "bench protege run") for t in texts[rep]]
             c0 = server_calls(root)
             with Ledger(tmp / f"ledger-{rep}.sqlite") as led:
-                t0 = time.perf_counter()
+                p0, t0 = time.process_time(), time.perf_counter()
                 answers, stats = label_with_ledger(teacher, ptexts, led, stage="bench")
                 ours_s.append(time.perf_counter() - t0)
+                ours_cpu.append(time.process_time() - p0)
             assert stats["calls"] == a.n and stats["failed"] == 0 and server_calls(root) - c0 == a.n, stats
             assert all(x[0].soft == "logprobs" for x in answers)
-            print(f"rep {rep}: raw openai {raw_s[-1]:.3f} s   protege {ours_s[-1]:.3f} s", flush=True)
+            return ptexts
+
+        for rep in range(a.reps):  # alternate which side goes first, so drift in machine load hits both
+            if rep % 2 == 0:
+                run_raw(rep)
+                ptexts = run_ours(rep)
+            else:
+                ptexts = run_ours(rep)
+                run_raw(rep)
+            print(f"rep {rep}: raw openai {raw_s[-1]:.3f} s   protege {ours_s[-1]:.3f} s   "
+                  f"(ratio {ours_s[-1] / raw_s[-1]:.3f})", flush=True)
 
         # re-run the last protege run on its ledger: the server counts what it costs
         c0 = server_calls(root)
@@ -136,10 +153,13 @@ def main() -> None:
         proc.wait(10)
 
     raw, ours = statistics.median(raw_s), statistics.median(ours_s)
+    paired = statistics.median(o / r for o, r in zip(ours_s, raw_s))
+    cpu_raw, cpu_ours = statistics.median(raw_cpu) / a.n * 1e3, statistics.median(ours_cpu) / a.n * 1e3
     ideal = a.n / a.concurrency * a.latency
     fig = {
         "n": a.n, "concurrency": a.concurrency, "latency_s": a.latency, "reps": a.reps,
-        "raw_openai_s": raw, "protege_s": ours, "ratio": ours / raw, "ideal_s": ideal,
+        "raw_openai_s": raw, "protege_s": ours, "ratio": ours / raw, "paired_ratio": paired, "ideal_s": ideal,
+        "raw_s_all": raw_s, "protege_s_all": ours_s, "client_cpu_ms_per_call": {"raw": cpu_raw, "protege": cpu_ours},
         "raw_calls_per_s": a.n / raw, "protege_calls_per_s": a.n / ours,
         "rerun_calls": rerun_calls, "rerun_s": rerun_s, "rerun_cache_hits": rstats["cache_hits"],
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
@@ -149,7 +169,9 @@ def main() -> None:
           f"(ideal {ideal:.2f} s), median of {a.reps}")
     print(f"  raw openai.AsyncOpenAI loop : {raw:7.3f} s  ({a.n / raw:6.0f} calls/s)")
     print(f"  protege label_with_ledger   : {ours:7.3f} s  ({a.n / ours:6.0f} calls/s)")
-    print(f"  ratio protege / raw         : {ours / raw:7.3f}   (goal <= 1.05)")
+    print(f"  ratio protege / raw         : {ours / raw:7.3f}   (goal <= 1.05; median of per-rep ratios {paired:.3f})")
+    print(f"  client CPU per call         : raw {cpu_raw:.2f} ms, protege {cpu_ours:.2f} ms (event loop + ledger "
+          f"thread, all of protege's work)")
     print(f"  re-run on the same ledger   : {rerun_calls} calls to the server, {rstats['cache_hits']} answers from the "
           f"ledger, {rerun_s:.3f} s   (goal: 0 calls)")
     if a.json:

@@ -178,22 +178,31 @@ def time_calls(fn: Callable[[list[str]], object], texts: Sequence[str], n_single
 
 
 def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: float | None) -> dict:
-    """Seconds per call of the student: told, measured on a trained one, or on an untrained twin."""
+    """Seconds per call of the student: told, timed on a trained one or an untrained twin, or assumed."""
     if task.baseline.student_ms_per_item is not None:
         return {"single_s_p50": task.baseline.student_ms_per_item / 1000, "source": "told: baseline.student_ms_per_item"}
-    folder = Path(out) / "train" / "student"
-    if task.student.kind == "static":
+    folder, s = Path(out) / "train" / "student", task.student
+    if (folder / "config.json").is_file():
+        from .students import load_student
+
+        model = load_student(folder)
+        fn = getattr(model, "predict_proba", None) or model.predict
+        n_single = 8 if not hasattr(model, "predict_proba") else 50  # a generating LM is slow to time
+        return {**time_calls(fn, texts, n_single), "source": "timed: trained student"}
+    twin = "timed: untrained twin (same architecture, same speed)"
+    if s.kind == "static":
         from .students.classifier import StaticClassifier
 
-        if (folder / "config.json").is_file():
-            model, src = StaticClassifier.from_pretrained(folder), "timed: trained student"
-        else:
-            model = StaticClassifier.from_encoder(task.student.embedder, task.labels, task.student.dims)
-            src = "timed: untrained twin (same architecture, same speed)"
-        return {**time_calls(model.predict_proba, texts), "source": src}
+        model = StaticClassifier.from_encoder(s.embedder, task.labels, s.dims)
+        return {**time_calls(model.predict_proba, texts), "source": twin}
+    if s.kind == "encoder":
+        from .students.encoder import EncoderClassifier
+
+        model = EncoderClassifier.from_base(s.model or s.embedder, task.labels, max_length=s.max_length)
+        return {**time_calls(model.predict_proba, texts, 20), "source": twin}
     if small_s is not None:
         return {"single_s_p50": small_s, "source": "assumed: the small model's latency"}
-    raise ValueError(f"cannot time student kind {task.student.kind!r}; set baseline.student_ms_per_item")
+    raise ValueError(f"cannot time student kind {s.kind!r} before it is trained; set baseline.student_ms_per_item")
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from .losses import distillation_loss, generalized_jsd, topk_kl
 from .progress import bar
 
 __all__ = ["ClassifierKDTrainer", "ClassifierKDCollator", "TokenKDTrainer", "TokenKDCollator", "RichProgress",
-           "quiet_trainer"]
+           "quiet_trainer", "token_kd_loss", "completion_logits", "trained_model"]
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -66,6 +67,32 @@ def quiet_trainer(trainer: Trainer, description: str) -> Trainer:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RichProgress(description))
     return trainer
+
+
+def trained_model(trainer: Trainer, auto_cls):
+    """The trained model as an ordinary module on the main process.
+
+    Under DeepSpeed ZeRO-3 or FSDP every rank holds a shard of the weights, so reading ``trainer.model``
+    on rank 0 would save empty tensors. The Trainer's own ``save_model`` gathers a full copy (a
+    collective every rank must join; ZeRO-3 needs ``zero3_save_16bit_model: true``) which rank 0 reads
+    back with ``auto_cls``. Under DDP / one process the model is simply unwrapped.
+    """
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        return trainer.model
+    from .students import is_main_process, wait_for_everyone
+
+    full = Path(trainer.args.output_dir) / "protege-full-model"
+    trainer.save_model(str(full))
+    wait_for_everyone()
+    return auto_cls.from_pretrained(full, dtype=torch.float32) if is_main_process() else trainer.model
+
+
+def refuse_sharded_lora(trainer: Trainer) -> None:
+    """LoRA + ZeRO-3 / FSDP: merging adapters into sharded base weights is not supported here."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (plugin is not None and getattr(plugin, "zero_stage", 0) == 3):
+        raise ValueError("LoRA students with ZeRO-3 / FSDP are not supported: the adapters are small, so use DDP or "
+                         "DeepSpeed ZeRO-2 (or a full fine-tune under ZeRO-3 / FSDP)")
 
 
 # -- classification ------------------------------------------------------------------------------
@@ -146,8 +173,8 @@ class TokenKDCollator:
             t_lab = [[t if m else -100 for t, m in zip(r["teacher_input_ids"], r["teacher_completion_mask"])]
                      for r in rows]
             pad = self.pad_token_id if self.teacher_pad_token_id is None else self.teacher_pad_token_id
-            out.update(teacher_input_ids=_pad(t_ids, pad), teacher_attention_mask=_pad([[1] * len(s) for s in t_ids], 0),
-                       teacher_labels=_pad(t_lab, -100))
+            out.update(teacher_input_ids=_pad(t_ids, pad),
+                       teacher_attention_mask=_pad([[1] * len(s) for s in t_ids], 0), teacher_labels=_pad(t_lab, -100))
         if rows[0].get("topk_ids") is not None:
             B, L = out["labels"].shape
             k = max((len(r) for row in rows for r in (row["topk_ids"] or [])), default=1)

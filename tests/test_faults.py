@@ -25,12 +25,12 @@ from typer.testing import CliRunner
 
 from fault_server import create_fault_app, serve
 from protege import progress
-from protege.generate import generate, label_with_ledger, summarise
+from protege.generate import generate, label_with_ledger
 from protege.ledger import BudgetExceeded, Ledger
 from protege.ratelimit import RateLimiter, backoff_delay, retry_after_s
 from protege.task import parse_task
 from protege.teachers.base import make_teacher
-from protege.teachers.openai import OpenAITeacher, label_probs_from_top_logprobs
+from protege.teachers.openai import label_probs_from_top_logprobs
 from protege.teachers.topk_store import load_topk, save_topk, unpack
 
 KEY_ENV = "PROTEGE_FAULT_KEY"

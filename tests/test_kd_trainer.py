@@ -141,3 +141,17 @@ def test_classifier_collator():
     assert out["input_ids"].shape[0] == 2 and out["input_ids"].shape == out["attention_mask"].shape
     assert out["teacher_probs"].shape == (2, 2) and out["hard_labels"].tolist() == [1, 1]
     assert out["sample_weight"].tolist() == [2.0, 2.0]
+
+
+def test_token_collator_treats_stored_minus_one_ids_as_empty_candidates():
+    """topk.safetensors pads rows with id -1 / log-prob -inf: they must become probability-0 candidates."""
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "topk_ids": [[6, -1, -1], [7, 3, -1]],
+             "topk_logprobs": [[-0.2, -math.inf, -math.inf], [-0.5, -1.2, -math.inf]]}]
+    out = TokenKDCollator(pad_token_id=0)(rows)
+    assert out["topk_ids"][0, 1].tolist() == [6, 6, 6] and out["topk_ids"][0, 2].tolist() == [7, 3, 7]
+    assert out["topk_logprobs"][0, 2].tolist()[:2] == pytest.approx([-0.5, -1.2])
+    assert out["topk_logprobs"][0, 2, 2].item() == -math.inf
+    logits = torch.randn(1, 3, 10)
+    res = token_kd_loss(logits, out["labels"], alpha=1.0, kd="topk",
+                        topk=(out["topk_ids"], out["topk_logprobs"], out["topk_mask"]))
+    assert torch.isfinite(res["loss"])

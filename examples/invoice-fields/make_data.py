@@ -33,17 +33,20 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 
 
 def _money(x: float, rng: random.Random) -> str:
-    s = f"{x:,.2f}" if rng.random() < 0.6 else f"{x:.2f}"
-    return s
+    """Two decimals, with a thousands separator 60% of the time (invoices disagree)."""
+    return f"{x:,.2f}" if rng.random() < 0.6 else f"{x:.2f}"
+
+
+def _fmt_date(y: int, m: int, d: int, fmt: int) -> str:
+    name = _MONTHS[m - 1]
+    return [f"{y}-{m:02d}-{d:02d}", f"{d} {name} {y}", f"{name} {d}, {y}", f"{d:02d}/{m:02d}/{y}"][fmt]
 
 
 def _date(rng: random.Random) -> tuple[str, str]:
+    """(issue date, due date one month later), in one of four formats."""
     y, m, d = rng.choice([2023, 2024, 2025]), rng.randint(1, 12), rng.randint(1, 28)
     fmt = rng.randrange(4)
-    issue = [f"{y}-{m:02d}-{d:02d}", f"{d} {_MONTHS[m - 1]} {y}", f"{_MONTHS[m - 1]} {d}, {y}", f"{d:02d}/{m:02d}/{y}"][fmt]
-    m2 = m % 12 + 1
-    due = [f"{y}-{m2:02d}-{d:02d}", f"{d} {_MONTHS[m2 - 1]} {y}", f"{_MONTHS[m2 - 1]} {d}, {y}", f"{d:02d}/{m2:02d}/{y}"][fmt]
-    return issue, due
+    return _fmt_date(y, m, d, fmt), _fmt_date(y, m % 12 + 1, d, fmt)
 
 
 def _number(rng: random.Random) -> str:
@@ -79,7 +82,8 @@ def make_item(rng: random.Random) -> dict:
                 f"{ref}). It covers {qty} x {item}: subtotal {sub_s} {cur} plus {tax_s} {cur} tax, for a total of "
                 f"{total} {cur}, payable by {due}.\nKind regards")
     elif layout == 2:
-        text = f"RECEIPT | {vendor} | No. {number} | {issue} | {item} x{qty} | net {sub_s} | amount payable {total} {cur}"
+        text = (f"RECEIPT | {vendor} | No. {number} | {issue} | {item} x{qty} | net {sub_s} | "
+                f"amount payable {total} {cur}")
     else:
         text = (f"Rechnung / Invoice\nSeller: {vendor}\nInvoice number: {number}    Invoice date: {issue}\n"
                 f"Customer: {ref}\nNet: {sub_s} {cur}   VAT {rate}%: {tax_s} {cur}\nGross total: {total} {cur}")
@@ -101,7 +105,8 @@ def main() -> None:
     rows = make()
     with open(HERE / "invoices.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    print(f"{len(rows)} invoices → {HERE / 'invoices.jsonl'} (first {N_TRAIN} = teacher pool, last {N_EVAL} = held out)")
+    print(f"{len(rows)} invoices → {HERE / 'invoices.jsonl'} "
+          f"(first {N_TRAIN} = teacher pool, last {N_EVAL} = held out)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ never share counters. Drift gauges are recomputed from the live windows at scrap
 
 from __future__ import annotations
 
-import math
-
 BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -17,8 +15,9 @@ def _num(v) -> float:
 
 class Metrics:
     def __init__(self, engine):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # the *_created series double the output and nobody graphs them
         self.engine = engine
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("protege_requests", "Inputs answered, by endpoint and by who answered them",
@@ -74,7 +73,3 @@ class Metrics:
         self.g_redistill.set(1.0 if verdict["status"] == "re-distill" else 0.0)
         self.g_review.set(e.store.pending_reviews())
         return generate_latest(self.registry)
-
-
-def is_nan(x) -> bool:
-    return isinstance(x, float) and math.isnan(x)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +65,35 @@ def wait_for_everyone() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def work_dir(prefix: str, given=None):
+    """Scratch folder for Trainer checkpoints, the same path on every rank of one launch.
+
+    Under ``accelerate launch`` the ranks must agree on ``output_dir``: rank 0 writes checkpoints and
+    every rank reads the best one back. Ranks of one launch share the launcher as parent process (and
+    torchrun's run id); across machines pass a folder on a shared filesystem (``given``).
+    """
+    import shutil
+    import tempfile
+
+    if given is not None:
+        yield str(given)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        with tempfile.TemporaryDirectory(prefix=prefix) as d:
+            yield d
+        return
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getppid())
+    d = Path(tempfile.gettempdir()) / f"{prefix}{run}"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield str(d)
+    finally:
+        wait_for_everyone()
+        if is_main_process():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def multi_process_cpu() -> bool:

@@ -245,7 +245,8 @@ class CausalLMStudent:
 
             kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **tok_kw)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **kw)
         return cls(model, tok, system_prompt, max_new_tokens, base={"ref": ref, "gguf_file": gguf_file, "qlora": qlora})
 
@@ -323,8 +324,8 @@ class CausalLMStudent:
         from datasets import Dataset
         from trl import SFTConfig
 
-        from . import multi_process_cpu
-        from ..kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer
+        from . import multi_process_cpu, work_dir
+        from ..kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer, refuse_sharded_lora, trained_model
 
         if kd == "auto":
             kd = "logits" if teacher is not None else ("topk" if topk is not None else "none")
@@ -344,38 +345,39 @@ class CausalLMStudent:
             peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
         lr = lr or (2e-4 if lora is not None else 5e-5)
-        tmp = tempfile.TemporaryDirectory(prefix="protege-lm-") if output_dir is None else None
         steps = max(1, -(-len(rows) // (batch_size * grad_accum)))
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args = SFTConfig(
-            output_dir=str(output_dir) if output_dir is not None else tmp.name, num_train_epochs=epochs,
-            max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-            learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="cosine",
-            logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
-            disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
-            data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-            use_cpu=multi_process_cpu())
-        t_pad = None if teacher_tokenizer is None else (teacher_tokenizer.pad_token_id or teacher_tokenizer.eos_token_id)
-        from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+        with work_dir("protege-lm-", output_dir) as out_dir:
+            args = SFTConfig(
+                output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="cosine",
+                logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
+                disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
+                data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+                use_cpu=multi_process_cpu())
+            t_pad = None if teacher_tokenizer is None else \
+                (teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None
+                 else teacher_tokenizer.eos_token_id)
+            from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
-        bars = is_progress_bar_enabled()
-        disable_progress_bar()  # SFTTrainer's dataset preparation: instant here, one bar per map otherwise
-        try:
-            trainer = TokenKDTrainer(
-                model=self.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=self.tokenizer,
-                data_collator=TokenKDCollator(self.tokenizer.pad_token_id, t_pad), peft_config=peft_config,
-                teacher_model=teacher if kd == "logits" else None, alpha=alpha, beta=beta, temperature=temperature,
-                kd=kd, vocab_size=len(self.tokenizer), vocab_map=vmap)
-        finally:
-            if bars:
-                enable_progress_bar()
-        quiet_trainer(trainer, f"student: SFT{'' if kd == 'none' else ' + token KD (' + kd + ')'}")
-        try:
+            bars = is_progress_bar_enabled()
+            disable_progress_bar()  # SFTTrainer's dataset preparation: instant here, one bar per map otherwise
+            try:
+                trainer = TokenKDTrainer(
+                    model=self.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=self.tokenizer,
+                    data_collator=TokenKDCollator(self.tokenizer.pad_token_id, t_pad), peft_config=peft_config,
+                    teacher_model=teacher if kd == "logits" else None, alpha=alpha, beta=beta, temperature=temperature,
+                    kd=kd, vocab_size=len(self.tokenizer), vocab_map=vmap)
+            finally:
+                if bars:
+                    enable_progress_bar()
+            quiet_trainer(trainer, f"student: SFT{'' if kd == 'none' else ' + token KD (' + kd + ')'}")
+            if peft_config is not None:
+                refuse_sharded_lora(trainer)
             trainer.train()
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
-        self.model = trainer.model.eval()
+            from transformers import AutoModelForCausalLM
+
+            self.model = trained_model(trainer, AutoModelForCausalLM).eval()
         self.history = [dict(h) for h in trainer.state.log_history]
         self.kd = kd
         return self

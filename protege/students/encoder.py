@@ -15,7 +15,6 @@ it; ``id2label`` holds the labels), with ``protege_student: "encoder"`` in its `
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +40,7 @@ class EncoderClassifier:
         self.model, self.tokenizer = model, tokenizer
         self.labels, self.max_length = list(labels), max_length
         self.history: list[dict] = []
+        self.best_metric: float | None = None  # best dev agreement seen by early stopping
 
     @classmethod
     def from_base(cls, ref: str = DEFAULT_ENCODER, labels: Sequence[str] = (), max_length: int = 128,
@@ -94,39 +94,36 @@ class EncoderClassifier:
         import torch
         from transformers import EarlyStoppingCallback, TrainingArguments
 
-        from . import multi_process_cpu
-        from ..kd_trainer import ClassifierKDCollator, ClassifierKDTrainer, quiet_trainer
+        from . import multi_process_cpu, work_dir
+        from ..kd_trainer import ClassifierKDCollator, ClassifierKDTrainer, quiet_trainer, trained_model
 
         train_rows = self._rows(texts, teacher_probs, hard_labels, sample_weight)
         dev_rows = self._rows(dev[0], dev[1]) if dev is not None and len(dev[0]) else None
         steps_per_epoch = max(1, -(-len(train_rows) // (batch_size * grad_accum)))
         eval_every = max(1, steps_per_epoch // max(1, evals_per_epoch))
-        tmp = tempfile.TemporaryDirectory(prefix="protege-encoder-") if output_dir is None else None
-        out_dir = str(output_dir) if output_dir is not None else tmp.name
         strategy = "steps" if dev_rows else "no"
-        args = TrainingArguments(
-            output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size * 2, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-            weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="linear", seed=seed, data_seed=seed,
-            eval_strategy=strategy, save_strategy=strategy, eval_steps=eval_every, save_steps=eval_every,
-            load_best_model_at_end=bool(dev_rows), metric_for_best_model="agreement", greater_is_better=True,
-            save_total_limit=1, save_only_model=True, logging_steps=max(1, eval_every // 4), report_to="none",
-            disable_tqdm=True, remove_unused_columns=False, label_names=["teacher_probs"],
-            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-            use_cpu=multi_process_cpu())
         cw = None if class_weights is None else torch.tensor(np.asarray(class_weights), dtype=torch.float32)
-        trainer = ClassifierKDTrainer(
-            model=self.model, args=args, train_dataset=train_rows, eval_dataset=dev_rows,
-            data_collator=ClassifierKDCollator(self.tokenizer), compute_metrics=_agreement,
-            callbacks=[EarlyStoppingCallback(patience)] if dev_rows else None,
-            alpha=alpha, temperature=temperature, class_weights=cw)
-        quiet_trainer(trainer, "student: fine-tune encoder")
-        try:
+        with work_dir("protege-encoder-", output_dir) as out_dir:
+            args = TrainingArguments(
+                output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps,
+                per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size * 2, gradient_accumulation_steps=grad_accum, learning_rate=lr,
+                weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="linear", seed=seed, data_seed=seed,
+                eval_strategy=strategy, save_strategy=strategy, eval_steps=eval_every, save_steps=eval_every,
+                load_best_model_at_end=bool(dev_rows), metric_for_best_model="agreement", greater_is_better=True,
+                save_total_limit=1, save_only_model=True, logging_steps=max(1, eval_every // 4), report_to="none",
+                disable_tqdm=True, remove_unused_columns=False, label_names=["teacher_probs"],
+                bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+                dataloader_pin_memory=torch.cuda.is_available(), use_cpu=multi_process_cpu())
+            trainer = ClassifierKDTrainer(
+                model=self.model, args=args, train_dataset=train_rows, eval_dataset=dev_rows,
+                data_collator=ClassifierKDCollator(self.tokenizer), compute_metrics=_agreement,
+                callbacks=[EarlyStoppingCallback(patience)] if dev_rows else None,
+                alpha=alpha, temperature=temperature, class_weights=cw)
+            quiet_trainer(trainer, "student: fine-tune encoder")
             trainer.train()
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
-        self.model = trainer.model.eval()
+            from transformers import AutoModelForSequenceClassification
+
+            self.model = trained_model(trainer, AutoModelForSequenceClassification).eval()
         self.history = [dict(h) for h in trainer.state.log_history]
         self.best_metric = trainer.state.best_metric
         return self

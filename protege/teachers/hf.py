@@ -9,19 +9,27 @@ Soft labels: when the label words' first tokens differ, the distribution is the 
 next-token logits over those tokens (one forward pass). When two labels share a first token, every
 label is scored by the summed log-probability of its whole token sequence instead (one pass per
 label) — slower but exact.
+
+Self-consistency prompt variants (``teacher.paraphrases`` / ``shuffle_labels``) each get their own
+rendered prompt and prefix cache; requests are grouped by prompt, so a batch may mix variants.
+
+Generation (:meth:`HFTeacher.generation_request`): greedy, left-padded batches, the top-k log-probs
+of every generated token packed compactly (:mod:`protege.teachers.topk_store`) for token-level KD.
+Left padding plus the attention mask keeps each row's positions its own: batched equals one at a time.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..task import TaskError, TaskSpec, resolve_model_path
 from .base import Answer, Teacher, build_messages, register_teacher
+from .variants import variant_task
 
 _SENTINEL = "\x00PROTEGE_INPUT\x00"
 
@@ -43,6 +51,18 @@ def load_causal_lm(ref: str, gguf_file: str | None = None, dtype: str = "float32
     return tok, model
 
 
+@dataclass
+class _Prompt:
+    """One rendered prompt (a self-consistency variant has its own): pieces around the input, label token
+    ids (always in the task's label order), and the KV cache of the shared prefix."""
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    label_ids: list[list[int]]
+    first_token_mode: bool
+    cache: object
+
+
 @register_teacher("hf")
 class HFTeacher(Teacher):
     def __init__(self, task: TaskSpec, model=None, tokenizer=None):
@@ -54,11 +74,26 @@ class HFTeacher(Teacher):
         if model is None:
             tokenizer, model = load_causal_lm(self.cfg.model, self.cfg.gguf_file, self.cfg.dtype)
         self.tok, self.model = tokenizer, model
+        self.head = self.model.get_output_embeddings()
+        self._prompts: dict[tuple, _Prompt] = {}
         self._prepare_prompt()
 
     # -- prompt and label tokens ---------------------------------------------------------------
     def _prepare_prompt(self) -> None:
-        task, tok = self.task, self.tok
+        p = self._prompt_for(0)
+        # the task's own prompt, as attributes (callers and tests read them)
+        self.prefix_ids, self.suffix_ids, self.label_ids = p.prefix_ids, p.suffix_ids, p.label_ids
+        self.first_token_mode, self.prefix_cache = p.first_token_mode, p.cache
+
+    def _prompt_for(self, sample: int) -> _Prompt:
+        vt = variant_task(self.task, sample)
+        key = (vt.instruction, tuple(vt.labels))
+        if key not in self._prompts:
+            self._prompts[key] = self._render(vt)
+        return self._prompts[key]
+
+    def _render(self, task: TaskSpec) -> _Prompt:
+        tok = self.tok
         msgs = build_messages(task, _SENTINEL)
         prefix = self.cfg.answer_prefix
         if tok.chat_template:
@@ -72,54 +107,62 @@ class HFTeacher(Teacher):
                             for m in msgs[1:])
             rendered = f"{msgs[0]['content']}\n\n{shots}Output: {prefix}"
         head, _, tail = rendered.partition(_SENTINEL)
-        self.prefix_ids = tok(head, add_special_tokens=False).input_ids
-        self.suffix_ids = tok(tail, add_special_tokens=False).input_ids
+        prefix_ids = tok(head, add_special_tokens=False).input_ids
+        suffix_ids = tok(tail, add_special_tokens=False).input_ids
         lead = " " if (prefix and not prefix[-1].isspace()) or (not tok.chat_template) else ""
-        self.label_ids = [tok(lead + lab, add_special_tokens=False).input_ids for lab in task.labels]
-        firsts = [ids[0] for ids in self.label_ids]
-        self.first_token_mode = len(set(firsts)) == len(firsts)
+        label_ids = [tok(lead + lab, add_special_tokens=False).input_ids for lab in self.task.labels]
+        firsts = [ids[0] for ids in label_ids]
         with self.torch.no_grad():
-            out = self.model.base_model(input_ids=self.torch.tensor([self.prefix_ids]), use_cache=True)
-        self.prefix_cache = out.past_key_values
-        self.head = self.model.get_output_embeddings()
+            out = self.model.base_model(input_ids=self.torch.tensor([prefix_ids]), use_cache=True)
+        return _Prompt(prefix_ids, suffix_ids, label_ids, len(set(firsts)) == len(firsts), out.past_key_values)
 
     def request(self, text: str, sample: int = 0) -> dict:
+        p = self._prompt_for(sample)
         ids = self.tok(text.strip(), add_special_tokens=False).input_ids[: self.cfg.max_input_tokens]
-        return {"input_ids": ids, "labels": self.task.labels, "prompt": self.prefix_ids + [-1] + self.suffix_ids,
-                "dtype": self.cfg.dtype, "mode": "first_token" if self.first_token_mode else "sequence"}
+        return {"input_ids": ids, "labels": self.task.labels, "prompt": p.prefix_ids + [-1] + p.suffix_ids,
+                "dtype": self.cfg.dtype, "mode": "first_token" if p.first_token_mode else "sequence"}
+
+    def _prompt_of(self, request: dict) -> _Prompt:
+        want = request["prompt"]
+        for p in self._prompts.values():
+            if p.prefix_ids + [-1] + p.suffix_ids == want:
+                return p
+        raise ValueError("request was built for a prompt this teacher does not hold (another task or variant)")
 
     # -- forward -------------------------------------------------------------------------------
-    def _hidden(self, seqs: list[list[int]]):
+    def _hidden(self, seqs: list[list[int]], prompt: _Prompt | None = None):
         """Hidden states [B, L, H] of right-padded ``seqs`` continuing the cached prefix."""
         torch = self.torch
-        n, P, L = len(seqs), len(self.prefix_ids), max(len(s) for s in seqs)
+        prompt = prompt or self._prompt_for(0)
+        n, P, L = len(seqs), len(prompt.prefix_ids), max(len(s) for s in seqs)
         ids = torch.full((n, L), self.tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros((n, P + L), dtype=torch.long)
         mask[:, :P] = 1
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, P : P + len(s)] = 1
-        cache = copy.deepcopy(self.prefix_cache)
+        cache = copy.deepcopy(prompt.cache)
         cache.batch_repeat_interleave(n)
         pos = torch.arange(P, P + L).unsqueeze(0).expand(n, -1)
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return out.last_hidden_state
 
-    def _score(self, inputs: list[list[int]]) -> np.ndarray:
+    def _score(self, inputs: list[list[int]], prompt: _Prompt | None = None) -> np.ndarray:
         """Log-scores [B, n_labels] for a batch of truncated inputs."""
         torch = self.torch
-        seqs = [x + self.suffix_ids for x in inputs]
+        prompt = prompt or self._prompt_for(0)
+        seqs = [x + prompt.suffix_ids for x in inputs]
         with torch.no_grad():
-            if self.first_token_mode:
-                h = self._hidden(seqs)
+            if prompt.first_token_mode:
+                h = self._hidden(seqs, prompt)
                 last = torch.tensor([len(s) - 1 for s in seqs])
-                w = self.head.weight[[ids[0] for ids in self.label_ids]]
+                w = self.head.weight[[ids[0] for ids in prompt.label_ids]]
                 return (h[torch.arange(len(seqs)), last] @ w.T).float().numpy()
             # sequence mode: one pass per label, sum of label-token log-probs
-            scores = np.zeros((len(seqs), len(self.label_ids)))
-            for k, lab in enumerate(self.label_ids):
+            scores = np.zeros((len(seqs), len(prompt.label_ids)))
+            for k, lab in enumerate(prompt.label_ids):
                 full = [s + lab for s in seqs]
-                h = self._hidden(full)
+                h = self._hidden(full, prompt)
                 for j, s in enumerate(seqs):
                     pos = torch.arange(len(s) - 1, len(s) - 1 + len(lab))
                     lp = torch.log_softmax(self.head(h[j, pos]).float(), -1)
@@ -127,11 +170,26 @@ class HFTeacher(Teacher):
             return scores
 
     def answer(self, requests: list[dict]) -> list[Answer]:
+        """Label requests (grouped by prompt variant) and generation requests, each group batched."""
+        out: list[Answer | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for j, r in enumerate(requests):
+            groups.setdefault(("generate",) if r.get("mode") == "generate" else tuple(r["prompt"]), []).append(j)
+        for key, idx in groups.items():
+            batch = [requests[j] for j in idx]
+            got = self._generate(batch) if key == ("generate",) else self._answer_labels(batch)
+            for j, a in zip(idx, got):
+                out[j] = a
+        return out  # type: ignore[return-value]
+
+    def _answer_labels(self, requests: list[dict]) -> list[Answer]:
         t0 = time.perf_counter()
         try:
-            scores = self._score([r["input_ids"] for r in requests])
+            prompt = self._prompt_of(requests[0])
+            scores = self._score([r["input_ids"] for r in requests], prompt)
         except Exception as e:  # a broken batch is recorded per item, never dropped
-            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}") for _ in requests]
+            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}",
+                           extra={"reason": "local_error"}) for _ in requests]
         dt = (time.perf_counter() - t0) / len(requests)
         z = scores - scores.max(1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -139,10 +197,66 @@ class HFTeacher(Teacher):
         labels = self.task.labels
         return [
             Answer(label=labels[int(p.argmax())], probs=[float(x) for x in p], soft="logits", text=labels[int(p.argmax())],
-                   tokens_in=len(self.prefix_ids) + len(r["input_ids"]) + len(self.suffix_ids), tokens_out=1,
+                   tokens_in=len(prompt.prefix_ids) + len(r["input_ids"]) + len(prompt.suffix_ids), tokens_out=1,
                    latency_s=dt, cost_usd=cost)
             for p, r in zip(probs, requests)
         ]
+
+    # -- generation: text plus per-token top-k -----------------------------------------------------
+    def generation_request(self, messages: list[dict] | str, sample: int = 0, *, top_k: int | None = None,
+                           max_new_tokens: int | None = None) -> dict:
+        """Greedy generation with the top-k log-probs of every generated token (``top_k`` defaults to
+        ``teacher.top_logprobs``). A string is the user turn after the task's instruction."""
+        if isinstance(messages, str):
+            messages = [{"role": "system", "content": self.task.instruction.strip()},
+                        {"role": "user", "content": messages.strip()}]
+        if self.tok.chat_template:
+            ids = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tok("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=False).input_ids
+        return {"input_ids": ids, "mode": "generate", "top_k": self.cfg.top_logprobs if top_k is None else top_k,
+                "max_new_tokens": max_new_tokens or self.cfg.max_tokens, "dtype": self.cfg.dtype}
+
+    def _generate(self, requests: list[dict]) -> list[Answer]:
+        """Left-padded batches through ``model.generate`` (greedy); per step, log_softmax of the raw logits
+        and its top-k. Rows end at their own end-of-sequence token; padding never reaches the answer."""
+        from .topk_store import pack_ids
+
+        torch, tok = self.torch, self.tok
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+        t0 = time.perf_counter()
+        try:
+            enc = [r["input_ids"] for r in requests]
+            L = max(len(e) for e in enc)
+            ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc])
+            att = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
+            k = max(int(r.get("top_k") or 0) for r in requests)
+            n_new = max(int(r["max_new_tokens"]) for r in requests)
+            with torch.no_grad():
+                g = self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n_new, do_sample=False,
+                                        eos_token_id=eos, pad_token_id=pad, output_logits=True,
+                                        return_dict_in_generate=True)
+        except Exception as e:  # a broken batch is recorded per item, never dropped
+            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}", extra={"reason": "local_error"})
+                    for _ in requests]
+        dt = (time.perf_counter() - t0) / len(requests)
+        out = []
+        for b, r in enumerate(requests):
+            seq = g.sequences[b, L:].tolist()[: int(r["max_new_tokens"])]
+            n = seq.index(eos) + 1 if eos in seq else len(seq)
+            seq = seq[:n]
+            text = tok.decode([t for t in seq if t != eos], skip_special_tokens=True)
+            extra: dict = {"finish_reason": "stop" if eos in seq else "length"}
+            rk = int(r.get("top_k") or 0)
+            if rk:
+                lp = torch.log_softmax(torch.stack([g.logits[t][b] for t in range(n)]).float(), -1)
+                v, j = lp.topk(min(rk, k), dim=-1)
+                extra["topk"] = pack_ids(seq, j.tolist(), v.tolist())
+            out.append(Answer(label=text, text=text, soft="logits" if rk else "none", tokens_in=len(r["input_ids"]),
+                              tokens_out=n, latency_s=dt, cost_usd=dt * self.cfg.usd_per_hour / 3600, extra=extra))
+        return out
 
     def time_single(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time (for the latency report; not ledgered)."""
@@ -155,3 +269,6 @@ class HFTeacher(Teacher):
         return out
 
 
+
+
+from . import hf_seqcls  # noqa: E402,F401  (registers backend "hf-seqcls")
