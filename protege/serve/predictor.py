@@ -107,7 +107,12 @@ class LMPredictor:
         return Prediction(label, conf, label or content, None, toks)
 
     def predict(self, texts: Sequence[str], **kw) -> list[Prediction]:
-        return [self.finish(t, list(self.tokens(t, **kw))) for t in texts]
+        out = []
+        for t in texts:
+            p = self.finish(t, list(self.tokens(t, **kw)))
+            p.prompt_tokens = len(self.prompt_ids(t))
+            out.append(p)
+        return out
 
     def embed(self, texts: Sequence[str]) -> None:
         return None
