@@ -170,8 +170,8 @@ def main() -> None:
     print(f"  raw openai.AsyncOpenAI loop : {raw:7.3f} s  ({a.n / raw:6.0f} calls/s)")
     print(f"  protege label_with_ledger   : {ours:7.3f} s  ({a.n / ours:6.0f} calls/s)")
     print(f"  ratio protege / raw         : {ours / raw:7.3f}   (goal <= 1.05; median of per-rep ratios {paired:.3f})")
-    print(f"  client CPU per call         : raw {cpu_raw:.2f} ms, protege {cpu_ours:.2f} ms (event loop + ledger "
-          f"thread, all of protege's work)")
+    print(f"  client CPU per call         : raw {cpu_raw:.2f} ms, protege {cpu_ours:.2f} ms (all threads of this "
+          f"process: for protege, everything it does per call)")
     print(f"  re-run on the same ledger   : {rerun_calls} calls to the server, {rstats['cache_hits']} answers from the "
           f"ledger, {rerun_s:.3f} s   (goal: 0 calls)")
     if a.json:

@@ -136,7 +136,8 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
         left = n * samples - stats["cache_hits"] - stats["calls"]
         err = BudgetExceeded(
             f"{stop}. Stage {stage!r} stopped cleanly after {stats['calls']} new calls: {tally.items_done} of {n} "
-            f"items done ({stats['cache_hits']} answers from the ledger), {left} calls not sent")
+            f"items done ({stats['failed']} calls failed, {stats['cache_hits']} answers from the ledger), {left} calls "
+            f"not sent")
         err.stats = stats  # type: ignore[attr-defined]
         raise err
     return out, stats  # type: ignore[return-value]
@@ -209,6 +210,7 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         "failed_items": sum(r["status"] != "ok" for r in train_rows),
         "calibration": None if calib is None else [float(x) for x in calib],
         "label_counts": dict(Counter(r["label"] for r in train_rows if r["label"])),
+        "soft_labels": dict(Counter(r["soft"] for r in train_rows)),  # logprobs / logits / hard (fallback) / none
         "timing": timing, "teacher": teacher.display_name, "teacher_id": teacher.name,
     }
     topk = [next((a.extra.get("topk") for a in item if a.status == "ok" and (a.extra or {}).get("topk")), None)

@@ -6,9 +6,10 @@ many workers, a thundering herd. :class:`RateLimiter` holds one token bucket per
 second's worth, so a fresh run does not burst a minute's quota into the first second) and a shared
 *pause*: when the server says ``Retry-After``, every worker waits, not only the one that was told.
 
-:func:`backoff_delay` is exponential backoff with "full jitter" (AWS architecture blog, 2015): the
-n-th retry waits a uniform random time in ``[base, base * 2**n]`` capped at ``cap``; a server's
-``Retry-After`` (seconds, or ``retry-after-ms``) is honoured as a floor.
+:func:`backoff_delay` is exponential backoff with jitter (cf. "full jitter", AWS architecture blog,
+2015, with a floor of ``base``): the n-th retry waits a uniform random time in ``[base, base * 2**n]``
+capped at ``cap``. A server's ``Retry-After`` (seconds, an HTTP date, or ``retry-after-ms``) replaces
+that: its figure plus up to ``base`` of jitter.
 """
 
 from __future__ import annotations
@@ -108,9 +109,8 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
                   rng: random.Random | None = None) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): full jitter, Retry-After as a floor."""
     r = rng or random
-    hi = min(cap, base * (2 ** attempt))
-    delay = r.uniform(min(base, hi), hi)
     if retry_after is not None:
         # the server's figure, plus a little jitter so the workers it paused do not return in lockstep
-        delay = max(delay if retry_after <= 0 else 0.0, retry_after + r.uniform(0, min(base, cap)))
-    return delay
+        return retry_after + r.uniform(0, min(base, cap))
+    hi = min(cap, base * (2 ** attempt))
+    return r.uniform(min(base, hi), hi)

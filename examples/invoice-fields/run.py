@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -67,13 +68,31 @@ def parse(text: str) -> dict | None:
     return obj
 
 
-def score(text: str, gold: dict) -> tuple[float, float]:
-    """(field F1, exact match) of one answer; a field counts when its value equals gold's after strip()."""
+_PAIR = re.compile(r'"(' + "|".join(FIELDS) + r')"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def fields(text: str) -> dict:
+    """The four fields found in an answer: parsed JSON, or ``"key": "value"`` pairs of a broken one
+    (an answer cut off after three good fields still gets credit for them); the first value wins."""
     try:
         obj = json.loads(text)
+        if isinstance(obj, dict):
+            return {k: str(v).strip() for k, v in obj.items() if k in FIELDS}
     except (json.JSONDecodeError, TypeError):
-        obj = None
-    pred = {k: str(v).strip() for k, v in obj.items() if k in FIELDS} if isinstance(obj, dict) else {}
+        pass
+    found: dict = {}
+    for k, v in _PAIR.findall(text or ""):
+        found.setdefault(k, v.strip())
+    return found
+
+
+def score(text: str, gold: dict) -> tuple[float, float]:
+    """(field F1, exact match) of one answer; a field counts when its value equals gold's after strip().
+
+    Per item: precision = right / predicted fields, recall = right / 4, F1 = 2·right / (predicted + 4).
+    Exact match: all four right.
+    """
+    pred = fields(text)
     correct = sum(pred.get(k) == v for k, v in gold.items())
     return 2 * correct / (len(pred) + len(gold)), float(correct == len(gold))
 
@@ -107,6 +126,23 @@ def time_decode(pairs: list[tuple], max_new_tokens: int) -> list[dict]:
     return out
 
 
+def train_student(a, tok, teacher, kept: list[dict], answers: dict):
+    """Every ``keep_every``-th teacher layer, trained on the kept teacher answers; saved to ``<out>/student``."""
+    torch.manual_seed(a.seed)
+    student = CausalLMStudent.from_teacher(teacher, tok, a.keep_every, system_prompt=SYSTEM,
+                                           max_new_tokens=a.max_new_tokens)
+    t0 = time.perf_counter()
+    student.fit([r["text"] for r in kept], [answers[r["id"]]["text"] for r in kept], kd=a.kd,
+                teacher=teacher if a.kd == "logits" else None, teacher_tokenizer=tok,
+                teacher_messages=[teacher_messages(r["text"]) for r in kept],
+                topk=[answers[r["id"]] for r in kept] if a.kd == "topk" else None,
+                alpha=a.alpha, beta=a.beta, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=384,
+                seed=a.seed)
+    train_s = time.perf_counter() - t0
+    student.save_pretrained(a.out / "student")
+    return student, train_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/invoice-fields"))
@@ -122,6 +158,7 @@ def main() -> None:
     ap.add_argument("--n-time", type=int, default=10, help="held-out items timed one at a time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-student", action="store_true", help="score the student saved in <out>/student again")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -136,20 +173,15 @@ def main() -> None:
     kept = [r for r in pool if answers[r["id"]]["finished"] and parse(answers[r["id"]]["text"]) is not None]
     print(f"curate: kept {len(kept)}/{len(pool)} teacher answers (dropped: not one JSON object with the 4 keys)")
 
-    torch.manual_seed(a.seed)
-    student = CausalLMStudent.from_teacher(teacher, tok, a.keep_every, system_prompt=SYSTEM,
-                                           max_new_tokens=a.max_new_tokens)
-    t0 = time.perf_counter()
-    student.fit([r["text"] for r in kept], [answers[r["id"]]["text"] for r in kept], kd=a.kd,
-                teacher=teacher if a.kd == "logits" else None, teacher_tokenizer=tok,
-                teacher_messages=[teacher_messages(r["text"]) for r in kept],
-                topk=[answers[r["id"]] for r in kept] if a.kd == "topk" else None,
-                alpha=a.alpha, beta=a.beta, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=384,
-                seed=a.seed)
-    train_s = time.perf_counter() - t0
-    student.save_pretrained(a.out / "student")
-
+    if a.reuse_student and (a.out / "student" / "config.json").is_file():
+        student = CausalLMStudent.from_pretrained(a.out / "student")
+        prev = json.loads((a.out / "report.json").read_text())["train"] if (a.out / "report.json").is_file() else {}
+        train_s, student.data_stats = prev.get("seconds", float("nan")), prev.get("dropped_rows")
+    else:
+        student, train_s = train_student(a, tok, teacher, kept, answers)
     s_out = student.generate([r["text"] for r in held], batch_size=16, description="student: held-out invoices")
+    with open(a.out / "student_outputs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": r["id"], **o}) + "\n" for r, o in zip(held, s_out))
     t_sc = np.array([score(answers[r["id"]]["text"], r["gold"]) for r in held])
     s_sc = np.array([score(o["text"], r["gold"]) for o, r in zip(s_out, held)])
 

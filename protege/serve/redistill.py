@@ -88,7 +88,7 @@ def derived_task(task: TaskSpec, run: Path, folder: Path, texts: list[str], huma
     write_jsonl(folder / "inputs.jsonl", inputs)
     real = [{f_in: r[f_in], f_gold: str(r[f_gold])} for r in read_rows(task.path(task.data.train))] if task.data.train else []
     real += [{f_in: h["text"], f_gold: h["label"]} for h in human]
-    spec = task.model_dump(mode="json", exclude={"root"})
+    spec = task.model_dump(mode="json", exclude={"root"}, by_alias=True)
     spec["data"].update(inputs=str(folder / "inputs.jsonl"), gold=str(task.path(task.data.gold).resolve()), limit=None)
     if real:
         write_jsonl(folder / "train.jsonl", real)

@@ -9,7 +9,9 @@ fix (401, 403, 404, 400) are not retried.
 
 **Answers.** An answer that arrived but is unusable — not one of the labels, cut off by ``max_tokens``,
 invalid JSON or JSON that breaks the schema (extraction) — is *re-asked* up to ``teacher.max_reasks``
-times: the bad answer goes back as an assistant turn followed by a one-line correction. What is still
+times: the bad answer goes back as an assistant turn followed by a one-line correction (a cut-off answer
+also gets twice the ``max_tokens``, at most 4x the task's). Each re-ask is a paid call, reserved against
+the budget before it is sent. What is still
 unusable is returned as ``status="error"`` with ``extra["reason"]`` (``not_a_label``, ``truncated``,
 ``bad_json``, ``schema_mismatch``, ``empty``; transport: ``rate_limited``, ``server_error``,
 ``timeout``, ``connection``, ``bad_response``, ``http_4xx``), never dropped. Every HTTP request, retry
@@ -358,7 +360,7 @@ class OpenAITeacher(Teacher):
                     msg = f"{msg} (still after {self.max_reasks} re-asks)"
                 return self._failed(reason, msg, acc, info, dt, t_start, text=text)
             nxt_max = max_tokens
-            if reason == "truncated" and mode != "classify":
+            if reason == "truncated":  # room to finish: twice the tokens, at most 4x what the task set
                 nxt_max = min(4 * (req.get("max_tokens") or 16), 2 * (max_tokens or 16))
             nxt = req["messages"] + ([{"role": "assistant", "content": text}, {"role": "user", "content": fix}]
                                      if fix else [])
