@@ -56,6 +56,10 @@ def single_item_ms(predict, texts: list[str], n: int = 100) -> dict:
     return {"ms_p50": statistics.median(single) * 1000, "ms_p95": float(np.quantile(single, 0.95)) * 1000}
 
 
+def _p(p: float | None) -> str:
+    return "—" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="/tmp/demo1", help="a finished `protege demo` / `run` folder")
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in out:
         lo, hi = r["ci"]
         tb.add_row(r["student"], r["loss"], f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['agreement']:.3f}",
-                   "—" if r["p_vs_static_both"] is None else f"{r['p_vs_static_both']:.3f}",
+                   _p(r["p_vs_static_both"]),
                    "—" if r["ms_per_item"] is None else f"{r['ms_per_item']:.3f}",
                    "—" if r["train_s"] is None else f"{r['train_s']:.1f}")
     Console(width=140).print(tb)

@@ -61,7 +61,7 @@ class TeacherConfig(_Strict):
                                       "sent that would pass it.")
     max_reasks: int = Field(2, ge=0, description="Re-ask an unusable answer (not a label, cut off, bad JSON) this "
                             "many times before recording it as failed with its reason.")
-    retry_base_s: float = Field(0.5, gt=0, description="Backoff of the first retry (then x2 per retry, full jitter).")
+    retry_base_s: float = Field(0.5, gt=0, description="Backoff of the first retry (then x2 per retry, with jitter).")
     retry_max_s: float = Field(30.0, gt=0, description="Longest backoff between retries (a server's Retry-After wins).")
     shuffle_labels: bool = Field(False, description="Self-consistency: samples after the first list the labels in a "
                                  "shuffled order.")

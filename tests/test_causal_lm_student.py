@@ -223,3 +223,35 @@ def test_qlora_without_a_gpu_says_why(tmp_path, tok):
     tiny_llama(len(tok), seed=0).save_pretrained(tmp_path)
     with pytest.raises(TaskError, match="CUDA GPU.*qlora: false"):
         CausalLMStudent.from_base(str(tmp_path), qlora=True)
+
+
+def test_train_stage_with_a_causal_lm_student_on_a_classify_task(tok, tmp_path):
+    """`protege train` with student.kind: causal_lm: the label word as the answer, a loadable student."""
+    import json
+
+    import numpy as np
+
+    from protege.data import write_jsonl
+    from protege.students import load_student
+    from protege.task import load_task
+    from protege.train import train
+    from tiny import LABELS, synthetic_rows, write_task
+
+    base = tmp_path / "llama"
+    tiny_llama(len(tok), seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    task = load_task(write_task(tmp_path / "t", overrides={"student": {
+        "kind": "causal_lm", "model": str(base), "kd": "none", "max_length": 128, "epochs": 1, "batch_size": 8}}))
+    rows = synthetic_rows(20)
+    cur = tmp_path / "run" / "curate"
+    cur.mkdir(parents=True)
+    write_jsonl(cur / "train.jsonl", [{"id": str(i), "text": r["text"], "label": r["label"],
+                                       "probs": np.eye(3)[LABELS.index(r["label"])].tolist()}
+                                      for i, r in enumerate(rows)])
+    (cur / "config.json").write_text(json.dumps({"stage": "curate", "fingerprint": "x"}))
+    stage = train(task, tmp_path / "run")
+    student = load_student(stage / "student")
+    assert isinstance(student, CausalLMStudent) and student.labels == LABELS
+    assert "Answer with exactly one of: red, green, blue" in student.system_prompt
+    assert all(p is None or p in LABELS for p in student.predict([r["text"] for r in rows[:3]]))
+    assert json.loads((stage / "stats.json").read_text())["n_train"] > 0

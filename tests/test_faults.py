@@ -177,7 +177,7 @@ def test_failed_items_are_retried_next_run_successes_are_not(tmp_path, servers):
 
 def test_retry_after_is_honoured_and_pauses_everyone(tmp_path, servers):
     url, state = servers()
-    texts = ["ra1 [429x1@0.4] [label=tech]"] + [f"ra-other {i} [label=sports]" for i in range(40)]
+    texts = ["ra1 [429x1@0.6] [label=tech]"] + [f"ra-other {i} [label=sports]" for i in range(60)]
     task = make_task(url, concurrency=2)
     with Ledger(tmp_path / "l.sqlite") as led:
         out, _ = label_with_ledger(make_teacher(task), texts, led, stage="generate")
@@ -185,10 +185,10 @@ def test_retry_after_is_honoured_and_pauses_everyone(tmp_path, servers):
     log = items_log(state, texts)
     t429 = next(e["t"] for e in log if e["outcome"] == "429")
     retry = next(e["t"] for e in log if e["item"] == texts[0] and e["outcome"] == "ok")
-    assert retry - t429 >= 0.4
-    # the other worker was paused too: nothing was sent in the Retry-After window after the 429 was seen
-    assert not [e for e in log if t429 + 0.05 < e["t"] < t429 + 0.35]
-    assert [e for e in log if e["t"] > t429 + 0.4 and e["item"] != texts[0]]  # ...and the others resumed after it
+    assert retry - t429 >= 0.6
+    # the other worker was paused too: after its request in flight, nothing until the Retry-After is over
+    assert not [e for e in log if t429 + 0.25 < e["t"] < t429 + 0.55]
+    assert [e for e in log if e["t"] > t429 + 0.6 and e["item"] != texts[0]]  # ...and the others resumed after it
 
 
 def test_retry_timing_helpers():
@@ -210,14 +210,15 @@ def test_retry_timing_helpers():
 
 def test_requests_per_minute_limit_over_http(tmp_path, servers):
     url, state = servers()
-    texts = [f"rpm {i} [label=tech]" for i in range(22)]
+    texts = [f"rpm {i} [label=tech]" for i in range(30)]
     task = make_task(url, rpm=1200, concurrency=8)  # 20 per second, at most one second's worth at once
     t0 = time.perf_counter()
     with Ledger(tmp_path / "l.sqlite") as led:
         out, _ = label_with_ledger(make_teacher(task), texts, led, stage="generate")
     assert all(i[0].status == "ok" for i in out)
     ts = sorted(e["t"] for e in items_log(state, texts))
-    assert ts[-1] - ts[0] >= (22 - 20) / 20 * 0.9 and time.perf_counter() - t0 < 10
+    # 20 at once, then one every 50 ms: the last is answered >= 0.5 s after the first (server-side times)
+    assert ts[-1] - ts[0] >= (30 - 20) / 20 - 0.1 and time.perf_counter() - t0 < 10
     # no one-second window holds more than the bucket (20) + what refills in it (20)
     assert max(sum(1 for u in ts if t <= u < t + 1.0) for t in ts) <= 40
 
@@ -504,7 +505,7 @@ def test_kill_9_mid_run_then_resume_repeats_no_successful_call(tmp_path, servers
 # -- scale path: many concurrent requests, shards and mergeable ledgers ---------------------------------
 
 def test_many_concurrent_requests_like_a_vllm_server(tmp_path, servers):
-    url, state = servers(latency_s=0.1)
+    url, state = servers(latency_s=0.3)
     texts = [f"v{i} [label=sports]" for i in range(256)]
     task = make_task(url, concurrency=64)
     before = state.max_inflight
@@ -515,7 +516,7 @@ def test_many_concurrent_requests_like_a_vllm_server(tmp_path, servers):
     wall = time.perf_counter() - t0
     assert stats["calls"] == 256 and stats["failed"] == 0
     assert state.max_inflight >= 48  # the requests really overlap on the server
-    assert wall < 256 * 0.1 / 4  # at least 4x a sequential client (ideal: 64x; this box has 2 busy cores)
+    assert wall < 256 * 0.3 / 8  # at least 8x a sequential client (ideal: 64x; this box has 2 busy cores)
     state.max_inflight = max(before, state.max_inflight)
 
 

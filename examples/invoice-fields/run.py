@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from make_data import FIELDS, N_TRAIN, make  # noqa: E402
+from protege.artifacts import fingerprint  # noqa: E402
 from protege.metrics import bootstrap_ci, paired_ratio_ci  # noqa: E402
 from protege.progress import bar  # noqa: E402
 from protege.students.causal_lm import CausalLMStudent, decode, render  # noqa: E402
@@ -154,7 +155,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term (1 - alpha: SFT cross-entropy)")
     ap.add_argument("--beta", type=float, default=0.5, help="--kd logits: generalized JSD beta")
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=60)
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="digits are one token each: answers run ~55")
     ap.add_argument("--n-time", type=int, default=10, help="held-out items timed one at a time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
@@ -168,7 +169,10 @@ def main() -> None:
     data = make()
     pool, held = data[:N_TRAIN], data[N_TRAIN:]
     tok, teacher = load_causal_lm(*TEACHER)
-    answers = label_with_teacher(tok, teacher, data, a.out / "teacher.jsonl", a.top_k, a.max_new_tokens)
+    # the cache file is named by everything that decides the teacher's answers
+    key = fingerprint({"prompt": teacher_messages("{x}"), "model": TEACHER, "top_k": a.top_k,
+                       "max_new_tokens": a.max_new_tokens})
+    answers = label_with_teacher(tok, teacher, data, a.out / f"teacher-{key}.jsonl", a.top_k, a.max_new_tokens)
 
     kept = [r for r in pool if answers[r["id"]]["finished"] and parse(answers[r["id"]]["text"]) is not None]
     print(f"curate: kept {len(kept)}/{len(pool)} teacher answers (dropped: not one JSON object with the 4 keys)")
