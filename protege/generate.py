@@ -28,8 +28,14 @@ from .teachers.base import Answer, Teacher, make_teacher
 
 
 def file_signature(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime": int(st.st_mtime)}
+    """Content hash, not mtime: an edit that keeps size and second must still invalidate the artifact."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": str(path), "sha256": h.hexdigest()}
 
 
 # Teacher settings that change how fast or how far a run goes, never what an answer is.
@@ -230,7 +236,8 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
 
 def teacher_timing(teacher: Teacher, ledger: Ledger, texts: list[str]) -> dict:
     """Teacher latency measured now, on this machine: single-item for local models, ledger for APIs."""
-    batched = ledger.latencies(teacher.name)
+    # only this stage's calls: baseline runs of the same model (variants, zero-shot) share the ledger
+    batched = ledger.latencies(teacher.name, "generate") + ledger.latencies(teacher.name, "gold")
     out = {"batched_s_per_item": statistics.median(batched) if batched else None, "source": "ledger"}
     if hasattr(teacher, "time_single") and texts:
         teacher.time_single(texts[:1])  # warm-up
