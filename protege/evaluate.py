@@ -86,7 +86,8 @@ def teacher_timing(task: TaskSpec, out: Path, gen_stats: dict) -> dict:
         lat = {"p50_ms": None, "p95_ms": None, "mean_ms": None, "n": 0}
         if (out / "ledger.sqlite").is_file():
             with Ledger(out / "ledger.sqlite") as led:
-                lat = M.latency_summary(led.latencies(gen_stats.get("teacher_id", "")))
+                tid = gen_stats.get("teacher_id", "")  # this run's labelling calls only, not judge / baseline
+                lat = M.latency_summary(led.latencies(tid, "generate") + led.latencies(tid, "gold"))
         if lat["p50_ms"] is None and tt.get("single_s_p50"):
             lat.update(p50_ms=tt["single_s_p50"] * 1000, n=1)
     b = tt.get("batched_s_per_item")

@@ -99,9 +99,10 @@ def make_run(root: Path, *, decoy_label: str | None = "blue", n: int = 30, wrong
                      "soft": "logits"})
     _jsonl(root / "generate" / "gold.jsonl", rows)
     (root / "generate" / "config.json").write_text(json.dumps({"stage": "generate", "fingerprint": "gen-fp"}))
+    timing = ({"single_s_p50": 0.55, "batched_s_per_item": 0.55, "source": "ledger latency per call"} if api_teacher else
+              {"single_s": [0.20, 0.21, 0.19, 0.30], "single_s_p50": 0.205, "batched_s_per_item": 0.05, "source": "measured"})
     stats = {"n_inputs": 6, "inputs": {"usd": 0.5}, "teacher": "tiny-teacher", "teacher_id": "tiny-teacher",
-             "timing": {"single_s": [0.20, 0.21, 0.19, 0.30], "single_s_p50": 0.205, "batched_s_per_item": 0.05,
-                        "source": "measured"}}
+             "timing": timing}
     (root / "generate" / "stats.json").write_text(json.dumps(stats))
     (root / "curate").mkdir(exist_ok=True)
     (root / "curate" / "stats.json").write_text(json.dumps({"n_in": 6, "n_kept": 6, "dropped": {}}))
@@ -117,6 +118,9 @@ def make_run(root: Path, *, decoy_label: str | None = "blue", n: int = 30, wrong
             for i, s in enumerate((0.4, 0.5, 0.6, 0.7)):
                 led.record(f"k{i}", model="tiny-teacher", stage="gold", request={"i": i}, response={}, cost_usd=0.002,
                            latency_s=s)
+            # a judge call of the same model: neither its latency nor its price is a labelling call's
+            led.record("j0", model="tiny-teacher", stage="judge", request={"j": 0}, response={}, cost_usd=1.0,
+                       latency_s=9.0)
     return root / "task" / "task.yaml"
 
 

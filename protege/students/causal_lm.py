@@ -349,7 +349,8 @@ class CausalLMStudent:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         with work_dir("protege-lm-", output_dir) as out_dir:
             args = SFTConfig(
-                output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps,
+                per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                 learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="cosine",
                 logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
                 disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,

@@ -106,8 +106,9 @@ class EncoderClassifier:
         with work_dir("protege-encoder-", output_dir) as out_dir:
             args = TrainingArguments(
                 output_dir=out_dir, num_train_epochs=epochs, max_steps=max_steps,
-                per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size * 2, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-                weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type="linear", seed=seed, data_seed=seed,
+                per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size * 2,
+                gradient_accumulation_steps=grad_accum, learning_rate=lr, weight_decay=weight_decay,
+                warmup_steps=warmup, lr_scheduler_type="linear", seed=seed, data_seed=seed,
                 eval_strategy=strategy, save_strategy=strategy, eval_steps=eval_every, save_steps=eval_every,
                 load_best_model_at_end=bool(dev_rows), metric_for_best_model="agreement", greater_is_better=True,
                 save_total_limit=1, save_only_model=True, logging_steps=max(1, eval_every // 4), report_to="none",
