@@ -204,6 +204,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)  # the synthetic run and the traffic store of this load test
     n_err = sum(errors.values())
     res = {"clients": a.clients, "seconds": a.seconds, "wall_s": wall, "requests_ok": len(lat), "errors": n_err,
            "errors_by_kind": errors, "throughput_rps": len(lat) / wall, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
