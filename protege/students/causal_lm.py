@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import tempfile
 import time
@@ -117,17 +118,35 @@ def topk_from_openai(tok, content: list[dict]) -> dict | None:
 _LAYER = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|layer|h|blocks))\.(?P<i>\d+)\.(?P<rest>.+)$")
 
 
-def init_from_teacher(teacher, keep_every: int = 2, keep: Sequence[int] | None = None):
-    """A shallower copy of ``teacher``: layers ``0, k, 2k, ...`` (or ``keep``), everything else shared.
+def kept_layers(n: int, keep_every: float = 2, drop: str = "interleaved") -> list[int]:
+    """Which of ``n`` teacher layers a student keeps: ``ceil(n / keep_every)`` of them (1.5: 20 of 30).
+
+    ``interleaved``: ``0, k, 2k, ...`` (DistilBERT). ``middle``: the first and last layers, dropping one
+    contiguous block from the middle — deep models tolerate losing a middle block far better than losing
+    every other layer (Gromov et al. 2024; Men et al. 2024, "ShortGPT"). Measured on SmolLM2-135M (30
+    layers) answering invoice prompts, cross-entropy of the teacher's own answers before any training:
+    teacher 0.31; 15 layers interleaved 12.96, middle dropped 8.16; 20 layers middle dropped 4.69.
+    """
+    m = min(n, max(1, math.ceil(n / keep_every)))
+    if drop == "interleaved":
+        return sorted({min(n - 1, round(i * keep_every)) for i in range(m)})
+    if drop == "middle":
+        head = -(-m // 2)
+        return list(range(head)) + list(range(n - (m - head), n))
+    raise ValueError(f"drop must be 'interleaved' or 'middle', got {drop!r}")
+
+
+def init_from_teacher(teacher, keep_every: float = 2, keep: Sequence[int] | None = None, drop: str = "interleaved"):
+    """A shallower copy of ``teacher``: the layers :func:`kept_layers` picks (or ``keep``), the rest shared.
 
     DistilBERT's initialisation (Sanh et al. 2019): a student that starts as "every other layer of the
-    teacher" keeps its embeddings, output head and much of its function, and recovers with far less
+    teacher" keeps its embeddings, output head and part of its function, and recovers with far less
     training than a random init. Works for any HF model whose blocks live in ``*.layers.N`` /
     ``*.layer.N`` / ``*.h.N`` / ``*.blocks.N`` and whose config has ``num_hidden_layers``.
     """
     cfg = copy.deepcopy(teacher.config)
     n = cfg.num_hidden_layers
-    keep = list(range(0, n, keep_every)) if keep is None else sorted(set(int(i) for i in keep))
+    keep = kept_layers(n, keep_every, drop) if keep is None else sorted(set(int(i) for i in keep))
     if not keep or keep[0] < 0 or keep[-1] >= n:
         raise ValueError(f"layers to keep {keep} must lie in 0..{n - 1}")
     cfg.num_hidden_layers = len(keep)
@@ -251,10 +270,10 @@ class CausalLMStudent:
         return cls(model, tok, system_prompt, max_new_tokens, base={"ref": ref, "gguf_file": gguf_file, "qlora": qlora})
 
     @classmethod
-    def from_teacher(cls, teacher_model, tokenizer, keep_every: int = 2, *, system_prompt: str = "",
-                     max_new_tokens: int = 128) -> "CausalLMStudent":
+    def from_teacher(cls, teacher_model, tokenizer, keep_every: float = 2, *, drop: str = "interleaved",
+                     system_prompt: str = "", max_new_tokens: int = 128) -> "CausalLMStudent":
         """Layer-dropped copy of a local teacher (:func:`init_from_teacher`); shares its tokenizer."""
-        return cls(init_from_teacher(teacher_model, keep_every), copy.deepcopy(tokenizer), system_prompt,
+        return cls(init_from_teacher(teacher_model, keep_every, drop=drop), copy.deepcopy(tokenizer), system_prompt,
                    max_new_tokens)
 
     def messages(self, text: str) -> list[dict]:
