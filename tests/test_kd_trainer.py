@@ -155,3 +155,26 @@ def test_token_collator_treats_stored_minus_one_ids_as_empty_candidates():
     res = token_kd_loss(logits, out["labels"], alpha=1.0, kd="topk",
                         topk=(out["topk_ids"], out["topk_logprobs"], out["topk_mask"]))
     assert torch.isfinite(res["loss"])
+
+
+def test_completion_logits_skip_only_prompt_positions():
+    """The trainer projects only from the first position that predicts a completion token: same loss."""
+    from protege.kd_trainer import completion_logits
+    from tiny import tiny_llama
+
+    model = tiny_llama(50, seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (2, 10), generator=g)
+    att = torch.ones_like(ids)
+    att[1, -2:] = 0
+    labels = ids.clone()
+    labels[0, :5], labels[1, :6], labels[1, -2:] = -100, -100, -100
+    teacher = torch.randn(2, 10, 50, generator=g)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=att).logits
+        out, start = completion_logits(model, ids, att, labels)
+    assert start == 4 and out.logits.shape[1] == 6
+    want = token_kd_loss(full, labels, alpha=0.5, kd="logits", teacher_logits=teacher)
+    got = token_kd_loss(out.logits, labels[:, start:], alpha=0.5, kd="logits", teacher_logits=teacher[:, start:])
+    assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-5)
+    assert got["ce"].item() == pytest.approx(want["ce"].item(), rel=1e-5)

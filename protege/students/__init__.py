@@ -148,7 +148,11 @@ def _fit_causal_lm_classifier(task, texts: Sequence[str], hard: np.ndarray):
     elif s.init_from_teacher:
         raise TaskError("student.init_from_teacher needs a local teacher (teacher.backend: hf)")
     elif s.kd == "logits":
-        raise TaskError("student.kd: logits needs a local teacher (teacher.backend: hf); use kd: none or topk")
+        raise TaskError("student.kd: logits needs a local teacher (teacher.backend: hf); use kd: none")
+    if s.kd == "topk":
+        raise TaskError("student.kd: topk trains on stored per-token top-k log-probs of generated answers "
+                        "(extract / generate data); a classify task's answer is one label: use kd: logits "
+                        "(local teacher), auto or none")
     prompt = system_prompt(task)
     if s.init_from_teacher:
         student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, drop=s.drop_layers,
