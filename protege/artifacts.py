@@ -47,21 +47,30 @@ def require(stage_dir: Path, what: str) -> dict:
 
 
 @contextmanager
-def stage_writer(stage_dir: Path, config: dict) -> Iterator[Path]:
-    """Yield a temp folder; on success write config.json into it and swap it in for ``stage_dir``."""
-    stage_dir = Path(stage_dir)
-    stage_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=stage_dir.parent, prefix=f".{stage_dir.name}.tmp-"))
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temp folder next to ``dest``; on success it replaces ``dest`` in one rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         yield tmp
-        write_json(tmp / "config.json", {**config, "protege_version": __version__})
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp / mkstemp make owner-only files: a model folder is shared
+            f.chmod(0o755 if f.is_dir() else 0o644)
         old = None
-        if stage_dir.exists():
-            old = stage_dir.with_name(f".{stage_dir.name}.old-{tmp.name[-8:]}")
-            stage_dir.rename(old)
-        tmp.rename(stage_dir)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{tmp.name[-8:]}")
+            dest.rename(old)
+        tmp.rename(dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def stage_writer(stage_dir: Path, config: dict) -> Iterator[Path]:
+    """Yield a temp folder; on success write config.json into it and swap it in for ``stage_dir``."""
+    with atomic_dir(stage_dir) as tmp:
+        yield tmp
+        write_json(tmp / "config.json", {**config, "protege_version": __version__})

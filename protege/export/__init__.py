@@ -22,13 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .. import __version__
+from ..artifacts import atomic_dir  # noqa: F401  (re-exported for the exporters)
 from ..data import read_jsonl, write_json, write_jsonl
 
 FORMATS = ("hf", "onnx", "gguf", "ollama", "jsonl")
@@ -80,28 +78,6 @@ def metadata(run: Path, task=None) -> dict:
                           "teacher": (rep.get("teacher") or {}).get("score"),
                           "agreement": (rep.get("student") or {}).get("agreement"), "retained": rep.get("retained")}
     return meta
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temp folder next to ``dest``; on success it replaces ``dest`` in one rename."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        yield tmp
-        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp / mkstemp make owner-only files: a model folder is shared
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{tmp.name[-8:]}")
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def model_card(meta: dict, extra: str = "") -> str:

@@ -24,6 +24,7 @@ import numpy as np
 from . import atomic_dir, metadata, model_card, student_dir, student_kind
 from ..data import write_json
 from ..timing import measure
+from ..students.classifier import LogitClassifier
 
 OPSET = 18
 MIN_AGREEMENT = 0.99
@@ -151,7 +152,7 @@ def export_encoder_graph(student, path: Path) -> None:
 
 # -- running an export --------------------------------------------------------------------------
 
-class OnnxClassifier:
+class OnnxClassifier(LogitClassifier):
     """``predict / predict_proba`` over an exported folder, with onnxruntime (no torch)."""
 
     def __init__(self, folder: str | Path, quantized: bool = True, threads: int = 1):
@@ -207,14 +208,6 @@ class OnnxClassifier:
             out[idx] = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
                                                      "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
         return out
-
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        z = self.decision_function(texts)
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        return [self.labels[i] for i in self.decision_function(texts).argmax(1)]
 
 
 def quantize(src: Path, dst: Path) -> None:

