@@ -5,10 +5,10 @@ Every row learns from the *same* curated teacher labels of a finished protege ru
 for early stopping, and is scored on the same gold items (``examples/bbc-topics/gold.jsonl``; gold is
 never trained on):
 
-- static student (static MiniLM token embeddings + linear head) with **hard labels only**
-  (``alpha = 0``: cross-entropy on the teacher's argmax), **soft labels only** (``alpha = 1``: the
-  teacher's calibrated label distribution at temperature T, Hinton KD), and **both** (``alpha = 0.5``,
-  the default);
+- static student (static MiniLM token embeddings + TF-IDF word n-grams, one linear head) with **hard
+  labels only** (``alpha = 0``: cross-entropy on the teacher's argmax), **soft labels only** (``alpha =
+  1``: the teacher's calibrated label distribution at temperature T, Hinton KD), and **both** (``alpha =
+  0.5``, the default), plus **both without the n-gram block** (embeddings only);
 - the **encoder** student: all-MiniLM-L6-v2 fine-tuned end to end with the same KD loss
   (``alpha = 0.5``) through the transformers Trainer — max_length 128, ``--encoder-epochs`` epochs.
 
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from protege import metrics as M  # noqa: E402
 from protege.data import load_gold, read_jsonl  # noqa: E402
 from protege.task import load_task  # noqa: E402
-from protege.train import dev_split  # noqa: E402
+from protege.train import balanced_class_weights, dev_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
     hard = np.array([labels.index(r["label"]) for r in rows])
     tr, dv = dev_split([r["label"] for r in rows], cfg.dev_fraction, cfg.seed)
-    counts = np.bincount(hard[tr], minlength=len(labels)).astype(np.float32)
-    class_w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(labels), 0.0)
+    class_w = balanced_class_weights(hard[tr], len(labels))
     gold = load_gold(task)
     gx, gy = [g["text"] for g in gold], [g["label"] for g in gold]
     t_rows = {r["id"]: r for r in read_jsonl(run / "generate" / "gold.jsonl")}
@@ -107,22 +106,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "params": params})
         print(f"  {name:8s} {loss:24s} acc {ok.mean():.3f}", file=sys.stderr)
 
-    from protege.students.classifier import StaticClassifier
+    from protege.train import _fit_static
 
-    StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)  # build the cached table
     static_rows = {}
-    for alpha, loss in ((0.5, "both (alpha=0.5)"), (0.0, "hard only (alpha=0)"), (1.0, "soft only (alpha=1)")):
-        st = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
+    weight = np.ones(len(tr), dtype=np.float32)
+    variants = [("both", 0.5, task.student.ngrams, "both (alpha=0.5)"), ("hard", 0.0, task.student.ngrams, "hard only (alpha=0)"),
+                ("soft", 1.0, task.student.ngrams, "soft only (alpha=1)"), ("dense", 0.5, 0, "both, no n-grams")]
+    for key, alpha, ngrams, loss in variants:
+        t = task.model_copy(update={"train": cfg.model_copy(update={"alpha": alpha}),
+                                    "student": task.student.model_copy(update={"ngrams": ngrams})})
         t0 = time.perf_counter()
-        st.fit(train_x, P[tr], alpha=alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr,
-               weight_decay=cfg.weight_decay, patience=cfg.patience, idf_texts=texts, **fit_kw)
+        st = _fit_static(t, train_x, P[tr], hard[tr], weight, texts)
         secs = time.perf_counter() - t0
         pred = st.predict(gx)
-        static_rows[alpha] = (loss, pred, single_item_ms(st.predict, gx), secs, st.n_params)
-        if alpha == 0.5:
+        static_rows[key] = (loss, pred, single_item_ms(st.predict, gx), secs, st.n_params)
+        if key == "both":
             base_ok["ok"] = np.array([p == y for p, y in zip(pred, gy)], dtype=float)
-    for alpha in (0.0, 1.0, 0.5):
-        add("static", *static_rows[alpha])
+    for key in ("hard", "soft", "both", "dense"):
+        add("static", *static_rows[key])
 
     if not a.no_encoder:
         from protege.students.encoder import EncoderClassifier

@@ -154,25 +154,18 @@ def setfit_finetune(model, texts: list[str], labels: list[str], n_pairs: int, se
     model.max_seq_length = old
 
 
-def protege_static_retrained(task, rows: list[dict], max_tokens: int):
-    """protege's static student trained exactly as ``protege train`` does, but reading ``max_tokens``
-    tokens per input (a diagnostic row: how much of a gap is input length)."""
-    from protege.students.classifier import StaticClassifier
-    from protege.train import dev_split
+def protege_static_retrained(task, rows: list[dict], **student_overrides):
+    """protege's static student trained exactly as ``protege train`` fits it (all curated rows), with some
+    ``task.student`` settings changed — a diagnostic row (e.g. ``ngrams=0``: embeddings only)."""
+    from protege.train import _fit_static
 
-    labels, cfg = task.labels, task.train
+    t = task.model_copy(update={"student": task.student.model_copy(update=student_overrides)})
+    labels = task.labels
     texts = [r["text"] for r in rows]
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
     hard = np.array([labels.index(r["label"]) for r in rows])
-    tr, dv = dev_split([r["label"] for r in rows], cfg.dev_fraction, cfg.seed)
-    counts = np.bincount(hard[tr], minlength=len(labels)).astype(np.float32)
-    class_w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(labels), 0.0)
-    st = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
-    st.max_tokens = max_tokens
-    st.fit([texts[i] for i in tr], P[tr], hard_labels=hard[tr], dev=([texts[i] for i in dv], P[dv]),
-           alpha=cfg.alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-           patience=cfg.patience, seed=cfg.seed, class_weights=class_w, idf_texts=texts)
-    return st
+    weight = np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float32)
+    return _fit_static(t, texts, P, hard, weight, texts)
 
 
 def zero_shot_llm(task, texts: list[str]):
@@ -237,14 +230,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # protege's static student, as trained by the run
     student = load_student(run / "train" / "student")
-    add("protege static student", *measure(student.predict, gx, n_single=200),
-        train_stats["train_seconds"], "soft+hard KD on 680 (+120 dev) teacher labels")
+    s_cfg, t_cfg = task.student, task.train
+    add("protege static student", *measure(student.predict, gx, n_single=200), train_stats["train_seconds"],
+        f"{s_cfg.kind}, {s_cfg.ngrams}-gram block, alpha={t_cfg.alpha}, T={t_cfg.temperature}; "
+        f"{train_stats['n_train']} teacher labels")
 
-    t0 = time.perf_counter()
-    long = protege_static_retrained(task, cur, max_tokens=1024)
-    train_s = time.perf_counter() - t0
-    add("protege static, 1024 tokens (diagnostic)", *measure(long.predict, gx, n_single=200), train_s,
-        "same training, 4x longer inputs")
+    if task.student.kind == "static" and task.student.ngrams:
+        t0 = time.perf_counter()
+        dense = protege_static_retrained(task, cur, ngrams=0)
+        train_s = time.perf_counter() - t0
+        add("protege static, embeddings only (diagnostic)", *measure(dense.predict, gx, n_single=200), train_s,
+            "same fit without the n-gram block")
 
     t0 = time.perf_counter()
     f = peer_tfidf(train_x, train_y)

@@ -295,7 +295,7 @@ def _compare(paths: list[Path], out: Path | None) -> None:
     for x in c["runs"]:
         vs = x["vs_first"]
         tb.add_row(x["run"], x["student"], x["metric"], f"{x['score']:.3f} [{x['score_ci'][0]:.3f}, {x['score_ci'][1]:.3f}]",
-                   f"{x['retained']:.3f}", "baseline" if x is c["runs"][0] else (f"{vs['diff']:+.3f} ({vs['p_value']:.2g})" if vs else "—"),
+                   "—" if x["retained"] is None else f"{x['retained']:.3f}", "baseline" if x is c["runs"][0] else (f"{vs['diff']:+.3f} ({vs['p_value']:.2g})" if vs else "—"),
                    "—" if x["cascade_coverage"] is None else f"{x['cascade_coverage']:.0%}", f"{x['ms_per_item']:.3g}",
                    "—" if not x["items_per_s_batched"] else f"{x['items_per_s_batched']:,.0f}", f"{x['usd_per_1k'] * 1000:.4f}")
     console.print(tb)
@@ -331,15 +331,26 @@ def _print_report(r: dict, out: Path) -> None:
     tb = Table(title=f"{r['task']}: {r['metric']} on {r['n_eval']} held-out gold items")
     for c in ("", "model", "score ± 95% CI", "agreement", "ms/item", "$ / 1M calls"):
         tb.add_column(c)
+    def f(x, spec: str) -> str:
+        return "—" if x is None else format(x, spec)
+
     for who in ("teacher", "student"):
         d = r[who]
         lo, hi = d["score_ci"]
-        tb.add_row(who, d["name"], f"{d['score']:.3f} [{lo:.3f}, {hi:.3f}]",
-                   "—" if who == "teacher" else f"{d['agreement']:.3f}", f"{d['ms_per_item']:.3f}",
-                   f"{d['usd_per_1k'] * 1000:.4f}")
+        tb.add_row(who, d["name"], f"{d['score']:.3f} [{f(lo, '.3f')}, {f(hi, '.3f')}]",
+                   "—" if who == "teacher" else f(d.get("agreement"), ".3f"), f(d["ms_per_item"], ".3f"),
+                   f(None if d["usd_per_1k"] is None else d["usd_per_1k"] * 1000, ".4f"))
     console.print(tb)
-    console.print(f"retained [bold]{r['retained']:.3f}[/]   speedup [bold]{r['speedup']:.0f}x[/] (single item), "
-                  f"{r['speedup_batched']:.0f}x batched")
+    sp = r["speedup"]
+    console.print(f"retained [bold]{f(r['retained'], '.3f')}[/]   speedup [bold]{f(sp, '.0f' if (sp or 0) >= 10 else '.2f')}"
+                  f"x[/] (single item), {f(r.get('speedup_batched'), '.1f')}x batched")
+    for why in (r.get("notes") or {}).values():
+        console.print(f"note: {why}", highlight=False)
+    j = r.get("judge")
+    if j:
+        console.print(f"judge ({j['judge']}): student win rate {f(j.get('student_win_rate'), '.3f')} "
+                      f"[{f(j['win_rate_ci'][0], '.3f')}, {f(j['win_rate_ci'][1], '.3f')}] — {j['wins']} wins, "
+                      f"{j['ties']} ties, {j['losses']} losses over {j['n']} items (both orders)", highlight=False)
     console.print(f"report: {out / 'report.html'}  ({out / 'report.json'})")
 
 

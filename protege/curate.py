@@ -326,13 +326,18 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         return stage_dir
     pool = read_jsonl(gen_dir / "train.jsonl")
     gold = load_gold(task)
+    classify = task.kind == "classify"
     corrections: dict[str, str] = {}
-    for p in reviews:  # later files win
+    for p in reviews if classify else []:  # later files win; review sheets are label corrections (classify)
         corrections.update(read_corrections(p, task.labels))
     rows, review = apply_corrections([{**r, "source": "teacher"} for r in pool], corrections, task.labels,
                                      {g["id"]: g["label"] for g in gold})
-    real = [{**r, "probs": one_hot(r["label"], task.labels), "confidence": 1.0, "agreement": 1.0, "source": "real",
-             "status": "ok"} for r in load_real_train(task)]
+    if classify:
+        real = [{**r, "probs": one_hot(r["label"], task.labels), "confidence": 1.0, "agreement": 1.0, "source": "real",
+                 "status": "ok"} for r in load_real_train(task)]
+    else:  # extract / generate: the real answer is the training target
+        real = [{**r, "output": r["label"], "confidence": 1.0, "agreement": 1.0, "source": "real", "status": "ok",
+                 "topk_row": None} for r in load_real_train(task)]
     kept, dropped, filters = filter_rows(rows + real, task.curate, labels=task.labels, kind=task.kind,
                                          schema=task_schema(task), gold_texts=[g["text"] for g in gold],
                                          gold_ids=[g["id"] for g in gold])
@@ -341,7 +346,7 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     stats = {"n_in": len(pool), "n_kept": src["teacher"], "n_real": src["real"], "n_review": src["review"],
              "n_train": len(final), "dropped": dict(Counter(d["reason"] for d in dropped)), "filters": filters,
              "mix": mixing, "sources": src, "review": {**review, "files": [str(p) for p in reviews]},
-             "label_counts": dict(Counter(r["label"] for r in final))}
+             "label_counts": dict(Counter(r["label"] for r in final)) if classify else None}
     with stage_writer(stage_dir, {"stage": "curate", "fingerprint": fp, "task": task.name}) as tmp:
         write_jsonl(tmp / "train.jsonl", final)
         write_jsonl(tmp / "dropped.jsonl", dropped)

@@ -106,20 +106,50 @@ def load_inputs(task: TaskSpec) -> list[dict]:
     return out
 
 
-def load_gold(task: TaskSpec) -> list[dict]:
-    path = task.path(task.data.gold)
+def gold_value(task: TaskSpec, row: dict, path, i: int) -> str:
+    """A row's gold answer as text: the label (classify), compact JSON of the object (extract; the field may
+    hold an object or a JSON string), or the reference text (generate)."""
+    field = task.gold_field
+    if field not in row or row[field] is None:
+        raise TaskError(f"{path}: row {i}: gold field '{field}' is missing; add it or set gold_field in the task file")
+    v = row[field]
+    if task.kind == "classify":
+        return str(v)
+    if task.kind == "extract":
+        obj = v
+        if isinstance(v, str):
+            try:
+                obj = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}: row {i}: gold field '{field}' is not JSON ({e.msg}); a kind: extract gold "
+                                f"answer is a JSON object, or a string holding one") from None
+        if not isinstance(obj, dict):
+            raise TaskError(f"{path}: row {i}: gold field '{field}' is a {type(obj).__name__}, not a JSON object; "
+                            f"a kind: extract gold answer is an object like {{\"total\": \"12.00\"}}")
+        return json.dumps(obj, ensure_ascii=False)
+    if not isinstance(v, str) or not v.strip():
+        raise TaskError(f"{path}: row {i}: gold field '{field}' is empty or not text ({type(v).__name__}); a kind: "
+                        f"generate gold answer is the reference text")
+    return v
+
+
+def _labelled(task: TaskSpec, path) -> list[dict]:
     rows = read_rows(path)
-    check_rows(rows, path, task.input_field, task.labels, task.gold_field)
-    return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": str(r[task.gold_field])} for r in rows]
+    classify = task.kind == "classify"
+    check_rows(rows, path, task.input_field, task.labels if classify else None, task.gold_field if classify else None)
+    return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": gold_value(task, r, path, i)}
+            for i, r in enumerate(rows, 1)]
+
+
+def load_gold(task: TaskSpec) -> list[dict]:
+    """Held-out gold rows ``{id, text, label}``; ``label`` is the gold answer as text (see :func:`gold_value`)."""
+    return _labelled(task, task.path(task.data.gold))
 
 
 def load_real_train(task: TaskSpec) -> list[dict]:
     if not task.data.train:
         return []
-    path = task.path(task.data.train)
-    rows = read_rows(path)
-    check_rows(rows, path, task.input_field, task.labels, task.gold_field)
-    return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": str(r[task.gold_field])} for r in rows]
+    return _labelled(task, task.path(task.data.train))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

@@ -23,6 +23,7 @@ Artifacts: ``report.json`` + ``report.html`` at the run root (the DESIGN.md cont
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -144,11 +145,15 @@ def verdict(r: dict) -> dict:
     """A one-line decision with the numbers that justify it (the report's headline)."""
     t, s, p, cas = r["teacher"], r["student"], r["paired"], r.get("cascade") or {}
     ret, sig = r["retained"], p["p_value"] < 0.05
+    if ret is None:
+        return {"decision": "not yet", "text": f"Not yet: the teacher scores {t['score']:.3f} {r['metric']} on the gold "
+                f"items, so there is nothing to retain — fix the teacher's prompt (or the gold labels) first."}
     lo = (r.get("retained_ci") or [ret])[0]
     if s["score"] >= t["score"] or (not sig and lo >= 0.95):
         how = "significantly better than" if (sig and s["score"] > t["score"]) else "on par with"
+        fast = f" and {r['speedup']:,.0f}x faster" if r.get("speedup") else ""
         return {"decision": "ship", "text": f"Ship the student: it is {how} the teacher "
-                f"({ret:.1%} of its {r['metric']}, paired {p['test']} p = {p['p_value']:.2g}) and {r['speedup']:,.0f}x faster."}
+                f"({ret:.1%} of its {r['metric']}, paired {p['test']} p = {p['p_value']:.2g}){fast}."}
     if cas.get("coverage", 0) >= 0.5:
         return {"decision": "cascade", "text": f"Ship behind a cascade: answering only when confidence ≥ "
                 f"{cas['threshold']:.2f} covers {cas['coverage']:.0%} of traffic and keeps {CASCADE_TARGET:.0%} of the "
@@ -160,6 +165,10 @@ def verdict(r: dict) -> dict:
 
 def evaluate(task: TaskSpec, out: Path) -> dict:
     out = Path(out)
+    if task.kind != "classify":
+        from .evaluate_text import evaluate_text
+
+        return evaluate_text(task, out)
     train_cfg = require(out / "train", "train")
     gen = require(out / "generate", "generate")
     gold_rows = load_gold(task)
@@ -206,10 +215,11 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
                     "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"], "ms_per_item_batched": st["batched_ms_per_item"],
                     "items_per_s_batched": st["items_per_s_batched"], "usd_per_1k": s_usd_call * 1000,
                     "usd_per_month": s_usd_call * vol, "params": student.n_params, "n_train": train_stats["n_train"]},
-        "retained": s_score / t_score if t_score else float("nan"),
+        "retained": s_score / t_score if t_score else None,
         "retained_ci": list(M.paired_ratio_ci(s_items, t_items)) if t_score else None,
-        "speedup": t_ms / s_ms if s_ms else float("nan"),
-        "speedup_batched": ((tt["batched_ms_per_item"] or float("nan")) / st["batched_ms_per_item"]),
+        "speedup": t_ms / s_ms if (s_ms and math.isfinite(t_ms)) else None,
+        "speedup_batched": (tt["batched_ms_per_item"] / st["batched_ms_per_item"]
+                            if (tt["batched_ms_per_item"] and st["batched_ms_per_item"]) else None),
         "labels": task.labels,
         **q,
         "confusion": {"teacher": M.confusion(gold, t_pred, task.labels), "student": M.confusion(gold, s_pred, task.labels)},
@@ -227,27 +237,69 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
+    notes = {}
+    if not t_score:
+        notes["retained"] = (f"the teacher scored 0 {primary} on the gold items: student / teacher is undefined, so "
+                             f"retained is null")
+    if report["speedup"] is None:
+        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
+    if notes:
+        report["notes"] = notes
     be = report["cost"]["break_even_months"]
     report["cost"]["cumulative"] = cumulative_costs(chart_months(be), t_usd_call, s_usd_call, vol, one_off)
     report["verdict"] = verdict(report)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}
              for i, (g, y, tp, sp, ts, ss) in enumerate(zip(gold_rows, gold, t_pred, s_pred, t_items, s_items))]
-    write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
+    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
         {"generate": gen["fingerprint"], "train": train_cfg.get("fingerprint")})})
-    return report
 
 
-def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> None:
-    """report.json, report.html (atomic), and evaluate/items.jsonl for --compare."""
+def finite(x):
+    """``x`` with every NaN / ±Infinity float replaced by None (numpy scalars made plain): JSON has no NaN,
+    and a report that says NaN is one a strict parser rejects."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_strict_json(path: Path, obj) -> None:
+    """Atomic JSON write that refuses NaN / Infinity (``allow_nan=False``)."""
+    import json
+    import os
+    import tempfile
+
+    path = Path(path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> dict:
+    """report.json (no NaN: undefined figures are null), report.html (atomic), and evaluate/items.jsonl for
+    --compare. Returns the report as written."""
     from .report import render_html
 
+    report = finite(report)
     with stage_writer(out / "evaluate", config) as tmp:
-        write_jsonl(tmp / "items.jsonl", items)
-    write_json(out / "report.json", report)
+        write_jsonl(tmp / "items.jsonl", finite(items))
+    write_strict_json(out / "report.json", report)
     tmp_html = out / ".report.html.tmp"
     tmp_html.write_text(render_html(report), encoding="utf-8")
     tmp_html.replace(out / "report.html")
+    return report
 
 
 def _read(p: Path) -> dict:

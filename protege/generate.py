@@ -40,7 +40,7 @@ def file_signature(path: Path) -> dict:
 
 # Teacher settings that change how fast or how far a run goes, never what an answer is.
 _RUNTIME_ONLY = {"budget_usd", "concurrency", "timeout_s", "max_retries", "rpm", "tpm", "budget_tokens", "retry_base_s",
-                 "retry_max_s"}
+                 "retry_max_s", "torch_threads"}
 # Settings added later that change answers: left out at their defaults so earlier artifacts stay fresh.
 _LATER_DEFAULTS = {"max_reasks": 2, "shuffle_labels": False, "paraphrases": [], "label_map": {}}
 
@@ -72,6 +72,7 @@ def generate_fingerprint(task: TaskSpec) -> str:
     sig = {
         "teacher": _teacher_signature(task),
         "instruction": task.instruction, "labels": task.labels, "examples": [e.model_dump() for e in task.examples],
+        **({} if task.kind == "classify" else {"kind": task.kind, "schema": task.schema_}),
         "input_field": task.input_field, "gold_field": task.gold_field,
         "data": task.data.model_dump(exclude={"train"}),
         "files": [file_signature(task.path(task.data.inputs)), file_signature(task.path(task.data.gold))],
@@ -185,7 +186,13 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
     if shard is not None:
         inputs = [r for r in inputs if shard_of(r["id"], shard[1]) == shard[0]]
         gold = [r for r in gold if shard_of(r["id"], shard[1]) == shard[0]]
-    teacher = make_teacher(task)
+    text = task.kind != "classify"
+    if text:
+        from .textgen import TextTeacher
+
+        teacher = TextTeacher(make_teacher(task), task)
+    else:
+        teacher = make_teacher(task)
     ledger = Ledger(Path(out) / "ledger.sqlite")
     try:
         pool, pool_stats = label_with_ledger(teacher, [r["text"] for r in inputs], ledger, stage="generate",
@@ -194,7 +201,12 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         held, gold_stats = label_with_ledger(teacher, [r["text"] for r in gold], ledger, stage="gold",
                                              samples=1, budget_usd=task.teacher.budget_usd,
                                              description="teacher: gold inputs")
-        timing = teacher_timing(teacher, ledger, [r["text"] for r in gold[:8]])
+        if text:
+            from .textgen import text_timing
+
+            timing = text_timing(teacher, ledger, [r["text"] for r in gold[: task.evaluate.n_single]])
+        else:
+            timing = teacher_timing(teacher, ledger, [r["text"] for r in gold[:8]])
     except BudgetExceeded as e:
         cap = "teacher.budget_tokens" if str(e).startswith("token budget") else "teacher.budget_usd"
         raise BudgetExceeded(f"{e}. Calls made so far are in {ledger.path} and will not be repaid; raise "
@@ -203,6 +215,9 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         ledger.close()
         teacher.close()
 
+    if text:
+        return _write_text(task, stage_dir, fp, shard, inputs, gold, pool, held, pool_stats, gold_stats, timing,
+                           teacher)
     calib = None
     if task.teacher.calibrate:
         raw = [a.probs for item in pool for a in item if a.status == "ok" and a.probs is not None]
@@ -228,6 +243,42 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         write_jsonl(tmp / "gold.jsonl", gold_rows)
         write_json(tmp / "stats.json", stats)
         if any(t is not None for t in topk):  # generation: per-token top-k for token-level KD, row i = train row i
+            from .teachers.topk_store import save_topk
+
+            save_topk(tmp / "topk.safetensors", topk)
+    return stage_dir
+
+
+def _write_text(task: TaskSpec, stage_dir: Path, fp: str, shard, inputs, gold, pool, held, pool_stats, gold_stats,
+                timing, teacher) -> Path:
+    """The generate artifact of an extract / generate task: ``output`` text per row; each row with stored
+    top-k log-probs names its row in ``topk.safetensors`` (``topk_row``)."""
+    from .textgen import best_topk, summarise_text
+
+    train_rows, topk = [], []
+    for r, a in zip(inputs, pool):
+        row = {"id": r["id"], "text": r["text"], **summarise_text(a, task.kind)}
+        t = best_topk(a, row["output"]) if row["status"] == "ok" else None
+        row["topk_row"] = len(topk) if t is not None else None
+        if t is not None:
+            topk.append(t)
+        train_rows.append(row)
+    gold_rows = [{"id": r["id"], **summarise_text(a, task.kind)} for r, a in zip(gold, held)]
+    stats = {
+        "kind": task.kind, "n_inputs": len(inputs), "n_gold_inputs": len(gold), "samples": task.teacher.samples,
+        "inputs": pool_stats, "gold": gold_stats,
+        "failed_items": sum(r["status"] != "ok" for r in train_rows),
+        "with_topk": len(topk), "soft_labels": dict(Counter(r["soft"] for r in train_rows)),
+        "finish_reasons": dict(Counter(str(r.get("finish_reason")) for r in train_rows if r["status"] == "ok")),
+        "timing": timing, "teacher": teacher.display_name, "teacher_id": teacher.name,
+    }
+    if shard is not None:
+        stats["shard"] = list(shard)
+    with stage_writer(stage_dir, {"stage": "generate", "fingerprint": fp, "task": task.name}) as tmp:
+        write_jsonl(tmp / "train.jsonl", train_rows)
+        write_jsonl(tmp / "gold.jsonl", gold_rows)
+        write_json(tmp / "stats.json", stats)
+        if topk:  # per-token top-k for token-level KD; train row r owns topk row r["topk_row"]
             from .teachers.topk_store import save_topk
 
             save_topk(tmp / "topk.safetensors", topk)

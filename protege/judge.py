@@ -33,10 +33,14 @@ JUDGE_INSTRUCTION = (
 
 def judge_task(task: TaskSpec) -> TaskSpec:
     """The task as the judge sees it: same teacher settings, labels A / B / tie, no few-shot examples."""
+    # the judge reads the input and two answers: give it room (inputs are clipped to max_input_tokens)
+    room = max(task.teacher.max_input_tokens * 2 + 2 * task.teacher.max_tokens + 64, 512)
     teacher = task.teacher.model_copy(update={"answer_prefix": "", "calibrate": False, "samples": 1,
-                                              "temperature": 0.0, "max_tokens": 4})
-    return task.model_copy(update={"instruction": JUDGE_INSTRUCTION, "labels": list(JUDGE_LABELS), "examples": [],
-                                   "teacher": teacher})
+                                              "temperature": 0.0, "max_tokens": 4, "max_input_tokens": room,
+                                              "paraphrases": [], "shuffle_labels": False})
+    # a classify task whatever the task's kind: the judge picks one of A / B / tie
+    return task.model_copy(update={"kind": "classify", "schema_": None, "instruction": JUDGE_INSTRUCTION,
+                                   "labels": list(JUDGE_LABELS), "examples": [], "teacher": teacher})
 
 
 def judge_prompt(task_instruction: str, text: str, a: str, b: str, reference: str | None = None) -> str:

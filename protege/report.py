@@ -61,12 +61,30 @@ def _kpis(r: dict) -> str:
         (f"{_f(r['retained'], '.1%')}", f"of teacher's {r['metric']} retained<br>95% CI {_ci(r.get('retained_ci'), '.1%')}"),
         (f"{_f(r['speedup'], ',.0f')}x", f"faster per item (p50)<br>{_f(r.get('speedup_batched'), ',.0f')}x batched"),
         (f"{_f(p.get('p_value'), '.2g')}", f"p-value, {p.get('test', 'paired test')}<br>student vs teacher, same items"),
-        (f"{_f(cas.get('coverage'), '.0%')}", f"traffic the student answers alone at {_f(cas.get('target'), '.0%')} "
-         f"of teacher quality (t = {_f(cas.get('threshold'), '.2f')})"),
+        _third_tile(r, cas),
         _price_tile(c),
         (format_months(be), f"to break even at {c.get('volume_per_month', 0):,} calls/month"),
     ]
     return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{t}</span></div>' for v, t in tiles) + "</div>"
+
+
+def _third_tile(r: dict, cas: dict) -> tuple[str, str]:
+    """classify: cascade coverage; extract: the student's valid-JSON rate; generate: judge win rate or chrF."""
+    kind = r.get("kind", "classify")
+    if kind == "extract":
+        s = (r.get("metrics") or {}).get("student") or {}
+        return f"{_f(s.get('json_validity'), '.0%')}", (f"of the student's answers are valid JSON for the schema<br>"
+                                                       f"95% CI {_ci(s.get('json_validity_ci'), '.0%')}")
+    if kind == "generate":
+        j = r.get("judge")
+        if j:
+            return f"{_f(j.get('student_win_rate'), '.0%')}", (f"student win rate vs teacher, judged by "
+                                                               f"{_e(_short(j.get('judge', '')))} in both orders<br>"
+                                                               f"95% CI {_ci(j.get('win_rate_ci'), '.0%')}")
+        s = (r.get("metrics") or {}).get("student") or {}
+        return f"{_f(s.get('chrf'), '.3f')}", f"student chrF vs gold<br>95% CI {_ci(s.get('chrf_ci'))}"
+    return (f"{_f(cas.get('coverage'), '.0%')}", f"traffic the student answers alone at {_f(cas.get('target'), '.0%')} "
+            f"of teacher quality (t = {_f(cas.get('threshold'), '.2f')})")
 
 
 def _price_tile(c: dict) -> tuple[str, str]:
@@ -109,9 +127,9 @@ def _score_series(r: dict) -> list:
         for who in ("teacher", "student"):
             if key in m.get(who, {}):
                 series.append((who, f"{who} {name}", m[who][key], m[who].get(f"{key}_ci")))
-    if "agreement" in r["student"]:
+    if r["student"].get("agreement") is not None:
         series.append(("student", "student–teacher agreement", r["student"]["agreement"], r["student"].get("agreement_ci")))
-    return series
+    return [x for x in series if x[2] is not None]
 
 
 def _per_label(r: dict) -> str:
@@ -145,9 +163,56 @@ def _errors(r: dict) -> str:
     return lead + f"<table><tr><th>input</th><th>gold</th><th>teacher (conf.)</th><th>student (conf.)</th><th></th></tr>{rows}</table>"
 
 
+def _text_errors(r: dict) -> str:
+    """extract / generate: the student's lowest-scoring items, gold vs teacher vs student output with scores."""
+    ex = r.get("examples") or []
+    if not ex:
+        return f"<p>The student scores a full {_e(r['metric'])} on every gold item.</p>"
+    err = r.get("errors") or {}
+    lead = (f"<p>The student scores below a full {_e(r['metric'])} on {err.get('student', len(ex))} of {r['n_eval']} gold "
+            f"items; {err.get('copied_from_teacher', '?')} of those repeat the teacher's answer word for word. Lowest "
+            f"scores first (score against gold in brackets).</p>")
+
+    def cell(text, score, cls) -> str:
+        return f"<td class='text {cls}'>{_e(text if text is not None else '(no answer)')} <b>[{_f(score, '.2f')}]</b></td>"
+
+    rows = "".join(
+        f"<tr><td class=text>{_e(e['text'])}</td><td class=text>{_e(e['gold'])}</td>"
+        + cell(e["teacher"], e.get("teacher_score"), "ok" if (e.get("teacher_score") or 0) >= 1 else "")
+        + cell(e["student"], e.get("student_score"), "bad")
+        + f"<td>{'copied teacher' if e.get('copied_teacher') else 'own error'}</td></tr>" for e in ex)
+    return lead + (f"<table><tr><th>input</th><th>gold</th><th>teacher output [score]</th><th>student output [score]</th>"
+                   f"<th></th></tr>{rows}</table>")
+
+
+def _judge(r: dict) -> str:
+    j = r.get("judge")
+    if not j:
+        return ""
+    return (f"<h2>LLM-as-judge</h2><p>{_e(j.get('judge'))} compared student and teacher answers on {j['n']} gold items, "
+            f"each pair in both orders (a verdict that flips with the order counts as a tie). Student win rate "
+            f"<b>{_f(j.get('student_win_rate'))}</b> {_ci(j.get('win_rate_ci'))} (wins + ties/2; 0.5 = on par): "
+            f"{j['wins']} wins, {j['ties']} ties, {j['losses']} losses, {j.get('invalid', 0)} without a valid verdict. "
+            f"Position consistency {_f(j.get('position_consistency'), '.0%')}, first position chosen "
+            f"{_f(j.get('first_position_rate'), '.0%')} of the time. {j.get('calls', 0)} judge calls "
+            f"({j.get('cache_hits', 0)} from the ledger), {_money(j.get('usd'))}.</p>")
+
+
+def _notes(r: dict) -> str:
+    n = r.get("notes") or {}
+    if not n:
+        return ""
+    return "<p class=note>" + " ".join(f"<b>{_e(k)}</b>: {_e(v)}." for k, v in n.items()) + "</p>"
+
+
 def _fidelity(r: dict) -> str:
     f = r.get("fidelity") or {}
-    parts = [f"agreement with the teacher {_f(f.get('agreement'))} {_ci(f.get('agreement_ci'))}"]
+    parts = [f"agreement with the teacher {_f(f.get('agreement'))} {_ci(f.get('agreement_ci'))}"
+             + (f" ({_e(f['agreement_rule'])})" if f.get("agreement_rule") else "")]
+    metric = r.get("metric")
+    if f.get(f"{metric}_vs_teacher") is not None:
+        parts.append(f"{_e(metric)} of the student's answers against the teacher's {_f(f[f'{metric}_vs_teacher'])} "
+                     f"{_ci(f.get(f'{metric}_vs_teacher_ci'))}")
     if "kl_teacher_student" in f:
         parts.append(f"KL(teacher ‖ student) {_f(f['kl_teacher_student'])} {_ci(f.get('kl_ci'))} nats, "
                      f"JSD {_f(f['jsd'])} {_ci(f.get('jsd_ci'))} nats (max ln 2 = 0.693), over {f.get('n')} items with teacher distributions")
@@ -174,9 +239,10 @@ def render_html(r: dict) -> str:
     sections = [f"<h1>protege report — {_e(r['task'])}</h1>",
                 f"<p class=sub>{_e(r['kind'])} · {r['n_eval']} held-out gold items · teacher {_e(r['teacher']['name'])} → "
                 f"student {_e(r['student']['name'])} · {_e((r.get('machine') or {}).get('date', ''))}</p>",
-                f'<p class="verdict {cls}"><b>{_e(v["decision"].upper())}.</b> {_e(v["text"])}</p>', _kpis(r), _main_table(r),
+                f'<p class="verdict {cls}"><b>{_e(v["decision"].upper())}.</b> {_e(v["text"])}</p>', _kpis(r), _notes(r),
+                _main_table(r),
                 "<h2>Scores</h2>", f'<img alt="scores" src="{plots.score_bars(_score_series(r), "score on gold items (95% bootstrap CI)")}">',
-                _paired(r), _fidelity(r)]
+                _paired(r), _fidelity(r), _judge(r)]
     if r.get("confusion") and labels:
         sections += ["<h2>Where the errors are</h2>", f'<img alt="confusion matrices" src="{plots.confusion_pair(r["confusion"], labels)}">',
                      _per_label(r)]
@@ -207,7 +273,7 @@ def render_html(r: dict) -> str:
                      f"<span class=note>Basis: {_e(c.get('basis', ''))}.</span></p>"]
     else:
         sections.append("</div>")
-    sections += ["<h2>Worst student errors</h2>", _errors(r)]
+    sections += ["<h2>Worst student errors</h2>", _errors(r) if r.get("kind", "classify") == "classify" else _text_errors(r)]
     d = r.get("data") or {}
     if d:
         cur = d.get("curated") or {}

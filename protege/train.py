@@ -32,6 +32,27 @@ def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray
     return np.array(sorted(train_idx)), np.array(sorted(dev_idx))
 
 
+def balanced_class_weights(hard: np.ndarray, k: int) -> np.ndarray:
+    """scikit-learn's ``class_weight="balanced"``: n / (k · count); 0 for a label with no rows."""
+    counts = np.bincount(hard, minlength=k).astype(np.float32)
+    return np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / k, 0.0).astype(np.float32)
+
+
+def _agreement(student, texts: list[str], teacher_labels: list[str]) -> float:
+    return float(np.mean([p == t for p, t in zip(student.predict(texts), teacher_labels)]))
+
+
+def _fit_static(task: TaskSpec, texts: list[str], P: np.ndarray, hard: np.ndarray, weight: np.ndarray,
+                idf_texts: list[str]) -> StaticClassifier:
+    s, t = task.student, task.train
+    student = StaticClassifier.from_encoder(s.embedder, task.labels, s.dims, ngrams=s.ngrams,
+                                            ngram_min_df=s.ngram_min_df)
+    return student.fit(texts, P, hard_labels=hard, sample_weight=weight if np.any(weight != 1.0) else None,
+                       alpha=t.alpha, temperature=t.temperature, c=t.c, dense_weight=s.dense_weight,
+                       max_iter=t.max_iter, seed=t.seed, class_weights=balanced_class_weights(hard, len(task.labels)),
+                       idf_texts=idf_texts)
+
+
 def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     cur_dir, stage_dir = Path(out) / "curate", Path(out) / "train"
     cur_cfg = require(cur_dir, "curate")
@@ -43,6 +64,8 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     if len(rows) < 2:
         raise ValueError(f"{cur_dir / 'train.jsonl'} has {len(rows)} usable items; need at least 2 — lower "
                          f"curate.min_confidence or label more inputs")
+    if task.kind != "classify":
+        return _train_text(task, Path(out), stage_dir, fp, rows)
     labels = task.labels
     texts = [r["text"] for r in rows]
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
@@ -50,39 +73,81 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     # real labelled rows (data.train, review corrections) carry curate.real_weight; teacher rows 1.0
     weight = np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float32)
     tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
-    counts = np.bincount(hard[tr], minlength=len(labels)).astype(np.float32)
-    class_w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(labels), 0.0)
+    class_w = balanced_class_weights(hard[tr], len(labels))
     t0 = time.perf_counter()
-    cfg = task.train
+    dev_agreement = None
+    fit_idx = tr
     if task.student.kind == "static":
-        student = StaticClassifier.from_encoder(task.student.embedder, labels, task.student.dims)
-        student.fit([texts[i] for i in tr], P[tr], hard_labels=hard[tr],
-                    sample_weight=weight[tr] if np.any(weight != 1.0) else None,
-                    dev=([texts[i] for i in dv], P[dv]) if len(dv) else None,
-                    alpha=cfg.alpha, temperature=cfg.temperature, epochs=cfg.epochs, lr=cfg.lr,
-                    weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed, class_weights=class_w,
-                    idf_texts=texts)
+        # convex fit: fit on the train split to measure dev agreement, then refit on every row — nothing is
+        # early-stopped on dev, so keeping it out of the final model would only throw teacher labels away
+        student = _fit_static(task, [texts[i] for i in tr], P[tr], hard[tr], weight[tr], texts)
+        if len(dv):
+            dev_agreement = _agreement(student, [texts[i] for i in dv], [rows[i]["label"] for i in dv])
+            fit_idx = np.arange(len(rows))
+            student = _fit_static(task, texts, P, hard, weight, texts)
     else:  # encoder / causal_lm: transformers / TRL trainers, `accelerate launch`-ready (protege.students)
         from .students import fit_student
 
         student = fit_student(task, [texts[i] for i in tr], P[tr], hard[tr],
                               sample_weight=weight[tr] if np.any(weight != 1.0) else None,
                               dev=([texts[i] for i in dv], P[dv]) if len(dv) else None, class_weights=class_w)
+        if len(dv):
+            dev_agreement = _agreement(student, [texts[i] for i in dv], [rows[i]["label"] for i in dv])
     seconds = time.perf_counter() - t0
-    dev_agreement = None
-    if len(dv):
-        pred = student.predict([texts[i] for i in dv])
-        dev_agreement = float(np.mean([p == rows[i]["label"] for p, i in zip(pred, dv)]))
-    stats = {"n_train": int(len(tr)), "n_dev": int(len(dv)), "dev_agreement_with_teacher": dev_agreement,
+    stats = {"n_train": int(len(fit_idx)), "n_dev": int(len(dv)), "dev_agreement_with_teacher": dev_agreement,
              "train_seconds": seconds, "epochs_run": len(student.history), "params": student.n_params,
              "sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "real", "review")},
-             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in tr))
+             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in fit_idx))
                                 for s in ("teacher", "real", "review")},
              "weights": {s: sorted({float(r.get("weight", 1.0)) for r in rows if r.get("source", "teacher") == s})
                          for s in ("teacher", "real", "review")}}
     from .students import is_main_process, wait_for_everyone
 
     if is_main_process():  # under `accelerate launch` every rank trains; rank 0 writes the artifact
+        with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
+            student.save_pretrained(tmp / "student")
+            write_json(tmp / "stats.json", stats)
+            write_json(tmp / "history.json", student.history)
+    wait_for_everyone()
+    return stage_dir
+
+
+def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[dict]) -> Path:
+    """extract / generate: a causal-LM student on (input, teacher output), SFT + token KD from stored top-k.
+
+    A dev split (``train.dev_fraction``, at most 32 items, seeded) is held out of training; the trained
+    student answers it and its agreement with the teacher's answers is reported.
+    """
+    from .students import fit_text_student, is_main_process, wait_for_everyone
+    from .textgen import same_answer
+
+    topk_file = out / "generate" / "topk.safetensors"
+    stored = None
+    if topk_file.is_file() and any(r.get("topk_row") is not None for r in rows):
+        from .teachers.topk_store import load_topk
+
+        stored = load_topk(topk_file)
+    topk = [stored[r["topk_row"]] if stored is not None and r.get("topk_row") is not None else None for r in rows]
+    rng = np.random.default_rng(task.train.seed)
+    n_dev = min(32, int(round(len(rows) * task.train.dev_fraction))) if len(rows) >= 10 else 0
+    order = rng.permutation(len(rows))
+    dv, tr = sorted(order[:n_dev].tolist()), sorted(order[n_dev:].tolist())
+    t0 = time.perf_counter()
+    student, kd = fit_text_student(task, [rows[i]["text"] for i in tr], [rows[i]["output"] for i in tr],
+                                   [topk[i] for i in tr] if stored is not None else None)
+    seconds = time.perf_counter() - t0
+    dev_agreement = None
+    if dv:
+        pred = student.predict([rows[i]["text"] for i in dv])
+        dev_agreement = float(np.mean([same_answer(task.kind, p, rows[i]["output"]) for p, i in zip(pred, dv)]))
+    stats = {"n_train": len(tr), "n_dev": len(dv), "dev_agreement_with_teacher": dev_agreement,
+             "train_seconds": seconds, "params": student.n_params, "kd": kd,
+             "with_topk": int(sum(topk[i] is not None for i in tr)), "dropped_rows": getattr(student, "data_stats", None),
+             "sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "real", "review")},
+             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in tr))
+                                for s in ("teacher", "real", "review")},
+             "note": "real rows (data.train) are trained on with weight 1: the causal-LM trainer has no row weights"}
+    if is_main_process():
         with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
             student.save_pretrained(tmp / "student")
             write_json(tmp / "stats.json", stats)

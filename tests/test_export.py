@@ -54,9 +54,12 @@ def static_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     task = load_task(write_task(root / "task"))
     tok = minilm_tokenizer()
-    st = StaticClassifier(np.random.default_rng(0).normal(size=(tok.get_vocab_size(), 16)).astype(np.float32), tok, LABELS)
+    from protege.students.ngrams import NgramFeatures
+
+    st = StaticClassifier(np.random.default_rng(0).normal(size=(tok.get_vocab_size(), 16)).astype(np.float32), tok, LABELS,
+                          ngrams=NgramFeatures(2, min_df=1))
     rows = synthetic_rows(60)
-    st.fit([r["text"] for r in rows], np.eye(3, dtype=np.float32)[[LABELS.index(r["label"]) for r in rows]], epochs=40)
+    st.fit([r["text"] for r in rows], np.eye(3, dtype=np.float32)[[LABELS.index(r["label"]) for r in rows]], dense_weight=1.0)
     return {"task": task, "run": _run_folder(root, st), "student": st, "root": root}
 
 
@@ -66,7 +69,7 @@ def test_static_student_to_onnx_parity_and_onnxruntime_load_back(static_run):
     import onnxruntime as ort
 
     from protege.data import load_gold
-    from protege.export.onnx import flatten_ids
+    from protege.export.onnx import flatten_ids, ngram_inputs
 
     task, st = static_run["task"], static_run["student"]
     r = export(static_run["run"], "onnx", task=task)
@@ -77,13 +80,17 @@ def test_static_student_to_onnx_parity_and_onnxruntime_load_back(static_run):
     assert r["sizes_bytes"]["model.int8.onnx"] < 0.5 * r["sizes_bytes"]["model.onnx"]
     for k in ("original", "onnx_fp32", "onnx_int8"):
         assert r["speed"][k]["single_ms_p50"] > 0
-    # plain onnxruntime, no protege wrapper: token ids + offsets in, probabilities out (empty texts too)
+    # plain onnxruntime, no protege wrapper: token ids + offsets and TF-IDF n-gram rows in, probabilities out
+    # (empty texts too); the n-gram block must matter, or this would not test it
+    assert len(st.ngrams) > 0 and np.abs(st.V).max() > 0.1
     texts = ["the shiny cherry thing", "", "grass and lime and moss " * 40, "ocean", ""]
     ids = [st.tokenizer.encode(t, add_special_tokens=False).ids[: st.max_tokens] for t in texts]
     flat, offsets = flatten_ids(ids)
+    feeds = {"input_ids": flat, "offsets": offsets, **ngram_inputs(st.ngrams.transform(texts))}
+    assert (out / "ngrams.json").is_file()
     for name, tol in (("model.onnx", 1e-5), ("model.int8.onnx", 0.05)):
         sess = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
-        probs = sess.run(["probabilities"], {"input_ids": flat, "offsets": offsets})[0]
+        probs = sess.run(["probabilities"], feeds)[0]
         assert probs.shape == (len(texts), 3)
         assert np.abs(probs - st.predict_proba(texts)).max() < tol
     meta = json.loads((out / "protege.json").read_text())

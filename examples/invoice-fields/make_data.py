@@ -7,7 +7,8 @@ Values are copied verbatim into the answer, so exact match is well defined:
 
     {"vendor": "...", "invoice_number": "...", "date": "...", "total": "..."}
 
-The first ``N_TRAIN`` items are the unlabelled pool the teacher labels; the rest are held out (gold).
+The first ``N_TRAIN`` items are the unlabelled pool the teacher labels (``inputs.jsonl``, answers left
+out); the rest are held out (``gold.jsonl``, never trained on). ``invoices.jsonl`` holds all of them.
 
     python examples/invoice-fields/make_data.py
 """
@@ -101,12 +102,19 @@ def make(seed: int = SEED, n: int = N_TRAIN + N_EVAL) -> list[dict]:
     return out
 
 
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def main() -> None:
     rows = make()
-    with open(HERE / "invoices.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    print(f"{len(rows)} invoices → {HERE / 'invoices.jsonl'} "
-          f"(first {N_TRAIN} = teacher pool, last {N_EVAL} = held out)")
+    _write(HERE / "invoices.jsonl", rows)  # everything, for run.py
+    # for task.yaml (`protege run`): the pool without its answers, and the held-out gold invoices
+    _write(HERE / "inputs.jsonl", [{"id": r["id"], "text": r["text"]} for r in rows[:N_TRAIN]])
+    _write(HERE / "gold.jsonl", rows[N_TRAIN:])
+    print(f"{len(rows)} invoices → {HERE / 'invoices.jsonl'} (first {N_TRAIN} = teacher pool → inputs.jsonl, "
+          f"last {N_EVAL} = held out → gold.jsonl)")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def model_card(meta: dict, extra: str = "") -> str:
         lines.append(f"Labels: {', '.join(meta['labels'])}")
     if sc.get("student") is not None:
         lines.append(f"{sc['metric']} on {sc['n_eval']} held-out gold items: student {sc['student']:.3f}, "
-                     f"teacher {sc['teacher']:.3f} (retained {sc['retained']:.3f}, agreement {sc['agreement']:.3f})")
+                     f"teacher {sc['teacher']:.3f} (retained "
+                     f"{'n/a' if sc.get('retained') is None else format(sc['retained'], '.3f')}, agreement "
+                     f"{'n/a' if sc.get('agreement') is None else format(sc['agreement'], '.3f')})")
     if meta.get("threshold") is not None:
         lines.append(f"Cascade: answer with the student when its confidence >= {meta['threshold']:.3f}, "
                      f"else ask the teacher (chosen by `protege evaluate`).")

@@ -1,9 +1,10 @@
 """Classifier students to ONNX (fp32 + dynamic int8), checked against the original on the eval set.
 
 - **static** student: its whole forward pass after tokenization — gather the token rows, IDF-weighted
-  bag mean, L2 norm, linear head, softmax — is written directly as an ONNX graph that takes the token
-  ids of a batch flattened (``input_ids [N]``) and each text's start in it (``offsets [B]``), the
-  EmbeddingBag calling convention. No torch at inference, same as the numpy student.
+  bag mean, L2 norm, linear head, plus the n-gram block's sparse logits, softmax — is written directly as
+  an ONNX graph that takes the token ids of a batch flattened (``input_ids [N]``) and each text's start
+  in it (``offsets [B]``), the EmbeddingBag calling convention; the TF-IDF n-gram rows come the same way
+  (``ngram_ids``, ``ngram_weights``, ``ngram_offsets``). No torch at inference, same as the numpy student.
 - **encoder** student: ``torch.onnx.export(..., dynamo=True)`` (exact on padded batches, where the legacy
   exporter is not) with dynamic batch and sequence axes.
 
@@ -62,45 +63,60 @@ def static_graph(student):
               "eps_n": np.array(1e-9, dtype=np.float32)}
     inits = [numpy_helper.from_array(v, k) for k, v in arrays.items()]
     N = helper.make_node
-    nodes = [
-        N("Shape", ["input_ids"], ["n_tok"]),
-        N("Slice", ["offsets", "start1", "big", "axis0"], ["next_starts"]),
-        N("Concat", ["next_starts", "n_tok"], ["ends"], axis=0),  # each text's end = the next one's start
-        # IDF-weighted token rows and their weights, prefix-summed in float64
-        N("Gather", ["table", "input_ids"], ["rows"], axis=0),
-        N("Cast", ["rows"], ["rows64"], to=f64),
-        N("CumSum", ["rows64", "zero"], ["cs"]),
-        N("Concat", ["zrow", "cs"], ["cs0"], axis=0),
-        N("Gather", ["cs0", "ends"], ["cs_end"], axis=0),
-        N("Gather", ["cs0", "offsets"], ["cs_start"], axis=0),
-        N("Sub", ["cs_end", "cs_start"], ["sums64"]),
-        N("Cast", ["sums64"], ["sums"], to=f32),
-        N("Gather", ["idf", "input_ids"], ["w"], axis=0),
-        N("Cast", ["w"], ["w64"], to=f64),
-        N("CumSum", ["w64", "zero"], ["cw"]),
-        N("Concat", ["z1", "cw"], ["cw0"], axis=0),
-        N("Gather", ["cw0", "ends"], ["cw_end"], axis=0),
-        N("Gather", ["cw0", "offsets"], ["cw_start"], axis=0),
-        N("Sub", ["cw_end", "cw_start"], ["wsum64"]),
-        N("Cast", ["wsum64"], ["wsum"], to=f32),
-        # mean by IDF mass, L2 normalise, linear head
-        N("Max", ["wsum", "eps_w"], ["wsum_c"]),
-        N("Unsqueeze", ["wsum_c", "axis1"], ["wsum_col"]),
-        N("Div", ["sums", "wsum_col"], ["mean"]),
-        N("Mul", ["mean", "mean"], ["sq"]),
-        N("ReduceSum", ["sq", "axis1"], ["ss"], keepdims=1),
-        N("Sqrt", ["ss"], ["norm"]),
-        N("Max", ["norm", "eps_n"], ["norm_c"]),
-        N("Div", ["mean", "norm_c"], ["x"]),
-        N("MatMul", ["x", "W"], ["xw"]),
-        N("Add", ["xw", "b"], ["logits"]),
-        N("Softmax", ["logits"], ["probabilities"], axis=-1),
+
+    def segment_sums(x: str, offsets: str, n_items: str, zero_row: str, out: str) -> list:
+        """Per-text sums of the rows of ``x`` (texts laid end to end, each starting at ``offsets``):
+        prefix sums in float64 read at each text's end and start."""
+        return [N("Shape", [n_items], [f"{out}_n"]),
+                N("Slice", [offsets, "start1", "big", "axis0"], [f"{out}_next"]),
+                N("Concat", [f"{out}_next", f"{out}_n"], [f"{out}_ends"], axis=0),  # a text ends where the next starts
+                N("Cast", [x], [f"{x}64"], to=f64),
+                N("CumSum", [f"{x}64", "zero"], [f"{out}_cs"]),
+                N("Concat", [zero_row, f"{out}_cs"], [f"{out}_cs0"], axis=0),
+                N("Gather", [f"{out}_cs0", f"{out}_ends"], [f"{out}_end"], axis=0),
+                N("Gather", [f"{out}_cs0", offsets], [f"{out}_start"], axis=0),
+                N("Sub", [f"{out}_end", f"{out}_start"], [f"{out}64"]),
+                N("Cast", [f"{out}64"], [out], to=f32)]
+
+    # IDF-weighted token rows and their weights, summed per text
+    nodes = [N("Gather", ["table", "input_ids"], ["rows"], axis=0),
+             *segment_sums("rows", "offsets", "input_ids", "zrow", "sums"),
+             N("Gather", ["idf", "input_ids"], ["w"], axis=0),
+             *segment_sums("w", "offsets", "input_ids", "z1", "wsum"),
+             # mean by IDF mass, L2 normalise, linear head
+             N("Max", ["wsum", "eps_w"], ["wsum_c"]),
+             N("Unsqueeze", ["wsum_c", "axis1"], ["wsum_col"]),
+             N("Div", ["sums", "wsum_col"], ["mean"]),
+             N("Mul", ["mean", "mean"], ["sq"]),
+             N("ReduceSum", ["sq", "axis1"], ["ss"], keepdims=1),
+             N("Sqrt", ["ss"], ["norm"]),
+             N("Max", ["norm", "eps_n"], ["norm_c"]),
+             N("Div", ["mean", "norm_c"], ["x"]),
+             N("MatMul", ["x", "W"], ["xw"]),
+             N("Add", ["xw", "b"], ["dense_logits"]),
     ]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["n_tokens"]),
+              helper.make_tensor_value_info("offsets", i64, ["batch"])]
     L = len(student.labels)
+    if student.ngrams is not None:
+        # sparse n-gram logits: Σ_j tfidf_j · V[gram_j] per text, by the same prefix-sum trick
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(student.V, dtype=np.float32), "V"))
+        inits.append(numpy_helper.from_array(np.zeros((1, L), dtype=np.float64), "zrowL"))
+        nodes += [
+            N("Gather", ["V", "ngram_ids"], ["vrows"], axis=0),
+            N("Unsqueeze", ["ngram_weights", "axis1"], ["gw"]),
+            N("Mul", ["vrows", "gw"], ["vw"]),
+            *segment_sums("vw", "ngram_offsets", "ngram_ids", "zrowL", "ngram_logits"),
+            N("Add", ["dense_logits", "ngram_logits"], ["logits"]),
+        ]
+        inputs += [helper.make_tensor_value_info("ngram_ids", i64, ["n_grams"]),
+                   helper.make_tensor_value_info("ngram_weights", f32, ["n_grams"]),
+                   helper.make_tensor_value_info("ngram_offsets", i64, ["batch"])]
+    else:
+        nodes.append(N("Identity", ["dense_logits"], ["logits"]))
+    nodes.append(N("Softmax", ["logits"], ["probabilities"], axis=-1))
     graph = helper.make_graph(
-        nodes, "protege_static_classifier",
-        [helper.make_tensor_value_info("input_ids", i64, ["n_tokens"]),
-         helper.make_tensor_value_info("offsets", i64, ["batch"])],
+        nodes, "protege_static_classifier", inputs,
         [helper.make_tensor_value_info("logits", f32, ["batch", L]),
          helper.make_tensor_value_info("probabilities", f32, ["batch", L])],
         inits)
@@ -108,6 +124,12 @@ def static_graph(student):
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model
+
+
+def ngram_inputs(X) -> dict:
+    """The n-gram block's feeds from a CSR TF-IDF matrix: column ids, weights, each row's start."""
+    return {"ngram_ids": X.indices.astype(np.int64), "ngram_weights": X.data.astype(np.float32),
+            "ngram_offsets": X.indptr[:-1].astype(np.int64)}
 
 
 def flatten_ids(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +201,11 @@ class OnnxClassifier(LogitClassifier):
             self.max_tokens = int(self.meta.get("max_tokens", 256))
             self._word_cache: dict[str, list[int]] = {}
             self._per_word = _tokenizes_per_word(self.tokenizer)
+            self.ngrams = None
+            if (self.folder / "ngrams.json").is_file():
+                from ..students.ngrams import NgramFeatures
+
+                self.ngrams = NgramFeatures.load(self.folder / "ngrams.json")
         else:
             from transformers import AutoTokenizer
 
@@ -198,7 +225,10 @@ class OnnxClassifier(LogitClassifier):
 
             # the student's own tokenization (word cache, early truncation): same ids by construction
             flat, offsets = flatten_ids(StaticClassifier._ids(self, texts))
-            return self.session.run(["logits"], {"input_ids": flat, "offsets": offsets})[0]
+            feeds = {"input_ids": flat, "offsets": offsets}
+            if self.ngrams is not None:
+                feeds.update(ngram_inputs(self.ngrams.transform(texts)))
+            return self.session.run(["logits"], feeds)[0]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         for i in range(0, len(texts), batch_size):
@@ -279,6 +309,12 @@ def export_onnx(run: Path, dest: Path, task=None, *, texts: Sequence[str] | None
             meta["inputs"] = {"input_ids": "int64 [n_tokens]: token ids of the batch, concatenated (tokenizer.json, "
                               "no special tokens, first max_tokens per text)",
                               "offsets": "int64 [batch]: where each text starts in input_ids"}
+            if student.ngrams is not None:
+                student.ngrams.save(tmp / "ngrams.json")
+                meta["inputs"].update({
+                    "ngram_ids": "int64 [n_grams]: columns of the texts' TF-IDF n-gram rows (ngrams.json), concatenated",
+                    "ngram_weights": "float32 [n_grams]: their TF-IDF weights (sublinear tf · idf, L2-normalised per text)",
+                    "ngram_offsets": "int64 [batch]: where each text starts in ngram_ids"})
         else:
             export_encoder_graph(student, tmp / "model.onnx")
             student.tokenizer.save_pretrained(tmp)

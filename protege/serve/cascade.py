@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import progress
 from ..task import ServeConfig, TaskSpec
 from .drift import DriftMonitor, Reference
 from .predictor import Prediction, load_predictor
@@ -52,6 +54,7 @@ class GatewayConfig:
     api_keys: list[str] | None = None  # default: the env var serve.api_keys_env names
     data_dir: Path | None = None  # traffic.sqlite, reference.json; default <run>/serve
     predictor: object | None = None  # an already loaded predictor (benchmarks, embedding)
+    quiet: bool = True  # no progress bar per escalated request; scoped to the engine's calls, not the process
 
     @property
     def settings(self) -> ServeConfig:
@@ -184,10 +187,9 @@ class Engine:
         budget = self.s.budget_usd if self.s.budget_usd is not None else self.task.teacher.budget_usd
         try:
             teacher = self.teacher()
-            if self.task.teacher.backend == "hf":  # a local model's cached prompt prefix is not thread-safe
-                with self._teacher_lock:
-                    answers, stats = label_with_ledger(teacher, [text], self._ledger(), stage=stage, budget_usd=budget)
-            else:
+            # a local model's cached prompt prefix is not thread-safe
+            lock = self._teacher_lock if self.task.teacher.backend == "hf" else contextlib.nullcontext()
+            with lock, progress.quiet(self.cfg.quiet):
                 answers, stats = label_with_ledger(teacher, [text], self._ledger(), stage=stage, budget_usd=budget)
         except BudgetExceeded as e:
             return Answer(label=None, status="error", error=f"teacher budget: {e}"), 0.0

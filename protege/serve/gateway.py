@@ -95,10 +95,8 @@ def create_app(config: GatewayConfig):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    from .. import progress
     from .prom import Metrics
 
-    progress.QUIET["on"] = True  # a long-running service: no progress bar per escalated request
     engine = Engine(config)
     metrics = engine.metrics = Metrics(engine)
     s = engine.s

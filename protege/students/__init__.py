@@ -170,3 +170,57 @@ def _fit_causal_lm_classifier(task, texts: Sequence[str], hard: np.ndarray):
                        kd="logits" if use_kd else "none", alpha=t.alpha, beta=s.beta, temperature=1.0,
                        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum,
                        max_length=s.max_length, lora=s.lora, seed=t.seed)
+
+
+# -- extract / generate tasks: a causal LM trained on the teacher's text answers -------------------
+
+def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: Sequence[dict | None] | None = None):
+    """A ``CausalLMStudent`` trained on (input, teacher output) pairs of an extract / generate task.
+
+    SFT on the completion, plus token-level KD (``student.kd``): ``auto`` uses the top-k log-probs stored
+    with the teacher's answers when there are any, else SFT only; ``logits`` runs a local teacher's full
+    distributions on the same completion tokens (its own few-shot prompt); ``topk`` requires stored
+    top-k. The student's prompt is the task's instruction (and schema) without the worked examples.
+    Returns ``(student, kd used)``.
+    """
+    from ..task import TaskError
+    from ..textgen import student_system_prompt, teacher_messages
+    from .causal_lm import CausalLMStudent
+
+    s, t = task.student, task.train
+    local = task.teacher.backend == "hf"
+    have_topk = topk is not None and any(x is not None for x in topk)
+    kd = s.kd if s.kd != "auto" else ("topk" if have_topk else "none")
+    if kd == "topk" and not have_topk:
+        raise TaskError("student.kd: topk needs the per-token top-k log-probs the teacher returns with its answers, "
+                        "and none were stored (teacher.top_logprobs: 0, a server without logprobs, or an extraction "
+                        "API call); use student.kd: auto / none, or logits with a local teacher")
+    if kd == "logits" and not local:
+        raise TaskError("student.kd: logits needs a local teacher (teacher.backend: hf); use kd: auto, topk or none")
+    if s.init_from_teacher and not local:
+        raise TaskError("student.init_from_teacher needs a local teacher (teacher.backend: hf); set student.model "
+                        "to a small local causal LM instead")
+    teacher = teacher_tok = None
+    if s.init_from_teacher or kd == "logits":
+        from ..teachers.hf import load_causal_lm
+
+        teacher_tok, teacher = load_causal_lm(task.teacher.model, task.teacher.gguf_file, task.teacher.dtype)
+    prompt, max_new = student_system_prompt(task), task.teacher.max_tokens
+    if s.init_from_teacher:
+        student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, drop=s.drop_layers,
+                                               system_prompt=prompt, max_new_tokens=max_new)
+    else:
+        if s.model is None and not local:
+            raise TaskError("student.model: an API teacher has no local weights to start from; set student.model to "
+                            "a local causal LM folder (or pkg:<module>)")
+        student = CausalLMStudent.from_base(s.model or task.teacher.model,
+                                            s.gguf_file or (None if s.model else task.teacher.gguf_file),
+                                            system_prompt=prompt, qlora=bool(s.lora and s.lora.qlora),
+                                            max_new_tokens=max_new)
+    student.max_input_tokens = task.teacher.max_input_tokens
+    student.fit(list(inputs), list(outputs), teacher=teacher if kd == "logits" else None, teacher_tokenizer=teacher_tok,
+                teacher_messages=[teacher_messages(task, x) for x in inputs] if kd == "logits" else None,
+                topk=list(topk) if kd == "topk" else None, kd=kd, alpha=t.alpha, beta=s.beta, temperature=1.0,
+                epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
+                lora=s.lora, seed=t.seed)
+    return student, kd

@@ -1,12 +1,26 @@
-"""The fast classifier student: static token embeddings (IDF-weighted mean) + a linear head.
+"""The fast classifier student: static token embeddings + sparse word n-grams, one linear head.
 
-Trained on the teacher's soft labels with temperature, mixed with its hard labels by ``alpha``
-(:func:`protege.losses.distillation_loss`), with early stopping on a dev split carved from the
-teacher-labelled data. Inference is numpy only: tokenize, gather, mean, one small matmul.
+Two views of a text feed one linear layer (logits = embedding · W + n-grams · V + b):
 
-IDF weights are fitted on the training texts at ``fit`` time: a mean of static embeddings is
-dominated by frequent tokens ("the", ",") unless they are down-weighted; this is the SIF / Zipf
-weighting of model2vec with the task's own frequencies.
+- the IDF-weighted mean of static token embeddings (distilled from a sentence encoder,
+  :mod:`protege.students.static`): meaning for words the training set never showed, and most of the
+  signal when inputs are short;
+- sublinear TF-IDF word 1..n-grams (:mod:`protege.students.ngrams`): a sparse logit table, one weight per
+  (n-gram, label) — what decides a long document's topic, and what a mean of embeddings blurs away.
+
+The head is fitted as one convex problem — the KD loss (:func:`protege.losses.distillation_loss`: the
+teacher's tempered soft labels mixed with its hard labels by ``alpha``) plus an L2 penalty ``1/(2·C·n)``
+(scikit-learn's ``C``) — by full-batch L-BFGS: no learning rate, no epochs to tune, the same answer on
+every run. The embedding block is scaled by ``dense_weight`` before the fit; a smaller weight means a
+stronger penalty on it. Measured on bbc-topics (long articles, 781 teacher labels, 426 gold): n-grams
+alone 0.939, + embeddings at 0.3 → 0.941, at 1.0 → 0.918 (the embeddings then fit the teacher's
+systematic errors: cross-validated agreement *with the teacher* rises while gold accuracy falls); on the
+same articles' titles only (short inputs) 0.68 → 0.76 going from n-grams alone to weight 1.0. Hence the
+default 0.3 and the advice to raise it for short inputs. Inference is numpy / scipy only.
+
+IDF weights for the embedding mean are fitted on the training texts at ``fit`` time: a mean of static
+embeddings is dominated by frequent tokens ("the", ",") unless they are down-weighted; this is the SIF /
+Zipf weighting of model2vec with the task's own frequencies.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
+from .ngrams import NgramFeatures
 
 _PROBE = "Hello, world! The cat's naïve résumé costs $3.50 — don't re-run it: e-mail@example.com 東京 x2"
 
@@ -49,7 +64,8 @@ class LogitClassifier:
 class StaticClassifier(LogitClassifier):
     """sklearn-style ``fit / predict / predict_proba`` plus HF-style ``save_pretrained / from_pretrained``."""
 
-    def __init__(self, embeddings: np.ndarray, tokenizer, labels: list[str], max_tokens: int = 256):
+    def __init__(self, embeddings: np.ndarray, tokenizer, labels: list[str], max_tokens: int = 2048,
+                 ngrams: NgramFeatures | None = None):
         self.base = embeddings.astype(np.float32)
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
@@ -58,20 +74,24 @@ class StaticClassifier(LogitClassifier):
         self.max_tokens = max_tokens
         self.idf = np.ones(len(self.base), dtype=np.float32)
         self.table = self.base
+        self.ngrams = ngrams
         self.W = np.zeros((self.base.shape[1], len(labels)), dtype=np.float32)
+        self.V = np.zeros((len(ngrams) if ngrams else 0, len(labels)), dtype=np.float32)
         self.b = np.zeros(len(labels), dtype=np.float32)
         self.history: list[dict] = []
         self._word_cache: dict[str, list[int]] = {}
         self._per_word = _tokenizes_per_word(self.tokenizer)
 
     @classmethod
-    def from_encoder(cls, encoder: str, labels: list[str], dims: int = 256) -> "StaticClassifier":
+    def from_encoder(cls, encoder: str, labels: list[str], dims: int = 256, *, ngrams: int = 2,
+                     ngram_min_df: int = 2) -> "StaticClassifier":
         from tokenizers import Tokenizer
 
         from .static import distill_static
 
         emb, tok_path = distill_static(encoder, dims)
-        return cls(emb, Tokenizer.from_file(str(tok_path)), labels)
+        feats = NgramFeatures(ngrams, ngram_min_df) if ngrams else None
+        return cls(emb, Tokenizer.from_file(str(tok_path)), labels, ngrams=feats)
 
     # -- features ------------------------------------------------------------------------------
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -125,66 +145,75 @@ class StaticClassifier(LogitClassifier):
     # -- training ------------------------------------------------------------------------------
     def fit(self, texts: Sequence[str], teacher_probs: np.ndarray, *, hard_labels: np.ndarray | None = None,
             sample_weight: np.ndarray | None = None, dev: tuple[Sequence[str], np.ndarray] | None = None,
-            alpha: float = 0.5, temperature: float = 2.0, epochs: int = 200, lr: float = 0.01,
-            weight_decay: float = 1e-4, patience: int = 20, seed: int = 0, class_weights: np.ndarray | None = None,
-            idf_texts: Sequence[str] | None = None) -> "StaticClassifier":
-        """Full-batch AdamW on the KD loss; keeps the epoch with the best dev agreement (then lowest dev loss)."""
+            alpha: float = 0.5, temperature: float = 2.0, c: float = 10.0, dense_weight: float = 0.3,
+            max_iter: int = 200, class_weights: np.ndarray | None = None,
+            idf_texts: Sequence[str] | None = None, seed: int = 0) -> "StaticClassifier":
+        """Fit IDF, the n-gram vocabulary and the head (convex: KD loss + L2, full-batch L-BFGS).
+
+        ``dev`` (texts, teacher probs) is only scored — agreement and loss land in ``history`` — because
+        the problem is convex there is nothing to early-stop; pick ``c`` / ``dense_weight`` on it if you
+        must, but know that agreement with a noisy teacher is not accuracy (see the module docstring).
+        """
         import torch
 
         from ..losses import distillation_loss
 
         torch.manual_seed(seed)
-        self.fit_idf(list(idf_texts) if idf_texts is not None else list(texts))
-        X = torch.tensor(self.encode(texts))
+        texts = list(texts)
+        self.fit_idf(list(idf_texts) if idf_texts is not None else texts)
+        if self.ngrams is not None:
+            self.ngrams.fit(texts)
+        X = torch.tensor(self.encode(texts) * dense_weight)
+        S = _torch_csr(self.ngrams.transform(texts)) if self.ngrams is not None else None
         P = torch.tensor(np.asarray(teacher_probs, dtype=np.float32))
         y = torch.tensor(hard_labels if hard_labels is not None else P.argmax(1).numpy(), dtype=torch.long)
         w = torch.tensor(sample_weight, dtype=torch.float32) if sample_weight is not None else None
         cw = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        head = torch.nn.Linear(X.shape[1], len(self.labels))
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        if dev is not None:
-            Xd, Pd = torch.tensor(self.encode(dev[0])), torch.tensor(np.asarray(dev[1], dtype=np.float32))
-        # features are unit vectors with small spread: scale so the head's logits reach useful ranges fast
-        scale = 1.0 / max(float(X.std()), 1e-6)
-        best, best_state, since = (-1.0, float("inf")), None, 0
-        for epoch in range(epochs):
-            head.train()
+        k = len(self.labels)
+        W = torch.zeros(X.shape[1], k, requires_grad=True)
+        V = torch.zeros(len(self.ngrams) if self.ngrams is not None else 0, k, requires_grad=True)
+        b = torch.zeros(k, requires_grad=True)
+        lam = 1.0 / (2.0 * c * max(len(texts), 1))
+        opt = torch.optim.LBFGS([W, V, b], max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                                line_search_fn="strong_wolfe")
+
+        def logits_of(Xd, Sd):
+            z = Xd @ W + b
+            return z if Sd is None else z + Sd @ V
+
+        def closure():
             opt.zero_grad()
-            logits = head(X * scale)
-            loss = distillation_loss(logits, P, y, alpha=alpha, temperature=temperature, class_weights=cw,
-                                     sample_weight=w)
-            loss.backward()
-            opt.step()
-            rec = {"epoch": epoch, "loss": float(loss.detach())}
-            if dev is not None:
-                head.eval()
-                with torch.no_grad():
-                    dl = head(Xd * scale)
-                    agree = float((dl.argmax(1) == Pd.argmax(1)).float().mean())
-                    dloss = float(distillation_loss(dl, Pd, alpha=alpha, temperature=temperature))
-                rec.update(dev_agreement=agree, dev_loss=dloss)
-                if (agree, -dloss) > (best[0], -best[1]):
-                    best, since = (agree, dloss), 0
-                    best_state = {k: v.clone() for k, v in head.state_dict().items()}
-                else:
-                    since += 1
-                    if since >= patience:
-                        self.history.append(rec)
-                        break
-            self.history.append(rec)
-        if best_state is not None:
-            head.load_state_dict(best_state)
-        self.W = np.ascontiguousarray(head.weight.detach().numpy().T * scale, dtype=np.float32)
-        self.b = head.bias.detach().numpy().astype(np.float32)
+            loss = distillation_loss(logits_of(X, S), P, y, alpha=alpha, temperature=temperature,
+                                     class_weights=cw, sample_weight=w)
+            total = loss + lam * ((W * W).sum() + (V * V).sum())
+            total.backward()
+            self.history.append({"step": len(self.history), "loss": float(loss.detach()),
+                                 "objective": float(total.detach())})
+            return total
+
+        opt.step(closure)
+        self.W = np.ascontiguousarray(W.detach().numpy() * dense_weight, dtype=np.float32)
+        self.V = np.ascontiguousarray(V.detach().numpy(), dtype=np.float32)
+        self.b = b.detach().numpy().astype(np.float32)
+        if dev is not None and len(dev[0]):
+            Pd = np.asarray(dev[1], dtype=np.float32)
+            zd = torch.tensor(self.decision_function(dev[0]))
+            self.history.append({"dev_agreement": float(np.mean(zd.argmax(1).numpy() == Pd.argmax(1))),
+                                 "dev_loss": float(distillation_loss(zd, torch.tensor(Pd), alpha=alpha,
+                                                                     temperature=temperature))})
         return self
 
     # -- inference -----------------------------------------------------------------------------
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encode(texts) @ self.W + self.b
+        texts = list(texts)
+        z = self.encode(texts) @ self.W + self.b
+        if self.ngrams is not None and len(self.ngrams):
+            z += self.ngrams.transform(texts) @ self.V
+        return z
 
     @property
     def n_params(self) -> int:
-        return int(self.table.size + self.W.size + self.b.size)
+        return int(self.table.size + self.W.size + self.V.size + self.b.size)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
@@ -193,12 +222,16 @@ class StaticClassifier(LogitClassifier):
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": self.base, "idf": self.idf, "head.weight": self.W, "head.bias": self.b}
+        if self.ngrams is not None:
+            tensors["ngram.weight"] = self.V
+            self.ngrams.save(p / "ngrams.json")
         # safetensors writes the raw buffer: a transposed (non-contiguous) view would be saved scrambled
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p / "model.safetensors"))
         self.tokenizer.save(str(p / "tokenizer.json"))
         (p / "config.json").write_text(json.dumps({
             "protege_student": "static", "labels": self.labels, "dims": int(self.base.shape[1]),
-            "max_tokens": self.max_tokens, "protege_version": __version__}, indent=2), encoding="utf-8")
+            "max_tokens": self.max_tokens, "ngrams": self.ngrams.n if self.ngrams is not None else 0,
+            "protege_version": __version__}, indent=2), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "StaticClassifier":
@@ -210,8 +243,23 @@ class StaticClassifier(LogitClassifier):
             raise FileNotFoundError(f"{p} is not a protege student folder (no config.json)")
         cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
         t = load_file(str(p / "model.safetensors"))
-        m = cls(t["embeddings"], Tokenizer.from_file(str(p / "tokenizer.json")), cfg["labels"], cfg.get("max_tokens", 512))
+        feats = None
+        if "ngram.weight" in t:
+            feats = NgramFeatures.load(p / "ngrams.json")
+        m = cls(t["embeddings"], Tokenizer.from_file(str(p / "tokenizer.json")), cfg["labels"],
+                cfg.get("max_tokens", 512), ngrams=feats)
         m.idf = t["idf"]
         m.table = m.base * m.idf[:, None]
         m.W, m.b = t["head.weight"], t["head.bias"]
+        if feats is not None:
+            m.V = t["ngram.weight"]
         return m
+
+
+def _torch_csr(X):
+    """scipy CSR → torch sparse COO (float32): ``S @ V`` with autograd into V, without densifying S."""
+    import torch
+
+    X = X.tocoo().astype(np.float32)
+    idx = torch.from_numpy(np.vstack([X.row, X.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(X.data), size=X.shape, check_invariants=False).coalesce()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from ..task import TaskError, TaskSpec
 
@@ -36,8 +38,40 @@ class Answer:
         return asdict(self)
 
     @classmethod
+    def local_errors(cls, e: BaseException, n: int) -> list["Answer"]:
+        """One error Answer per request of a local batch that raised: a broken batch is recorded per item,
+        never dropped."""
+        return [cls(label=None, status="error", error=f"{type(e).__name__}: {e}", extra={"reason": "local_error"})
+                for _ in range(n)]
+
+    @classmethod
     def from_json(cls, d: dict) -> "Answer":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def answers_from_scores(labels: list[str], scores: np.ndarray, *, tokens_in: Sequence[int], tokens_out: int,
+                        latency_s: float, cost_usd: float, index: Sequence[int] | None = None) -> list[Answer]:
+    """Answers (soft="logits") from per-row scores [B, C]: the softmax of each row is the label distribution.
+
+    ``index`` maps task labels to columns when the columns are the model's own classes (a seq-cls head):
+    those columns are kept and renormalised, the probability of the rest kept as ``missing_mass`` (uniform
+    when the kept mass is 0). Without it the columns are ``labels``, in order.
+    """
+    z = scores - scores.max(1, keepdims=True)
+    full = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    out = []
+    for p, n_in in zip(full, tokens_in):
+        missing = 0.0
+        if index is not None:
+            q = p[list(index)]
+            total = float(q.sum())
+            p = q / total if total > 0 else np.full(len(labels), 1.0 / len(labels))
+            missing = max(0.0, 1.0 - total)
+        k = int(p.argmax())
+        out.append(Answer(label=labels[k], probs=[float(x) for x in p], soft="logits", text=labels[k],
+                          missing_mass=missing, tokens_in=n_in, tokens_out=tokens_out, latency_s=latency_s,
+                          cost_usd=cost_usd))
+    return out
 
 
 class Teacher(ABC):

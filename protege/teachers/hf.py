@@ -16,11 +16,28 @@ rendered prompt and prefix cache; requests are grouped by prompt, so a batch may
 Generation (:meth:`HFTeacher.generation_request`): greedy, left-padded batches, the top-k log-probs
 of every generated token packed compactly (:mod:`protege.teachers.topk_store`) for token-level KD.
 Left padding plus the attention mask keeps each row's positions its own: batched equals one at a time.
+
+Threads (this module and :mod:`protege.teachers.hf_seqcls`): torch's OpenMP threads spin while they wait
+for work, so on a small box where another process holds a core, two threads thrash against it (SmolLM2-135M
+on 2 cores: ~0.45 s per item with 1 thread, ~6 s with 2 next to a busy process). Importing this module
+therefore sets ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep instead of spinning) when torch is not loaded
+yet and the variable is unset — libgomp reads it once, when torch loads. Forward passes then run with:
+
+- ``teacher.torch_threads`` when the task sets it, else ``$PROTEGE_TORCH_THREADS`` (a whole number ≥ 1);
+- otherwise every CPU this process may run on (``os.sched_getaffinity``, never more than torch's own
+  setting, so ``OMP_NUM_THREADS`` and a caller's ``torch.set_num_threads`` still cap it), less one when
+  torch was loaded with its spinning default (too late for PASSIVE): one thread short on an idle box
+  costs far less than spinning against a busy one.
+
+The count is set around each forward pass and restored after, so the rest of the process keeps its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +45,58 @@ from pathlib import Path
 import numpy as np
 
 from ..task import TaskError, TaskSpec, resolve_model_path
-from .base import Answer, Teacher, build_messages, register_teacher
+from .base import Answer, Teacher, answers_from_scores, build_messages, register_teacher
 from .variants import variant_task
 
 _SENTINEL = "\x00PROTEGE_INPUT\x00"
+THREADS_ENV = "PROTEGE_TORCH_THREADS"
+
+if "torch" not in sys.modules:  # libgomp reads the wait policy once, when torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# whether torch's OpenMP threads sleep (PASSIVE) rather than spin while idle, fixed when torch loads
+_PASSIVE_AT_IMPORT = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def teacher_threads(cfg) -> int:
+    """Intra-op torch threads for a local teacher's forward passes (the rules are in the module docstring)."""
+    import torch
+
+    explicit = getattr(cfg, "torch_threads", None)
+    if explicit is None and os.environ.get(THREADS_ENV, "").strip():
+        raw = os.environ[THREADS_ENV].strip()
+        try:
+            explicit = int(raw)
+        except ValueError:
+            raise TaskError(f"${THREADS_ENV}={raw!r}: expected a whole number of threads, e.g. 1") from None
+    if explicit is not None:
+        if int(explicit) < 1:
+            raise TaskError(f"torch threads for the teacher must be >= 1, got {explicit}")
+        return int(explicit)
+    n = min(torch.get_num_threads(), available_cpus())
+    passive = _PASSIVE_AT_IMPORT or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+    return max(1, n if passive else n - 1)
+
+
+@contextlib.contextmanager
+def torch_threads(torch, n: int):
+    """Run a block with ``n`` intra-op threads, then restore the previous count."""
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def load_causal_lm(ref: str, gguf_file: str | None = None, dtype: str = "float32"):
@@ -74,6 +139,7 @@ class HFTeacher(Teacher):
         if model is None:
             tokenizer, model = load_causal_lm(self.cfg.model, self.cfg.gguf_file, self.cfg.dtype)
         self.tok, self.model = tokenizer, model
+        self.threads = teacher_threads(self.cfg)
         self.head = self.model.get_output_embeddings()
         self._prompts: dict[tuple, _Prompt] = {}
         self._prepare_prompt()
@@ -112,7 +178,7 @@ class HFTeacher(Teacher):
         lead = " " if (prefix and not prefix[-1].isspace()) or (not tok.chat_template) else ""
         label_ids = [tok(lead + lab, add_special_tokens=False).input_ids for lab in self.task.labels]
         firsts = [ids[0] for ids in label_ids]
-        with self.torch.no_grad():
+        with self.torch.no_grad(), torch_threads(self.torch, self.threads):
             out = self.model.base_model(input_ids=self.torch.tensor([prefix_ids]), use_cache=True)
         return _Prompt(prefix_ids, suffix_ids, label_ids, len(set(firsts)) == len(firsts), out.past_key_values)
 
@@ -152,7 +218,7 @@ class HFTeacher(Teacher):
         torch = self.torch
         prompt = prompt or self._prompt_for(0)
         seqs = [x + prompt.suffix_ids for x in inputs]
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(torch, self.threads):
             if prompt.first_token_mode:
                 h = self._hidden(seqs, prompt)
                 last = torch.tensor([len(s) - 1 for s in seqs])
@@ -187,20 +253,12 @@ class HFTeacher(Teacher):
         try:
             prompt = self._prompt_of(requests[0])
             scores = self._score([r["input_ids"] for r in requests], prompt)
-        except Exception as e:  # a broken batch is recorded per item, never dropped
-            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}",
-                           extra={"reason": "local_error"}) for _ in requests]
+        except Exception as e:
+            return Answer.local_errors(e, len(requests))
         dt = (time.perf_counter() - t0) / len(requests)
-        z = scores - scores.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        cost = dt * self.cfg.usd_per_hour / 3600
-        labels = self.task.labels
-        return [
-            Answer(label=labels[int(p.argmax())], probs=[float(x) for x in p], soft="logits", text=labels[int(p.argmax())],
-                   tokens_in=len(prompt.prefix_ids) + len(r["input_ids"]) + len(prompt.suffix_ids), tokens_out=1,
-                   latency_s=dt, cost_usd=cost)
-            for p, r in zip(probs, requests)
-        ]
+        fixed = len(prompt.prefix_ids) + len(prompt.suffix_ids)
+        return answers_from_scores(self.task.labels, scores, tokens_in=[fixed + len(r["input_ids"]) for r in requests],
+                                   tokens_out=1, latency_s=dt, cost_usd=dt * self.cfg.usd_per_hour / 3600)
 
     # -- generation: text plus per-token top-k -----------------------------------------------------
     def generation_request(self, messages: list[dict] | str, sample: int = 0, *, top_k: int | None = None,
@@ -234,13 +292,12 @@ class HFTeacher(Teacher):
             att = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
             k = max(int(r.get("top_k") or 0) for r in requests)
             n_new = max(int(r["max_new_tokens"]) for r in requests)
-            with torch.no_grad():
+            with torch.no_grad(), torch_threads(torch, self.threads):
                 g = self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n_new, do_sample=False,
                                         eos_token_id=eos, pad_token_id=pad, output_logits=True,
                                         return_dict_in_generate=True)
-        except Exception as e:  # a broken batch is recorded per item, never dropped
-            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}", extra={"reason": "local_error"})
-                    for _ in requests]
+        except Exception as e:
+            return Answer.local_errors(e, len(requests))
         dt = (time.perf_counter() - t0) / len(requests)
         out = []
         for b, r in enumerate(requests):

@@ -11,6 +11,8 @@ distribution renormalised over the task's labels — the same convention as the 
 
 Batches are right-padded with an attention mask (position ids start at 0 for every row), so a batch
 gives the same probabilities as one input at a time.
+
+Torch threads: as for the causal-LM teacher (``$PROTEGE_TORCH_THREADS``; see :mod:`protege.teachers.hf`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..task import TaskError, TaskSpec, resolve_model_path
-from .base import Answer, Teacher, register_teacher
+from .base import Answer, Teacher, answers_from_scores, register_teacher
+from .hf import teacher_threads, torch_threads
 
 
 def load_seqcls(ref: str, dtype: str = "float32"):
@@ -49,6 +52,7 @@ class HFSeqClsTeacher(Teacher):
         if model is None:
             tokenizer, model = load_seqcls(self.cfg.model, self.cfg.dtype)
         self.tok, self.model = tokenizer, model
+        self.threads = teacher_threads(self.cfg)
         n = int(model.config.num_labels)
         id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
         self.model_labels = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
@@ -74,7 +78,7 @@ class HFSeqClsTeacher(Teacher):
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = 1
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(torch, self.threads):
             return self.model(input_ids=ids, attention_mask=mask).logits.float().numpy()
 
     def answer(self, requests: list[dict]) -> list[Answer]:
@@ -83,22 +87,12 @@ class HFSeqClsTeacher(Teacher):
         t0 = time.perf_counter()
         try:
             logits = self._logits([r["input_ids"] for r in requests])
-        except Exception as e:  # a broken batch is recorded per item, never dropped
-            return [Answer(label=None, status="error", error=f"{type(e).__name__}: {e}", extra={"reason": "local_error"})
-                    for _ in requests]
+        except Exception as e:
+            return Answer.local_errors(e, len(requests))
         dt = (time.perf_counter() - t0) / len(requests)
-        z = logits - logits.max(1, keepdims=True)
-        full = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        labels, out = self.task.labels, []
-        for r, p in zip(requests, full):
-            q = p[self.index]
-            total = float(q.sum())
-            probs = q / total if total > 0 else np.full(len(labels), 1.0 / len(labels))
-            k = int(probs.argmax())
-            out.append(Answer(label=labels[k], probs=[float(x) for x in probs], soft="logits", text=labels[k],
-                              missing_mass=max(0.0, 1.0 - total), tokens_in=len(r["input_ids"]), tokens_out=0,
-                              latency_s=dt, cost_usd=dt * self.cfg.usd_per_hour / 3600))
-        return out
+        return answers_from_scores(self.task.labels, logits, tokens_in=[len(r["input_ids"]) for r in requests],
+                                   tokens_out=0, latency_s=dt, cost_usd=dt * self.cfg.usd_per_hour / 3600,
+                                   index=self.index)
 
     def time_single(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time (for the latency report; not ledgered)."""

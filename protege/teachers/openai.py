@@ -167,8 +167,14 @@ class OpenAITeacher(Teacher):
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, text: str, sample: int = 0) -> dict:
-        if getattr(self.task, "kind", "classify") == "extract" and getattr(self.task, "schema", None):
-            return self.extract_request(text, self.task.schema, sample)
+        kind = getattr(self.task, "kind", "classify")
+        if kind == "extract" and getattr(self.task, "schema_", None):
+            return self.extract_request(text, self.task.schema_, sample)
+        if kind in ("extract", "generate"):
+            from ..textgen import teacher_messages
+
+            return self.generation_request(teacher_messages(self.task, truncate_words(text, self.cfg.max_input_tokens)),
+                                           sample)
         cfg = self.cfg
         task = variant_task(self.task, sample)
         req = {"model": cfg.model, "messages": build_messages(task, truncate_words(text, cfg.max_input_tokens)),
@@ -429,8 +435,14 @@ class OpenAITeacher(Teacher):
                 where = "/".join(str(p) for p in err.absolute_path) or "(root)"
                 return ("schema_mismatch", f"answer breaks the schema at {where}: {err.message}",
                         REASK_SCHEMA.format(error=f"{where}: {err.message}"), text)
-        return Answer(label=json.dumps(obj, sort_keys=True, ensure_ascii=False), probs=None, soft="none", text=text,
-                      extra={"json": obj})
+        extra, soft = {"json": obj}, "none"
+        lp = ch.get("logprobs")
+        if lp and lp.get("content"):
+            from .topk_store import pack_openai_content
+
+            extra["topk"], soft = pack_openai_content(lp["content"]), "logprobs"
+        return Answer(label=json.dumps(obj, sort_keys=True, ensure_ascii=False), probs=None, soft=soft, text=text,
+                      extra=extra)
 
     def _judge_text(self, ch, req: dict) -> Answer | tuple:
         from .topk_store import pack_openai_content

@@ -1,0 +1,195 @@
+"""Stage 5 for extract / generate tasks: teacher and student answer the same held-out gold inputs.
+
+The teacher's answers were produced in the generate stage through the ledger (stage ``gold``); the
+student answers here. Both are scored against gold by :func:`protege.metrics.score_items` — extract:
+per-item field F1 (primary), JSON validity, exact match; generate: per-item ROUGE-L (primary) and chrF —
+with bootstrap CIs on the same resamples and a paired bootstrap test. Latency is single-item greedy
+generation for both (the teacher's timed in the generate stage for a local model, or per-call wall time
+from the ledger for an API). With ``evaluate.judge`` (generate tasks), the teacher also judges student vs
+teacher answers pairwise in both orders (:mod:`protege.judge`), through the ledger.
+
+There is no calibration or cascade section: a generated answer has no single confidence to threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .artifacts import fingerprint, require
+from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
+from .data import load_gold, read_jsonl
+from .ledger import Ledger
+from .students import load_student
+from .task import TaskSpec
+from .textgen import same_answer
+
+
+def time_text_student(student, texts: list[str], n_single: int) -> dict:
+    """Single-item greedy generation times (warm-up first) — what a server answering one request sees."""
+    texts = texts[: max(1, n_single)]
+    student.generate(texts[:1], batch_size=1)
+    single = []
+    for t in texts:
+        t0 = time.perf_counter()
+        student.generate([t], batch_size=1)
+        single.append(time.perf_counter() - t0)
+    return M.latency_summary(single)
+
+
+def _fidelity(kind: str, t_out: list, s_out: list) -> dict:
+    agree = np.array([same_answer(kind, s, t) for s, t in zip(s_out, t_out)], dtype=float)
+    f = {"agreement": float(agree.mean()), "agreement_ci": list(M.bootstrap_ci(agree)),
+         "agreement_rule": "same fields and values" if kind == "extract" else "same text (whitespace aside)"}
+    # how close the student is to its teacher, scored like gold (teacher answer as the reference)
+    items, _ = M.score_items(kind, [t or "" for t in t_out], s_out)
+    f[f"{M.PRIMARY[kind]}_vs_teacher"] = float(items.mean())
+    f[f"{M.PRIMARY[kind]}_vs_teacher_ci"] = list(M.bootstrap_ci(items))
+    return f
+
+
+def worst_text_errors(texts, gold, t_out, s_out, t_items, s_items, k: int = 15) -> list[dict]:
+    """The student's lowest-scoring gold items (ties: where the teacher did best first)."""
+    idx = [i for i in range(len(gold)) if s_items[i] < 1.0]
+    idx.sort(key=lambda i: (s_items[i], -t_items[i]))
+    return [{"text": texts[i][:400], "gold": gold[i], "teacher": t_out[i], "student": s_out[i],
+             "teacher_score": float(t_items[i]), "student_score": float(s_items[i]),
+             "copied_teacher": s_out[i] is not None and s_out[i] == t_out[i]} for i in idx[:k]]
+
+
+def text_verdict(r: dict) -> dict:
+    t, s, p = r["teacher"], r["student"], r["paired"]
+    ret, metric = r.get("retained"), r["metric"]
+    if ret is None:
+        return {"decision": "not yet", "text": f"Not yet: the teacher scores {t['score']:.3f} {metric} on the gold "
+                f"items, so there is nothing to retain — fix the teacher's prompt (or the gold answers) first."}
+    sig = p["p_value"] < 0.05
+    lo = (r.get("retained_ci") or [ret])[0]
+    speed = f" and {r['speedup']:,.1f}x faster" if r.get("speedup") else ""
+    if s["score"] >= t["score"] or (not sig and lo >= 0.95):
+        return {"decision": "ship", "text": f"Ship the student: it keeps {ret:.1%} of the teacher's {metric} "
+                f"(paired {p['test']} p = {p['p_value']:.2g}){speed}."}
+    return {"decision": "not yet", "text": f"Not yet: the student keeps {ret:.1%} of the teacher's {metric} "
+            f"(p = {p['p_value']:.2g}). More or better-curated teacher answers, more epochs, or a larger student first."}
+
+
+def run_judge(task: TaskSpec, out: Path, texts, t_out, s_out, gold) -> dict:
+    """Pairwise LLM-as-judge (teacher backend as judge), both orders, through the run's ledger."""
+    from .judge import judge_task, pairwise_judge
+    from .teachers.base import make_teacher
+
+    n = len(texts) if task.evaluate.judge_max_items is None else min(len(texts), task.evaluate.judge_max_items)
+    judge = make_teacher(judge_task(task))
+    try:
+        with Ledger(out / "ledger.sqlite") as led:
+            res = pairwise_judge(judge, led, task.instruction, texts[:n], [t or "" for t in t_out[:n]],
+                                 [s or "" for s in s_out[:n]], gold[:n] if task.evaluate.judge_reference else None,
+                                 budget_usd=task.teacher.budget_usd)
+    finally:
+        judge.close()
+    res["items"] = res["items"][:50]
+    return res
+
+
+def evaluate_text(task: TaskSpec, out: Path) -> dict:
+    from .evaluate import _machine, _read, student_name, teacher_timing, write_outputs
+
+    out = Path(out)
+    train_cfg = require(out / "train", "train")
+    gen = require(out / "generate", "generate")
+    gold_rows = load_gold(task)
+    teacher_rows = {r["id"]: r for r in read_jsonl(out / "generate" / "gold.jsonl")}
+    missing = [g["id"] for g in gold_rows if g["id"] not in teacher_rows]
+    if missing:
+        raise ValueError(f"the generate artifact has no teacher answer for {len(missing)} gold items "
+                         f"(gold file changed?); re-run `protege generate`")
+    gen_stats, train_stats = _read(out / "generate" / "stats.json"), _read(out / "train" / "stats.json")
+    student = load_student(out / "train" / "student")
+    kind, schema = task.kind, task.schema_
+    texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
+    trows = [teacher_rows[g["id"]] for g in gold_rows]
+    t_out = [r.get("output") if r.get("status") == "ok" else None for r in trows]
+
+    t0 = time.perf_counter()
+    s_gen = student.generate(texts, batch_size=max(1, task.student.batch_size), description="student: gold inputs")
+    batched_s = (time.perf_counter() - t0) / max(1, len(texts))
+    s_out = [d["text"] for d in s_gen]
+    t_items, t_m = M.score_items(kind, gold, [t or "" for t in t_out], schema=schema)
+    s_items, s_m = M.score_items(kind, gold, s_out, schema=schema)
+    primary = M.PRIMARY[kind]
+    t_score, s_score = float(t_items.mean()), float(s_items.mean())
+
+    st = {**time_text_student(student, texts, task.evaluate.n_single), "batched_ms_per_item": batched_s * 1000,
+          "items_per_s_batched": 1.0 / batched_s if batched_s else None, "batch_size": task.student.batch_size}
+    tt = teacher_timing(task, out, gen_stats)
+    t_ms, s_ms = tt["p50_ms"], st["p50_ms"]
+    from .evaluate import _teacher_usd_per_call
+
+    t_usd_call = _teacher_usd_per_call(task, out, (t_ms or 0.0) / 1000)
+    s_usd_call = compute_usd_per_call(s_ms / 1000, task.student.usd_per_hour)
+    labelling_usd = float(gen_stats["inputs"]["usd"])
+    training_usd = compute_usd_per_call(train_stats["train_seconds"], task.student.usd_per_hour)
+    one_off, vol = labelling_usd + training_usd, task.volume_per_month
+    notes = {}
+    if t_score > 0:
+        retained, retained_ci = s_score / t_score, list(M.paired_ratio_ci(s_items, t_items))
+    else:
+        retained = retained_ci = None
+        notes["retained"] = (f"the teacher scored 0 {primary} on the gold items: student / teacher is undefined, "
+                             f"so retained is null")
+    speedup = t_ms / s_ms if (t_ms and s_ms) else None
+    if speedup is None:
+        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
+    tb = tt.get("batched_ms_per_item")
+    report = {
+        "task": task.name, "kind": kind, "metric": primary, "n_eval": len(gold),
+        "teacher": {"name": gen_stats["teacher"], "score": t_score, "score_ci": t_m[f"{primary}_ci"],
+                    "ms_per_item": t_ms, "ms_per_item_p95": tt["p95_ms"], "ms_per_item_batched": tb,
+                    "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": t_usd_call * 1000,
+                    "usd_per_month": t_usd_call * vol, "timing_source": tt["source"],
+                    "failed_answers": int(sum(t is None for t in t_out)),
+                    **({"json_validity": t_m["json_validity"]} if kind == "extract" else {})},
+        "student": {"name": student_name(student, task), "score": s_score, "score_ci": s_m[f"{primary}_ci"],
+                    "agreement": None, "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"],
+                    "ms_per_item_batched": st["batched_ms_per_item"], "items_per_s_batched": st["items_per_s_batched"],
+                    "usd_per_1k": s_usd_call * 1000, "usd_per_month": s_usd_call * vol, "params": student.n_params,
+                    "n_train": train_stats["n_train"],
+                    **({"json_validity": s_m["json_validity"]} if kind == "extract" else {})},
+        "retained": retained, "retained_ci": retained_ci, "speedup": speedup,
+        "speedup_batched": (tb / st["batched_ms_per_item"]) if (tb and st["batched_ms_per_item"]) else None,
+        "metrics": {"teacher": t_m, "student": s_m},
+        "paired": {**M.paired_test(s_items, t_items, False), "a": "student", "b": "teacher"},
+        "fidelity": _fidelity(kind, t_out, s_out),
+        "latency": {"student": st, "teacher": tt},
+        "cost": {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
+                 "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
+                 "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
+                 "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
+                 "break_even_months": break_even_months(t_usd_call, s_usd_call, vol, one_off),
+                 "basis": "local models: single-item p50 generation wall time × usd_per_hour; API teacher: mean "
+                          "ledger $ per call"},
+        "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
+                 "train": train_stats},
+        "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
+        "examples": worst_text_errors(texts, gold, t_out, s_out, t_items, s_items),
+        "errors": {"student": int((s_items < 1).sum()),
+                   "copied_from_teacher": int(sum(s_items[i] < 1 and s_out[i] == t_out[i] for i in range(len(gold))))},
+    }
+    report["student"]["agreement"] = report["fidelity"]["agreement"]
+    report["student"]["agreement_ci"] = report["fidelity"]["agreement_ci"]
+    if notes:
+        report["notes"] = notes
+    report["cost"]["cumulative"] = cumulative_costs(chart_months(report["cost"]["break_even_months"]), t_usd_call,
+                                                    s_usd_call, vol, one_off)
+    if task.evaluate.judge and kind == "generate":
+        report["judge"] = run_judge(task, out, texts, t_out, s_out, gold)
+    report["verdict"] = text_verdict(report)
+    items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
+              "student_score": float(ss), "student_confidence": None}
+             for g, y, tp, sp, ts, ss in zip(gold_rows, gold, t_out, s_out, t_items, s_items)]
+    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
+        {"generate": gen["fingerprint"], "train": train_cfg.get("fingerprint")})})
+

@@ -1,0 +1,179 @@
+"""Extract / generate tasks, teacher side: the prompt, text requests for any backend, summarised answers.
+
+A classify teacher's ``request()`` asks for a label; an extract or generate task needs free text. Rather
+than teach every backend the task kinds, :class:`TextTeacher` wraps any teacher and builds its requests
+through the backend's own generation API:
+
+- ``extract_request`` where the backend has one (OpenAI-compatible: ``response_format`` json_schema,
+  the answer validated with ``jsonschema`` and re-asked when it breaks the schema);
+- ``generation_request`` otherwise (local HF models: greedy decoding with the top-k log-probs of every
+  generated token; OpenAI-compatible servers: ``top_logprobs``).
+
+The request is what the ledger hashes, so caching, resume after ``kill -9`` and the budget gate work
+exactly as for classify. The prompt is the task's instruction (plus, for extract, the schema), its worked
+examples as chat turns, then the input; the student is trained on the same instruction without the
+examples (:func:`student_system_prompt`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+
+from .task import TaskSpec
+from .teachers.base import Answer, Teacher, truncate_words
+
+
+def system_text(task: TaskSpec) -> str:
+    """The instruction, plus the schema for extraction: what teacher and student are both told."""
+    s = task.instruction.strip()
+    if task.kind == "extract" and task.schema_:
+        s += ("\nReply with one JSON object that follows this JSON schema, and nothing else:\n"
+              + json.dumps(task.schema_, ensure_ascii=False))
+    return s
+
+
+def student_system_prompt(task: TaskSpec) -> str:
+    return system_text(task)
+
+
+def teacher_messages(task: TaskSpec, text: str) -> list[dict]:
+    """System instruction, the worked examples as chat turns, then the input."""
+    msgs = [{"role": "system", "content": system_text(task)}]
+    for ex in task.examples:
+        msgs += [{"role": "user", "content": ex.input}, {"role": "assistant", "content": ex.output}]
+    return msgs + [{"role": "user", "content": text}]
+
+
+class TextTeacher:
+    """Any teacher, answering extract / generate requests; everything else is delegated to it."""
+
+    def __init__(self, inner: Teacher, task: TaskSpec):
+        self.inner, self.task, self.cfg, self.name = inner, task, inner.cfg, inner.name
+
+    def __getattr__(self, attr):  # acall / run / estimate_tokens / display_name / close ... of the backend
+        if attr == "time_single":  # the backend's version times label scoring: not what this task does
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def _clip(self, text: str) -> str:
+        tok = getattr(self.inner, "tok", None)
+        if tok is None:
+            return truncate_words(text, self.cfg.max_input_tokens)
+        ids = tok(text.strip(), add_special_tokens=False).input_ids
+        return tok.decode(ids[: self.cfg.max_input_tokens]) if len(ids) > self.cfg.max_input_tokens else text.strip()
+
+    def request(self, text: str, sample: int = 0) -> dict:
+        if self.task.kind == "extract" and hasattr(self.inner, "extract_request"):
+            return self.inner.extract_request(text, self.task.schema_, sample)
+        return self.inner.generation_request(teacher_messages(self.task, self._clip(text)), sample)
+
+    def answer(self, requests: list[dict]) -> list[Answer]:
+        return self.inner.answer(requests)
+
+    def estimate_cost(self, request: dict) -> float:
+        return self.inner.estimate_cost(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def time_generation(self, texts: list[str]) -> list[float]:
+        """Wall seconds per input answered one at a time, not ledgered (local teachers only)."""
+        out = []
+        for t in texts:
+            req = self.request(t)
+            t0 = time.perf_counter()
+            self.inner.answer([req])
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+def text_teacher(task: TaskSpec) -> TextTeacher:
+    from .teachers.base import make_teacher
+
+    return TextTeacher(make_teacher(task), task)
+
+
+def _output(a: Answer) -> str:
+    return a.text if a.text else (a.label or "")
+
+
+def _confidence(a: Answer) -> float | None:
+    """Geometric-mean probability of the generated tokens (from the stored top-k), None without top-k."""
+    p = (a.extra or {}).get("topk")
+    if not p:
+        return None
+    from .teachers.topk_store import unpack
+
+    lp = [float(x) for x in unpack(p)["chosen_logprob"] if not math.isnan(float(x))]
+    return math.exp(sum(lp) / len(lp)) if lp else None
+
+
+def summarise_text(answers: list[Answer], kind: str) -> dict:
+    """Combine an item's samples: the most frequent output (first sample on ties), agreement rate, status."""
+    ok = [a for a in answers if a.status == "ok"]
+    if not ok:
+        err = next((a.error for a in answers if a.error), "no answer")
+        reason = next(((a.extra or {}).get("reason") for a in answers if (a.extra or {}).get("reason")), None)
+        return {"output": None, "label": None, "status": "error", "error": err, "reason": reason, "agreement": 0.0,
+                "confidence": 0.0, "soft": "none"}
+
+    def key(a: Answer) -> str:
+        if kind == "extract":
+            from .metrics import parse_json_object
+
+            obj = parse_json_object(_output(a))
+            if obj is not None:
+                return json.dumps(obj, sort_keys=True)
+        return " ".join(_output(a).split())
+
+    votes = Counter(key(a) for a in ok)
+    top, n_top = votes.most_common(1)[0]
+    best = next(a for a in ok if key(a) == top)
+    conf = _confidence(best)
+    row = {"output": _output(best), "status": "ok", "error": None, "agreement": n_top / len(ok), "samples": len(ok),
+           "confidence": 1.0 if conf is None else round(conf, 6), "soft": best.soft,
+           "finish_reason": (best.extra or {}).get("finish_reason")}
+    row["label"] = row["output"]  # older readers (review, ledger tools) look for `label`
+    if len(answers) > 1:
+        row["sample_outputs"] = [_output(a) if a.status == "ok" else None for a in answers]
+    return row
+
+
+def best_topk(answers: list[Answer], output: str | None) -> dict | None:
+    """The packed top-k of the sample whose text became the row's output (token KD trains on it)."""
+    for a in answers:
+        if a.status == "ok" and _output(a) == output and (a.extra or {}).get("topk"):
+            return a.extra["topk"]
+    return None
+
+
+def text_timing(teacher: TextTeacher, ledger, texts: list[str]) -> dict:
+    """Teacher latency for text tasks: single-item generation timed here for local models, else the ledger's."""
+    batched = ledger.latencies(teacher.name, "generate") + ledger.latencies(teacher.name, "gold")
+    out = {"batched_s_per_item": statistics.median(batched) if batched else None, "source": "ledger"}
+    if not hasattr(teacher.inner, "acall") and texts:
+        teacher.time_generation(texts[:1])  # warm-up
+        single = teacher.time_generation(texts)
+        out.update(single_s_p50=statistics.median(single), single_s=single, source="measured")
+    elif batched:
+        out.update(single_s_p50=statistics.median(batched), source="ledger latency per call")
+    return out
+
+
+def same_answer(kind: str, a: str | None, b: str | None) -> bool:
+    """Do two answers say the same thing? extract: the same fields and values; generate: the same text
+    (whitespace aside)."""
+    if a is None or b is None:
+        return False
+    if kind == "extract":
+        from .metrics import flatten_fields, parse_json_object
+
+        pa, pb = parse_json_object(a), parse_json_object(b)
+        if pa is None or pb is None:
+            return False
+        return flatten_fields(pa) == flatten_fields(pb)
+    return " ".join(a.split()) == " ".join(b.split())
