@@ -32,7 +32,7 @@ import numpy as np
 from . import metrics as M
 from .artifacts import fingerprint, require, stage_writer
 from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
-from .data import load_gold, read_jsonl, write_json, write_jsonl
+from .data import load_gold, read_jsonl, write_jsonl
 from .ledger import Ledger
 from .students import load_student
 from .task import TaskSpec
@@ -45,7 +45,8 @@ def student_name(student, task: TaskSpec) -> str:
     """Short name for tables: what the student is, not where it was saved."""
     kind = task.student.kind
     if kind == "static":
-        return f"static-{int(student.base.shape[1])}d+linear"
+        ngrams = getattr(student, "ngrams", None)
+        return f"static-{int(student.base.shape[1])}d" + (f"+{ngrams.n}gram" if ngrams is not None else "") + "+linear"
     ref = getattr(task.student, "model", None) or (task.student.embedder if kind == "encoder" else task.teacher.model)
     return f"{kind}:{str(ref).rstrip('/').rsplit('/', 1)[-1].removeprefix('pkg:')}"
 
@@ -163,12 +164,21 @@ def verdict(r: dict) -> dict:
             f"{cas.get('coverage', 0):.0%} of traffic. More or better-curated teacher labels first."}
 
 
-def evaluate(task: TaskSpec, out: Path) -> dict:
-    out = Path(out)
-    if task.kind != "classify":
-        from .evaluate_text import evaluate_text
+def cost_block(t_usd_call: float, s_usd_call: float, vol: int, labelling_usd: float, training_usd: float,
+               timed: str) -> dict:
+    """report.json's ``cost``: per call, per 1k, per month at ``vol`` calls, one-off spend, break-even."""
+    one_off = labelling_usd + training_usd
+    return {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
+            "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
+            "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
+            "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
+            "break_even_months": break_even_months(t_usd_call, s_usd_call, vol, one_off),
+            "basis": f"local models: single-item p50 {timed} × usd_per_hour; API teacher: mean ledger $ per call"}
 
-        return evaluate_text(task, out)
+
+def eval_inputs(task: TaskSpec, out: Path) -> tuple:
+    """What every evaluation reads: (train config, generate config, gold rows, the teacher's answer row for
+    each gold row in order, generate stats, train stats, the loaded student)."""
     train_cfg = require(out / "train", "train")
     gen = require(out / "generate", "generate")
     gold_rows = load_gold(task)
@@ -177,11 +187,19 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
     if missing:
         raise ValueError(f"the generate artifact has no teacher answer for {len(missing)} gold items "
                          f"(gold file changed?); re-run `protege generate`")
-    gen_stats = _read(out / "generate" / "stats.json")
-    train_stats = _read(out / "train" / "stats.json")
-    student = load_student(out / "train" / "student")
-    texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
     trows = [teacher_rows[g["id"]] for g in gold_rows]
+    return (train_cfg, gen, gold_rows, trows, _read(out / "generate" / "stats.json"),
+            _read(out / "train" / "stats.json"), load_student(out / "train" / "student"))
+
+
+def evaluate(task: TaskSpec, out: Path) -> dict:
+    out = Path(out)
+    if task.kind != "classify":
+        from .evaluate_text import evaluate_text
+
+        return evaluate_text(task, out)
+    train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
+    texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
     t_pred = [r.get("label") for r in trows]
     t_probs = [r.get("probs") for r in trows]
     t_conf = [r.get("confidence") if r.get("status") == "ok" else None for r in trows]
@@ -224,12 +242,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         **q,
         "confusion": {"teacher": M.confusion(gold, t_pred, task.labels), "student": M.confusion(gold, s_pred, task.labels)},
         "latency": {"student": st, "teacher": tt},
-        "cost": {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
-                 "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
-                 "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
-                 "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
-                 "break_even_months": break_even_months(t_usd_call, s_usd_call, vol, one_off),
-                 "basis": "local models: single-item p50 wall time × usd_per_hour; API teacher: mean ledger $ per call"},
+        "cost": cost_block(t_usd_call, s_usd_call, vol, labelling_usd, training_usd, "wall time"),
         "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
                  "train": train_stats},
         "machine": _machine(), "generate_fingerprint": gen["fingerprint"],

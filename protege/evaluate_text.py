@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .artifacts import fingerprint, require
-from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
-from .data import load_gold, read_jsonl
+from .artifacts import fingerprint
+from .costs import chart_months, compute_usd_per_call, cumulative_costs
 from .ledger import Ledger
-from .students import load_student
 from .task import TaskSpec
 from .textgen import same_answer
 
@@ -95,22 +93,12 @@ def run_judge(task: TaskSpec, out: Path, texts, t_out, s_out, gold) -> dict:
 
 
 def evaluate_text(task: TaskSpec, out: Path) -> dict:
-    from .evaluate import _machine, _read, student_name, teacher_timing, write_outputs
+    from .evaluate import _machine, _read, cost_block, eval_inputs, student_name, teacher_timing, write_outputs
 
     out = Path(out)
-    train_cfg = require(out / "train", "train")
-    gen = require(out / "generate", "generate")
-    gold_rows = load_gold(task)
-    teacher_rows = {r["id"]: r for r in read_jsonl(out / "generate" / "gold.jsonl")}
-    missing = [g["id"] for g in gold_rows if g["id"] not in teacher_rows]
-    if missing:
-        raise ValueError(f"the generate artifact has no teacher answer for {len(missing)} gold items "
-                         f"(gold file changed?); re-run `protege generate`")
-    gen_stats, train_stats = _read(out / "generate" / "stats.json"), _read(out / "train" / "stats.json")
-    student = load_student(out / "train" / "student")
+    train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
     kind, schema = task.kind, task.schema_
     texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
-    trows = [teacher_rows[g["id"]] for g in gold_rows]
     t_out = [r.get("output") if r.get("status") == "ok" else None for r in trows]
 
     t0 = time.perf_counter()
@@ -164,13 +152,7 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
         "paired": {**M.paired_test(s_items, t_items, False), "a": "student", "b": "teacher"},
         "fidelity": _fidelity(kind, t_out, s_out),
         "latency": {"student": st, "teacher": tt},
-        "cost": {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
-                 "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
-                 "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
-                 "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
-                 "break_even_months": break_even_months(t_usd_call, s_usd_call, vol, one_off),
-                 "basis": "local models: single-item p50 generation wall time × usd_per_hour; API teacher: mean "
-                          "ledger $ per call"},
+        "cost": cost_block(t_usd_call, s_usd_call, vol, labelling_usd, training_usd, "generation wall time"),
         "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
                  "train": train_stats},
         "machine": _machine(), "generate_fingerprint": gen["fingerprint"],

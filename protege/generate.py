@@ -201,10 +201,10 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         held, gold_stats = label_with_ledger(teacher, [r["text"] for r in gold], ledger, stage="gold",
                                              samples=1, budget_usd=task.teacher.budget_usd,
                                              description="teacher: gold inputs")
-        if text:
-            from .textgen import text_timing
-
-            timing = text_timing(teacher, ledger, [r["text"] for r in gold[: task.evaluate.n_single]])
+        if text:  # a local model's generation is timed here; an API teacher's latency comes from the ledger
+            local = not hasattr(teacher.inner, "acall")
+            timing = teacher_timing(teacher, ledger, [r["text"] for r in gold[: task.evaluate.n_single]],
+                                    single=teacher.time_generation if local else False)
         else:
             timing = teacher_timing(teacher, ledger, [r["text"] for r in gold[:8]])
     except BudgetExceeded as e:
@@ -238,11 +238,18 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
             for item in pool]
     if shard is not None:
         stats["shard"] = list(shard)
+    return _write_artifact(task, stage_dir, fp, train_rows, gold_rows, stats, topk)
+
+
+def _write_artifact(task: TaskSpec, stage_dir: Path, fp: str, train_rows: list[dict], gold_rows: list[dict],
+                    stats: dict, topk: list) -> Path:
+    """The generate folder, atomically: train / gold answers, stats, and the per-token top-k log-probs
+    for token-level KD when there are any (classify: row i = train row i; text tasks: ``topk_row``)."""
     with stage_writer(stage_dir, {"stage": "generate", "fingerprint": fp, "task": task.name}) as tmp:
         write_jsonl(tmp / "train.jsonl", train_rows)
         write_jsonl(tmp / "gold.jsonl", gold_rows)
         write_json(tmp / "stats.json", stats)
-        if any(t is not None for t in topk):  # generation: per-token top-k for token-level KD, row i = train row i
+        if any(t is not None for t in topk):
             from .teachers.topk_store import save_topk
 
             save_topk(tmp / "topk.safetensors", topk)
@@ -274,26 +281,22 @@ def _write_text(task: TaskSpec, stage_dir: Path, fp: str, shard, inputs, gold, p
     }
     if shard is not None:
         stats["shard"] = list(shard)
-    with stage_writer(stage_dir, {"stage": "generate", "fingerprint": fp, "task": task.name}) as tmp:
-        write_jsonl(tmp / "train.jsonl", train_rows)
-        write_jsonl(tmp / "gold.jsonl", gold_rows)
-        write_json(tmp / "stats.json", stats)
-        if topk:  # per-token top-k for token-level KD; train row r owns topk row r["topk_row"]
-            from .teachers.topk_store import save_topk
-
-            save_topk(tmp / "topk.safetensors", topk)
-    return stage_dir
+    return _write_artifact(task, stage_dir, fp, train_rows, gold_rows, stats, topk)
 
 
-def teacher_timing(teacher: Teacher, ledger: Ledger, texts: list[str]) -> dict:
-    """Teacher latency measured now, on this machine: single-item for local models, ledger for APIs."""
+def teacher_timing(teacher: Teacher, ledger: Ledger, texts: list[str], single=None) -> dict:
+    """Teacher latency measured now, on this machine (``single(texts)`` → seconds per item: a local model
+    answering one item at a time; default ``teacher.time_single``; ``False``: don't time), else the ledger's
+    latency per call (API teachers)."""
     # only this stage's calls: baseline runs of the same model (variants, zero-shot) share the ledger
     batched = ledger.latencies(teacher.name, "generate") + ledger.latencies(teacher.name, "gold")
     out = {"batched_s_per_item": statistics.median(batched) if batched else None, "source": "ledger"}
-    if hasattr(teacher, "time_single") and texts:
-        teacher.time_single(texts[:1])  # warm-up
-        single = teacher.time_single(texts)
-        out.update(single_s_p50=statistics.median(single), single_s=single, source="measured")
+    if single is None:
+        single = getattr(teacher, "time_single", None)
+    if single and texts:
+        single(texts[:1])  # warm-up
+        secs = single(texts)
+        out.update(single_s_p50=statistics.median(secs), single_s=secs, source="measured")
     elif batched:
         out.update(single_s_p50=statistics.median(batched), source="ledger latency per call")
     return out

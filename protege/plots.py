@@ -150,8 +150,10 @@ def break_even(cost: dict) -> str:
                   "distilled": [cost["one_off_usd"] + cost["student_usd_per_month"] * m for m in months],
                   "teacher_usd_per_month": cost["teacher_usd_per_month"], "one_off_usd": cost["one_off_usd"],
                   "break_even_months": cost.get("break_even_months")}
-    title = (f"{_usd(cost['one_off_usd'])} once, then saves "
-             f"{_usd(cost['teacher_usd_per_month'] - cost['student_usd_per_month'])}/month at {cost['volume_per_month']:,} calls/month")
+    saving = cost["teacher_usd_per_month"] - cost["student_usd_per_month"]
+    then = (f"then saves {_usd(saving)}/month" if saving > 0
+            else f"then costs {_usd(-saving)}/month more than the teacher: never breaks even")
+    title = f"{_usd(cost['one_off_usd'])} once, {then} at {cost['volume_per_month']:,} calls/month"
     fig = break_even_figure(curves, title=title)
     return to_data_uri(fig)
 

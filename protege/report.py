@@ -26,7 +26,7 @@ th{background:#f5f5f5;text-align:left}td.num{text-align:right;font-variant-numer
 .kpi b{display:block;font-size:1.45em}.kpi span{color:#666;font-size:.85em}
 .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}.row>div{flex:1;min-width:300px}
 img{max-width:100%}.note{color:#666;font-size:.9em}.bad{color:#c0392b}.ok{color:#2e7d32}
-td.text{max-width:460px;font-size:12px;color:#333}
+td.text{max-width:460px;font-size:12px;color:#333;overflow-wrap:anywhere}
 """
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from collections import Counter
 
@@ -149,19 +148,6 @@ def best_topk(answers: list[Answer], output: str | None) -> dict | None:
         if a.status == "ok" and _output(a) == output and (a.extra or {}).get("topk"):
             return a.extra["topk"]
     return None
-
-
-def text_timing(teacher: TextTeacher, ledger, texts: list[str]) -> dict:
-    """Teacher latency for text tasks: single-item generation timed here for local models, else the ledger's."""
-    batched = ledger.latencies(teacher.name, "generate") + ledger.latencies(teacher.name, "gold")
-    out = {"batched_s_per_item": statistics.median(batched) if batched else None, "source": "ledger"}
-    if not hasattr(teacher.inner, "acall") and texts:
-        teacher.time_generation(texts[:1])  # warm-up
-        single = teacher.time_generation(texts)
-        out.update(single_s_p50=statistics.median(single), single_s=single, source="measured")
-    elif batched:
-        out.update(single_s_p50=statistics.median(batched), source="ledger latency per call")
-    return out
 
 
 def same_answer(kind: str, a: str | None, b: str | None) -> bool:

@@ -96,11 +96,22 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     seconds = time.perf_counter() - t0
     stats = {"n_train": int(len(fit_idx)), "n_dev": int(len(dv)), "dev_agreement_with_teacher": dev_agreement,
              "train_seconds": seconds, "epochs_run": len(student.history), "params": student.n_params,
-             "sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "real", "review")},
-             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in fit_idx))
-                                for s in ("teacher", "real", "review")},
+             **_sources(rows, fit_idx),
              "weights": {s: sorted({float(r.get("weight", 1.0)) for r in rows if r.get("source", "teacher") == s})
-                         for s in ("teacher", "real", "review")}}
+                         for s in _SOURCES}}
+    return _write_train(task, stage_dir, fp, student, stats)
+
+
+_SOURCES = ("teacher", "real", "review")
+
+
+def _sources(rows: list[dict], fit_idx) -> dict:
+    """Rows by source (teacher labels, real labelled data, review corrections): all, and those fitted on."""
+    return {"sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in _SOURCES},
+            "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in fit_idx)) for s in _SOURCES}}
+
+
+def _write_train(task: TaskSpec, stage_dir: Path, fp: str, student, stats: dict) -> Path:
     from .students import is_main_process, wait_for_everyone
 
     if is_main_process():  # under `accelerate launch` every rank trains; rank 0 writes the artifact
@@ -118,7 +129,7 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
     A dev split (``train.dev_fraction``, at most 32 items, seeded) is held out of training; the trained
     student answers it and its agreement with the teacher's answers is reported.
     """
-    from .students import fit_text_student, is_main_process, wait_for_everyone
+    from .students import fit_text_student
     from .textgen import same_answer
 
     topk_file = out / "generate" / "topk.safetensors"
@@ -143,14 +154,6 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
     stats = {"n_train": len(tr), "n_dev": len(dv), "dev_agreement_with_teacher": dev_agreement,
              "train_seconds": seconds, "params": student.n_params, "kd": kd,
              "with_topk": int(sum(topk[i] is not None for i in tr)), "dropped_rows": getattr(student, "data_stats", None),
-             "sources": {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "real", "review")},
-             "sources_in_fit": {s: int(sum(rows[i].get("source", "teacher") == s for i in tr))
-                                for s in ("teacher", "real", "review")},
+             **_sources(rows, tr),
              "note": "real rows (data.train) are trained on with weight 1: the causal-LM trainer has no row weights"}
-    if is_main_process():
-        with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
-            student.save_pretrained(tmp / "student")
-            write_json(tmp / "stats.json", stats)
-            write_json(tmp / "history.json", student.history)
-    wait_for_everyone()
-    return stage_dir
+    return _write_train(task, stage_dir, fp, student, stats)

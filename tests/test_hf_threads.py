@@ -8,17 +8,10 @@ import torch
 from protege.task import TaskError, parse_task
 from protege.teachers import hf
 from protege.teachers.hf import HFTeacher, teacher_threads
-from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama, torch_threads
+from tiny import base_task, deep_merge, torch_threads
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok), seed=0)
+from test_hf_teacher import model, tok  # noqa: E402,F401  (module fixtures: tiny SmolLM2-tokenizer Llama)
 
 
 def _task():
