@@ -42,7 +42,8 @@ def file_signature(path: Path) -> dict:
 _RUNTIME_ONLY = {"budget_usd", "concurrency", "timeout_s", "max_retries", "rpm", "tpm", "budget_tokens", "retry_base_s",
                  "retry_max_s", "torch_threads"}
 # Settings added later that change answers: left out at their defaults so earlier artifacts stay fresh.
-_LATER_DEFAULTS = {"max_reasks": 2, "shuffle_labels": False, "paraphrases": [], "label_map": {}}
+_LATER_DEFAULTS = {"max_reasks": 2, "shuffle_labels": False, "paraphrases": [], "label_map": {},
+                   "retry_failed": "transient"}
 
 
 def _teacher_signature(task: TaskSpec) -> dict:
@@ -80,6 +81,12 @@ def generate_fingerprint(task: TaskSpec) -> str:
     return fingerprint(sig)
 
 
+# Failures where the model answered, but unusably (re-asks included): at the same settings a re-run would
+# most likely buy the same answer again. Transport failures (rate limits, 5xx, timeouts, dropped
+# connections, budget stops) are not in this set and are always retried.
+CONTENT_FAILURES = ("not_a_label", "truncated", "bad_json", "schema_mismatch", "empty")
+
+
 def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, stage: str, samples: int = 1,
                       budget_usd: float | None = None, description: str = "teacher",
                       budget_tokens: int | None = None) -> tuple[list[list[Answer]], dict]:
@@ -97,7 +104,12 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
     if budget_tokens is None:
         budget_tokens = getattr(teacher.cfg, "budget_tokens", None)
     keys = [[request_key(teacher.name, teacher.request(t, s), s) for s in range(samples)] for t in texts]
-    cached = ledger.lookup([k for ks in keys for k in ks])
+    flat = [k for ks in keys for k in ks]
+    cached = ledger.lookup(flat)
+    if getattr(teacher.cfg, "retry_failed", "all") == "transient":  # unusable answers are not bought twice
+        failed = ledger.lookup_failed([k for k in flat if k not in cached], CONTENT_FAILURES)
+    else:
+        failed = {}
     out: list[list[Answer | None]] = [[None] * samples for _ in range(n)]
     todo = []
     for i in range(n):
@@ -105,10 +117,15 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
             hit = cached.get(keys[i][s])
             if hit is not None:
                 out[i][s] = Answer.from_json(hit)
+            elif keys[i][s] in failed:
+                f = failed[keys[i][s]]
+                out[i][s] = Answer(label=None, status="error", error=f["error"],
+                                   extra={"reason": f["reason"], "from_ledger": True, "requests": 0})
             else:
                 todo.append((i, s))
     del cached
-    stats = {"requests": n * samples, "cache_hits": n * samples - len(todo), "calls": 0, "failed": 0, "usd": 0.0}
+    stats = {"requests": n * samples, "cache_hits": n * samples - len(todo), "calls": 0, "failed": 0, "usd": 0.0,
+             "failed_kept": sum(k in failed for k in flat)}  # unusable answers from an earlier run, not re-sent
     gate = BudgetGate(ledger, budget_usd, budget_tokens)
     run_id = ledger.start_run(stage, teacher.name, n * samples, stats["cache_hits"])
     with bar(description, n * samples) as advance:

@@ -135,6 +135,25 @@ class Ledger:
                 self.db.executemany("UPDATE calls SET hits = hits + 1 WHERE key = ?", [(k,) for k in out])
         return out
 
+    def lookup_failed(self, keys: Iterable[str], reasons: Iterable[str]) -> dict[str, dict]:
+        """Failed calls among ``keys`` whose reason is one of ``reasons``: {key: {"error", "reason"}}; counted
+        as cache hits. For re-runs that should not pay again for an answer the model already gave but that
+        was unusable (not a label, bad JSON, ...)."""
+        keys, reasons = list(keys), list(reasons)
+        out: dict[str, dict] = {}
+        if not reasons:
+            return out
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = (f"SELECT key, error, reason FROM calls WHERE status!='ok' AND key IN ({','.join('?' * len(chunk))}) "
+                 f"AND reason IN ({','.join('?' * len(reasons))})")
+            for k, err, reason in self.db.execute(q, chunk + reasons):
+                out[k] = {"error": err, "reason": reason}
+        if out:
+            with self.transaction():
+                self.db.executemany("UPDATE calls SET hits = hits + 1 WHERE key = ?", [(k,) for k in out])
+        return out
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN IMMEDIATE")

@@ -54,6 +54,12 @@ class TeacherConfig(_Strict):
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
+    retry_failed: Literal["transient", "all"] = Field("transient", description="On a re-run, which failed calls are "
+                                                      "sent again: 'transient' only those that failed in transport "
+                                                      "(rate limit, 5xx, timeout, dropped connection); an answer the "
+                                                      "model gave but that was unusable (not a label, bad JSON, "
+                                                      "schema mismatch, cut off, empty — after its re-asks) is kept "
+                                                      "as failed, not paid for again. 'all': retry every failure.")
     dtype: Literal["float32", "bfloat16"] = "float32"
     calibrate: bool = Field(False, description="Batch calibration: divide by the mean label distribution.")
     answer_prefix: str = Field("", description="Text the assistant turn starts with, e.g. 'Topic:'.")

@@ -574,3 +574,29 @@ def test_progress_fields_show_items_rate_cache_and_budget(tmp_path):
         tally.add(0, a)
     f = seen[-1]
     assert f["items"] == "2/3" and f["cached"] == 3 and float(f["calls/s"]) > 0 and f["$"] == "0.2500/2.00"
+
+
+@pytest.mark.parametrize("retry_failed", ["transient", "all"])
+def test_unusable_answers_are_not_bought_twice_unless_asked(tmp_path, servers, retry_failed):
+    """An answer that stays off-label after its re-asks is kept as failed on a re-run (default), while a
+    transport failure is retried; `retry_failed: all` sends both again."""
+    url, state = servers()
+    # the server counts faults per input text: each parametrisation gets its own texts
+    texts = [f"u1-{retry_failed} [offxinf]", f"u2-{retry_failed} [500x4] [label=tech]", f"u3-{retry_failed} [label=sports]"]
+    db = tmp_path / "l.sqlite"
+    task = make_task(url, retry_failed=retry_failed)
+    with Ledger(db) as led:
+        out1, _ = label_with_ledger(make_teacher(task), texts, led, stage="generate")
+    assert [i[0].status for i in out1] == ["error", "error", "ok"]
+    before = len(items_log(state, texts))
+    with Ledger(db) as led:
+        out2, s2 = label_with_ledger(make_teacher(task), texts, led, stage="generate")
+    again = [e["item"] for e in items_log(state, texts)[before:]]
+    if retry_failed == "transient":
+        assert sorted(set(again)) == [texts[1]]  # only the transport failure went out again
+        assert out2[0][0].status == "error" and out2[0][0].extra["reason"] == "not_a_label"
+        assert "not one of the labels" in out2[0][0].error and s2["failed_kept"] == 1
+    else:
+        assert sorted(set(again)) == [texts[0], texts[1]]
+        assert s2["failed_kept"] == 0
+    assert out2[1][0].status == "ok" and out2[1][0].label == "tech"
