@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+# ---- torch threads ------------------------------------------------------------------------------------
+# Tiny models on a busy 2-core box: intra-op threads only spin (40x slower with 2 than with 1). A module
+# opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    from tiny import torch_threads
+
+    with torch_threads(1):
+        yield
+
 # ---- local OpenAI-compatible LM server (protege.serve.local_lm) -------------------------------------
 # A real SmolLM2-135M-Instruct behind a real HTTP server on 127.0.0.1, so the `openai` teacher backend is
 # tested through the OpenAI SDK end to end. The model is loaded once per session (~10-20 s on CPU).

@@ -14,19 +14,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tiny import wordlevel_tokenizer
+
 LABELS = ["red", "green", "blue"]
 CUE = {"red": "cherry", "green": "grass", "blue": "ocean"}
-
-
-def _tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tok
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -39,7 +30,7 @@ def make_student(decoy_label: str | None = "blue", strength: float = 4.0):
     from protege.students.classifier import StaticClassifier
 
     words = list(CUE.values()) + ["decoy", "the", "item", "number"] + [str(i) for i in range(100)]
-    tok = _tokenizer(words)
+    tok = wordlevel_tokenizer(words)
     dims = 4
     emb = np.zeros((tok.get_vocab_size(), dims), dtype=np.float32)
     vocab = tok.get_vocab()

@@ -19,12 +19,7 @@ YS = ["41", "7", "316", "58"]
 SYSTEM = "Reply with the order number only."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(scope="module")

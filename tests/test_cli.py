@@ -10,15 +10,12 @@ import yaml
 from typer.testing import CliRunner
 
 from protege.cli import app
-from tiny import base_task, deep_merge, install_tiny_models, synthetic_rows, torch_threads, write_task
+from tiny import base_task, deep_merge, install_tiny_models, synthetic_rows, write_task
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(autouse=True)

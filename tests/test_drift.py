@@ -16,13 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from protege.serve.drift import DriftMonitor, Reference, assess, cosine_distance, psi, snapshot, unit_mean, wilson
-from tiny import install_tiny_models, synthetic_rows, torch_threads, write_task
+from tiny import install_tiny_models, synthetic_rows, write_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 # -- the figures ------------------------------------------------------------------------------------

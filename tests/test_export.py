@@ -21,17 +21,14 @@ from typer.testing import CliRunner
 
 from protege.export import check_chat_jsonl, export
 from protege.task import load_task
-from tiny import minilm_tokenizer, minilm_tokenizer_path, synthetic_rows, torch_threads, write_task
+from tiny import minilm_tokenizer, minilm_tokenizer_path, synthetic_rows, write_task
 
 LABELS = ["red", "green", "blue"]
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 def _run_folder(root: Path, student, *, threshold: float = 0.7) -> Path:

@@ -21,16 +21,13 @@ from typer.testing import CliRunner
 from protege.serve.gateway import GatewayConfig, create_app
 from protege.serve.local_lm import serve_in_thread
 from protege.task import load_task
-from tiny import minilm_tokenizer, synthetic_rows, torch_threads, write_task
+from tiny import minilm_tokenizer, synthetic_rows, write_task
 
 KEY = "sk-test-secret-0123456789"
 LABELS = ["red", "green", "blue"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 def train_static(seed: int, n: int = 90):

@@ -15,7 +15,7 @@ import torch
 from protege.task import TaskError, parse_task
 from protege.teachers.base import build_messages, make_teacher
 from protege.teachers.hf import HFTeacher, load_causal_lm
-from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama, torch_threads
+from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama
 
 TEXTS = [
     "hi",
@@ -26,10 +26,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(scope="module")

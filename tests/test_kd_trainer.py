@@ -10,12 +10,7 @@ from protege.kd_trainer import ClassifierKDCollator, TokenKDCollator, token_kd_l
 from protege.losses import forward_kl, generalized_jsd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 def _batch(B=3, L=9, V=11, seed=0):

@@ -18,16 +18,13 @@ from protege.teachers.base import make_teacher
 from protege.teachers.hf import HFTeacher
 from protege.teachers.hf_seqcls import HFSeqClsTeacher
 from protege.teachers.topk_store import load_topk, save_topk, unpack
-from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama, torch_threads
+from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama
 
 TEXTS = ["hi", "moss on a leaf in the old forest", "the shiny cherry thing number 3 from the brick house",
          "Sky and ocean: both are as blue as denim or sapphire."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(autouse=True)

@@ -20,13 +20,7 @@ from protege.losses import (
 torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds overhead (seconds on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 # ----------------------------------------------------------------- references

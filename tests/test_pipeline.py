@@ -18,16 +18,13 @@ from protege.data import read_jsonl
 from protege.ledger import Ledger
 from protege.pipeline import run
 from protege.task import load_task
-from tiny import install_tiny_models, torch_threads, write_task
+from tiny import install_tiny_models, write_task
 
 STAGES = ("generate", "curate", "train")
 N_INPUTS, N_GOLD = 36, 15
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(scope="module")

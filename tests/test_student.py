@@ -18,12 +18,7 @@ FILLER = [f"w{i}" for i in range(40)]
 VOCAB = [w for ws in CUES.values() for w in ws] + FILLER
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 def make_data(n: int, seed: int, noise: float = 0.0):

@@ -22,7 +22,7 @@ import yaml
 from protege.data import read_jsonl
 from protege.ledger import Ledger
 from protege.task import TaskError, load_task
-from tiny import SMOL_GGUF, smollm2_tokenizer, synthetic_rows, tiny_llama, torch_threads, write_jsonl
+from tiny import SMOL_GGUF, smollm2_tokenizer, synthetic_rows, tiny_llama, write_jsonl
 
 N_INPUTS, N_GOLD = 30, 15
 SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"],
@@ -32,10 +32,7 @@ GENERATE_OUT = "a note about red things"
 CONTRACT = {"task", "kind", "metric", "n_eval", "teacher", "student", "retained", "speedup"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only spin
 
 
 def _strict_json(path: Path) -> dict:
