@@ -59,23 +59,65 @@ class NgramFeatures:
         self.idf = np.array([np.log((1 + n_docs) / (1 + df[g])) + 1 for g in kept], dtype=np.float32)
         return self
 
+    def _index(self) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Integer lookup built once from ``vocab``: word → word id, and every kept n-gram as one integer
+        key (its word ids in base W) sorted with its column — so a text's n-grams are found with one
+        ``searchsorted`` instead of joining and hashing a string per n-gram (~4x faster per text)."""
+        if getattr(self, "_idx_for", None) is self.vocab:
+            return self._idx
+        words: dict[str, int] = {}
+        for g in self.vocab:
+            for w in g.split(" "):
+                words.setdefault(w, len(words))
+        base = len(words) + 1
+        keys = np.empty(len(self.vocab), dtype=np.int64)
+        cols = np.empty(len(self.vocab), dtype=np.int64)
+        for i, (g, col) in enumerate(self.vocab.items()):
+            k = 0
+            for w in g.split(" "):
+                k = k * base + words[w] + 1  # +1: 0 never starts a key, so lengths cannot collide
+            keys[i], cols[i] = k, col
+        order = np.argsort(keys)
+        self._idx, self._idx_for = (words, keys[order], cols[order]), self.vocab
+        return self._idx
+
+    def _columns(self, text: str) -> np.ndarray:
+        """Columns of the kept n-grams in ``text``, one entry per occurrence."""
+        words, keys, cols = self._index()
+        base = len(words) + 1
+        get = words.get
+        ids = np.fromiter((get(w, -1) for w in _TOKEN.findall(text.lower())), dtype=np.int64)
+        found = []
+        for k in range(1, self.n + 1):
+            if len(ids) < k:
+                break
+            key = np.zeros(len(ids) - k + 1, dtype=np.int64)
+            ok = np.ones(len(ids) - k + 1, dtype=bool)
+            for j in range(k):
+                part = ids[j : len(ids) - k + 1 + j]
+                ok &= part >= 0
+                key = key * base + part + 1
+            key = key[ok]
+            pos = np.searchsorted(keys, key)
+            pos[pos == len(keys)] = 0
+            hit = keys[pos] == key
+            found.append(cols[pos[hit]])
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
     def transform(self, texts: Iterable[str]) -> sp.csr_matrix:
-        vocab = self.vocab
         indptr, indices, data = [0], [], []
         for t in texts:
-            c = Counter(j for j in (vocab.get(g) for g in grams(t, self.n)) if j is not None)
-            if c:
-                idx = np.fromiter(c.keys(), dtype=np.int32, count=len(c))
-                tf = 1.0 + np.log(np.fromiter(c.values(), dtype=np.float32, count=len(c)))
-                w = tf * self.idf[idx]
+            idx, counts = np.unique(self._columns(t), return_counts=True)
+            if len(idx):
+                w = (1.0 + np.log(counts.astype(np.float32))) * self.idf[idx]
                 w /= max(float(np.sqrt(w @ w)), 1e-12)
-                indices.append(idx)
+                indices.append(idx.astype(np.int32))
                 data.append(w.astype(np.float32))
-            indptr.append(indptr[-1] + len(c))
+            indptr.append(indptr[-1] + len(idx))
         return sp.csr_matrix(
             (np.concatenate(data) if data else np.zeros(0, np.float32),
              np.concatenate(indices) if indices else np.zeros(0, np.int32), np.asarray(indptr)),
-            shape=(len(indptr) - 1, len(vocab)))
+            shape=(len(indptr) - 1, len(self.vocab)))
 
     # -- persistence: one JSON file, like a tokenizer.json: vocabulary (index = column) and IDF
     def to_json(self) -> dict:
