@@ -154,7 +154,7 @@ def verdict(r: dict) -> dict:
         how = "significantly better than" if (sig and s["score"] > t["score"]) else "on par with"
         fast = f" and {r['speedup']:,.0f}x faster" if r.get("speedup") else ""
         return {"decision": "ship", "text": f"Ship the student: it is {how} the teacher "
-                f"({ret:.1%} of its {r['metric']}, paired {p['test']} p = {p['p_value']:.2g}){fast}."}
+                f"({ret:.1%} of its {r['metric']}, {p['test']} p = {p['p_value']:.2g}){fast}."}
     if cas.get("coverage", 0) >= 0.5:
         return {"decision": "cascade", "text": f"Ship behind a cascade: answering only when confidence ≥ "
                 f"{cas['threshold']:.2f} covers {cas['coverage']:.0%} of traffic and keeps {CASCADE_TARGET:.0%} of the "

@@ -69,7 +69,7 @@ def text_verdict(r: dict) -> dict:
     speed = f" and {r['speedup']:,.1f}x faster" if r.get("speedup") else ""
     if s["score"] >= t["score"] or (not sig and lo >= 0.95):
         return {"decision": "ship", "text": f"Ship the student: it keeps {ret:.1%} of the teacher's {metric} "
-                f"(paired {p['test']} p = {p['p_value']:.2g}){speed}."}
+                f"({p['test']} p = {p['p_value']:.2g}){speed}."}
     return {"decision": "not yet", "text": f"Not yet: the student keeps {ret:.1%} of the teacher's {metric} "
             f"(p = {p['p_value']:.2g}). More or better-curated teacher answers, more epochs, or a larger student first."}
 
