@@ -340,6 +340,24 @@ def divergences(p_teacher: np.ndarray, q_student: np.ndarray, eps: float = 1e-12
             "jsd": float(jsd.mean()), "jsd_ci": list(bootstrap_ci(jsd)), "n": int(len(p)), "unit": "nats"}
 
 
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """Temperature scaling (Guo et al., 2017): the τ > 0 that minimises the NLL of ``labels`` under
+    ``softmax(logits / τ)``. One scalar, so the argmax — and accuracy — never changes; only confidence."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if len(y) == 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float(-(s[np.arange(len(y)), y] - np.log(np.exp(s).sum(1))).mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x))
+
+
 def calibration(confidence: Sequence[float], correct: Sequence[float], n_bins: int = 10) -> dict:
     """Expected calibration error (equal-width bins on top-label confidence) and the reliability bins.
 

@@ -176,3 +176,14 @@ def test_latency_summary():
     s = M.latency_summary([0.001, 0.002, 0.003, None])
     assert s["p50_ms"] == pytest.approx(2.0) and s["n"] == 3 and s["p95_ms"] == pytest.approx(2.9)
     assert M.latency_summary([])["p50_ms"] is None
+
+
+def test_fit_temperature_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6000, 4)) * 2.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])  # labels drawn from softmax(z): z is calibrated
+    assert M.fit_temperature(z * 3.0, y) == pytest.approx(3.0, rel=0.08)  # 3x too sharp → τ ≈ 3
+    assert M.fit_temperature(z / 2.0, y) == pytest.approx(0.5, rel=0.08)  # too flat → τ ≈ 0.5
+    assert M.fit_temperature(np.zeros((0, 4)), []) == 1.0

@@ -234,3 +234,16 @@ def test_word_cache_with_a_byte_level_bpe_tokenizer():
     clf = StaticClassifier(np.zeros((tok.get_vocab_size(), 4), np.float32), tok, LABELS, max_tokens=64)
     for t in PROSE[:3] + [_long_text(100)]:
         assert clf._ids([t])[0] == _raw(bpe()).encode(t, add_special_tokens=False).ids[:64], t[:60]
+
+
+def test_temperature_scaling_changes_confidence_not_predictions(tmp_path):
+    tr_x, tr_p, _ = make_data(90, seed=11)
+    te_x, _, _ = make_data(30, seed=12)
+    clf = make_ngram_clf().fit(tr_x, tr_p)
+    before_pred, before_conf = clf.predict(te_x), clf.predict_proba(te_x).max(1)
+    clf.scale_logits(0.5)
+    assert clf.predict(te_x) == before_pred
+    assert np.all(clf.predict_proba(te_x).max(1) >= before_conf - 1e-6) and clf.temperature == 0.5
+    clf.save_pretrained(tmp_path / "t")
+    back = StaticClassifier.from_pretrained(tmp_path / "t")
+    np.testing.assert_allclose(back.predict_proba(te_x), clf.predict_proba(te_x), atol=1e-6)

@@ -215,6 +215,13 @@ class StaticClassifier(LogitClassifier):
     def n_params(self) -> int:
         return int(self.table.size + self.W.size + self.V.size + self.b.size)
 
+    def scale_logits(self, temperature: float) -> "StaticClassifier":
+        """Divide every logit by ``temperature`` (temperature scaling), folded into the head's weights, so
+        numpy, saved and ONNX students all carry it; predictions are unchanged, confidences are not."""
+        self.W, self.V, self.b = (np.ascontiguousarray(a / np.float32(temperature)) for a in (self.W, self.V, self.b))
+        self.temperature = float(temperature) * getattr(self, "temperature", 1.0)
+        return self
+
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
@@ -231,6 +238,7 @@ class StaticClassifier(LogitClassifier):
         (p / "config.json").write_text(json.dumps({
             "protege_student": "static", "labels": self.labels, "dims": int(self.base.shape[1]),
             "max_tokens": self.max_tokens, "ngrams": self.ngrams.n if self.ngrams is not None else 0,
+            "temperature_folded": getattr(self, "temperature", 1.0),  # already in the weights; for the record
             "protege_version": __version__}, indent=2), encoding="utf-8")
 
     @classmethod
