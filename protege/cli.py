@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distil an expensive model's narrow task into a small, fast student — and prove it.")
-console = Console()
+# Piped output (CI logs, `| tee`) has no terminal width; Rich then assumes 80 columns and wraps the
+# result tables into unreadable stacks. Give it room unless COLUMNS says otherwise.
+console = Console(width=None if (sys.stdout.isatty() or os.environ.get("COLUMNS")) else 120)
 
 TaskArg = typer.Argument(..., help="Path to task.yaml", exists=False)
 OutOpt = typer.Option(None, "--out", "-o", help="Artifact folder (default runs/<task name>)")
