@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distil an expensive model's narrow task into a small, fast student — and prove it.")
-# Piped output (CI logs, `| tee`) has no terminal width; Rich then assumes 80 columns and wraps the
-# result tables into unreadable stacks. Give it room unless COLUMNS says otherwise.
-console = Console(width=None if (sys.stdout.isatty() or os.environ.get("COLUMNS")) else 120)
+
+
+class _Console(Console):
+    """Piped output (CI logs, `| tee`) has no terminal width; Rich then assumes 80 columns and wraps the
+    result tables into unreadable stacks. Give it 120 unless a terminal or COLUMNS says otherwise."""
+
+    @property
+    def size(self):
+        from rich.console import ConsoleDimensions
+
+        size = super().size
+        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS"):
+            return ConsoleDimensions(120, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size):
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
 
 TaskArg = typer.Argument(..., help="Path to task.yaml", exists=False)
 OutOpt = typer.Option(None, "--out", "-o", help="Artifact folder (default runs/<task name>)")

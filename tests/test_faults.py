@@ -315,8 +315,16 @@ def test_extraction_with_response_format_json_schema(servers):
     log = items_log(state, texts)
     assert all(e["response_format"]["type"] == "json_schema" and e["response_format"]["json_schema"]["schema"] == SCHEMA
                for e in log)  # every request, re-asks included, was schema-constrained
-    assert not any(e["logprobs"] for e in log)
+    # per-token top-k of the JSON answer is asked for and kept (token-level KD for the student) ...
+    assert all(e["logprobs"] for e in log)
+    for a in ok:
+        assert a.soft == "logprobs" and a.extra["topk"] is not None
     t.close()
+    # ... and not asked for when the task turns it off
+    t0 = make_teacher(make_task(url, max_tokens=64, top_logprobs=0))
+    (a,) = t0.answer([t0.extract_request("x5 invoice", SCHEMA)])
+    assert a.status == "ok" and a.soft == "none" and not items_log(state, ["x5 invoice"])[-1]["logprobs"]
+    t0.close()
 
 
 # -- generation: per-token top-k stored compactly ----------------------------------------------------------

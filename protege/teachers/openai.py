@@ -198,6 +198,8 @@ class OpenAITeacher(Teacher):
         req = {"model": cfg.model, "messages": msgs, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
                "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
                "protege": {"mode": "extract"}}
+        if cfg.top_logprobs:  # per-token top-k of the JSON answer: token-level KD for the student
+            req.update(logprobs=True, top_logprobs=cfg.top_logprobs)
         if sample:
             req["seed"] = sample
         return req
