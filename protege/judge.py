@@ -73,12 +73,18 @@ def pairwise_judge(judge, ledger, instruction: str, texts: Sequence[str], output
 
     n = len(texts)
     refs = list(references) if references is not None else [None] * n
-    ab = [judge_prompt(instruction, t, a, b, r) for t, a, b, r in zip(texts, outputs_a, outputs_b, refs)]
-    ba = [judge_prompt(instruction, t, b, a, r) for t, a, b, r in zip(texts, outputs_a, outputs_b, refs)]
+    # the same answer twice is a tie by definition: no judge call is paid for it
+    same = [" ".join(str(a).split()) == " ".join(str(b).split()) for a, b in zip(outputs_a, outputs_b)]
+    ask = [i for i in range(n) if not same[i]]
+    ab = [judge_prompt(instruction, texts[i], outputs_a[i], outputs_b[i], refs[i]) for i in ask]
+    ba = [judge_prompt(instruction, texts[i], outputs_b[i], outputs_a[i], refs[i]) for i in ask]
     answers, stats = label_with_ledger(judge, ab + ba, ledger, stage="judge", samples=1, budget_usd=budget_usd,
                                        description="judge: pairwise, both orders")
-    first = [a[0].label if a[0].status == "ok" else None for a in answers[:n]]
-    second = [a[0].label if a[0].status == "ok" else None for a in answers[n:]]
+    first: list[str | None] = ["tie"] * n
+    second: list[str | None] = ["tie"] * n
+    for j, i in enumerate(ask):
+        first[i] = answers[j][0].label if answers[j][0].status == "ok" else None
+        second[i] = answers[len(ask) + j][0].label if answers[len(ask) + j][0].status == "ok" else None
     items, points, firsts, valid, consistent = [], [], 0, 0, 0
     for i in range(n):
         p1, p2 = _b_points(first[i], b_is_first=False), _b_points(second[i], b_is_first=True)
@@ -87,22 +93,25 @@ def pairwise_judge(judge, ledger, instruction: str, texts: Sequence[str], output
                 valid += 1
                 firsts += lab == "A"
         got = [p for p in (p1, p2) if p is not None]
-        consistent += len(got) == 2 and p1 == p2
+        consistent += len(got) == 2 and p1 == p2 and not same[i]  # over the items actually judged
         if len(got) == 2 and p1 == p2:
             verdict = {1.0: names[1], 0.0: names[0], 0.5: "tie"}[p1]
         else:
             verdict = "tie" if got else "invalid"
         score = float(np.mean(got)) if got else 0.5
         points.append(score)
-        items.append({"first_order": first[i], "swapped_order": second[i], "verdict": verdict, "points": score})
+        items.append({"first_order": first[i], "swapped_order": second[i], "verdict": verdict, "points": score,
+                      **({"identical": True} if same[i] else {})})
     pts = np.array(points, dtype=float)
     verdicts = [it["verdict"] for it in items]
     return {
         "judge": getattr(judge, "name", "?"), "n": n, f"{names[1]}_win_rate": float(pts.mean()) if n else float("nan"),
         "win_rate_ci": list(bootstrap_ci(pts)), "wins": verdicts.count(names[1]), "losses": verdicts.count(names[0]),
         "ties": verdicts.count("tie"), "invalid": verdicts.count("invalid"),
-        "position_consistency": consistent / n if n else float("nan"),
+        "position_consistency": consistent / len(ask) if ask else None,
         "first_position_rate": firsts / valid if valid else None,
-        "calls": stats["calls"], "cache_hits": stats["cache_hits"], "usd": stats["usd"], "items": items,
-        "rule": "judged in both orders; a flip counts as a tie; win rate = (wins + ties / 2) / n",
+        "calls": stats["calls"], "cache_hits": stats["cache_hits"], "usd": stats["usd"], "identical": sum(same),
+        "items": items,
+        "rule": "judged in both orders; a flip counts as a tie; identical answers are a tie without a call; "
+                "win rate = (wins + ties / 2) / n",
     }
