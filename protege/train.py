@@ -33,6 +33,11 @@ def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray
     return np.array(sorted(train_idx)), np.array(sorted(dev_idx))
 
 
+# Bumped when how a student is trained changes (not just its settings), so an existing run folder's train
+# stage is redone instead of looking fresh. 2: static student with n-gram block, convex fit, temperature.
+TRAIN_RECIPE = 2
+
+
 def balanced_class_weights(hard: np.ndarray, k: int) -> np.ndarray:
     """scikit-learn's ``class_weight="balanced"``: n / (k · count); 0 for a label with no rows."""
     counts = np.bincount(hard, minlength=k).astype(np.float32)
@@ -58,7 +63,7 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     cur_dir, stage_dir = Path(out) / "curate", Path(out) / "train"
     cur_cfg = require(cur_dir, "curate")
     fp = fingerprint({"upstream": cur_cfg["fingerprint"], "student": task.student.model_dump(),
-                      "train": task.train.model_dump()})
+                      "train": task.train.model_dump(), "recipe": TRAIN_RECIPE})
     if not force and is_fresh(stage_dir, fp):
         return stage_dir
     rows = read_jsonl(cur_dir / "train.jsonl")
