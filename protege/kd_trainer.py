@@ -168,6 +168,8 @@ class TokenKDCollator:
         labels = [r["labels"] for r in rows]
         out = {"input_ids": _pad(ids, self.pad_token_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0),
                "labels": _pad(labels, -100)}
+        if rows[0].get("sample_weight") is not None:
+            out["sample_weight"] = torch.tensor([float(r["sample_weight"]) for r in rows], dtype=torch.float32)
         if rows[0].get("teacher_input_ids") is not None:
             t_ids = [r["teacher_input_ids"] for r in rows]
             t_lab = [[t if m else -100 for t, m in zip(r["teacher_input_ids"], r["teacher_completion_mask"])]
@@ -206,7 +208,8 @@ def _sft_trainer_cls():
 def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, kd: str, beta: float = 0.5,
                   temperature: float = 1.0, teacher_logits: torch.Tensor | None = None,
                   teacher_labels: torch.Tensor | None = None, topk: tuple | None = None,
-                  vocab_size: int | None = None, num_items: int | torch.Tensor | None = None) -> dict:
+                  vocab_size: int | None = None, num_items: int | torch.Tensor | None = None,
+                  row_weight: torch.Tensor | None = None) -> dict:
     """SFT cross-entropy on completion tokens mixed with a token-level KD term. Pure: tensors in, losses out.
 
     ``logits`` [B, L, V] and ``labels`` [B, L] (-100 = not trained) are unshifted, as a causal LM
@@ -215,6 +218,8 @@ def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, k
     behind a different prompt), or "topk" (``topk_kl`` against ``topk = (ids, logprobs, mask)``, each
     aligned with ``labels``). Both terms are sums over completion tokens divided by ``num_items`` (the
     Trainer's token count over the whole accumulated, all-rank batch) or by this batch's count.
+    ``row_weight`` [B] multiplies every token term of its sequence (real labelled rows above teacher
+    rows); the denominator stays the token count, so all-ones weights change nothing.
     Returns ``{"loss", "ce", "kd"}``.
     """
     s_logits, tgt = logits[:, :-1], labels[:, 1:]
@@ -223,7 +228,15 @@ def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, k
     rows = s_logits[mask].float()
     if vocab_size is not None:
         rows = rows[..., :vocab_size]
-    ce = F.cross_entropy(rows, tgt[mask], reduction="sum") / denom
+
+    def wsum(per_token: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Sum of per-token terms at the ``where`` positions, each times its row's weight."""
+        if row_weight is None:
+            return per_token.sum()
+        w = row_weight.to(per_token)[:, None].expand(where.shape)[where]
+        return (per_token * w).sum()
+
+    ce = wsum(F.cross_entropy(rows, tgt[mask], reduction="none"), mask) / denom
     kd_term = torch.zeros((), device=logits.device)
     if kd == "logits" and alpha > 0:
         if teacher_logits is None:
@@ -235,7 +248,8 @@ def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, k
         if t_rows.shape != rows.shape:
             raise ValueError(f"teacher gives {tuple(t_rows.shape)} completion logits, student {tuple(rows.shape)}: "
                              f"the two prompts must wrap the same completion tokens and vocabularies must match")
-        kd_term = generalized_jsd(rows, t_rows, beta=beta, temperature=temperature, reduction="sum") / denom
+        kd_term = wsum(generalized_jsd(rows, t_rows, beta=beta, temperature=temperature, reduction="none").sum(-1),
+                       mask) / denom
     elif kd == "topk" and alpha > 0:
         if topk is None:
             raise ValueError("kd='topk' needs topk=(ids, logprobs, mask)")
@@ -244,7 +258,8 @@ def token_kd_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, k
             k_rows = s_logits[k_mask].float()
             if vocab_size is not None:
                 k_rows = k_rows[..., :vocab_size]
-            kd_term = topk_kl(k_rows, k_ids[k_mask], k_lp[k_mask], temperature=temperature, reduction="sum") / denom
+            kd_term = wsum(topk_kl(k_rows, k_ids[k_mask], k_lp[k_mask], temperature=temperature, reduction="none"),
+                           k_mask) / denom
     if kd == "none" or alpha == 0:
         loss = ce
     else:
@@ -318,6 +333,7 @@ def _token_kd_trainer_class() -> type:
             t_att = inputs.pop("teacher_attention_mask", None)
             t_lab = inputs.pop("teacher_labels", None)
             topk = [inputs.pop(k, None) for k in ("topk_ids", "topk_logprobs", "topk_mask")]
+            row_weight = inputs.pop("sample_weight", None)
             out, start = completion_logits(model, inputs["input_ids"], inputs["attention_mask"], labels)
             labels = labels[:, start:]
             topk = [None if t is None else t[:, start:] for t in topk]
@@ -335,7 +351,7 @@ def _token_kd_trainer_class() -> type:
             res = token_kd_loss(out.logits, labels, alpha=self.alpha, kd=self.kd, beta=self.beta,
                                 temperature=self.temperature, teacher_logits=t_logits, teacher_labels=t_lab,
                                 topk=tuple(topk) if topk[0] is not None else None, vocab_size=self.vocab_size,
-                                num_items=num_items_in_batch)
+                                num_items=num_items_in_batch, row_weight=row_weight)
             loss = res["loss"]
             # like Trainer / SFTTrainer: num_items_in_batch counts every rank's tokens and DDP averages gradients
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -156,8 +156,10 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
     order = rng.permutation(len(rows))
     dv, tr = sorted(order[:n_dev].tolist()), sorted(order[n_dev:].tolist())
     t0 = time.perf_counter()
+    weight = [float(rows[i].get("weight", 1.0)) for i in tr]  # curate.real_weight on real labelled rows
     student, kd = fit_text_student(task, [rows[i]["text"] for i in tr], [rows[i]["output"] for i in tr],
-                                   [topk[i] for i in tr] if stored is not None else None)
+                                   [topk[i] for i in tr] if stored is not None else None,
+                                   sample_weight=weight if any(w != 1.0 for w in weight) else None)
     seconds = time.perf_counter() - t0
     dev_agreement = None
     if dv:
@@ -167,5 +169,6 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
              "train_seconds": seconds, "params": student.n_params, "kd": kd,
              "with_topk": int(sum(topk[i] is not None for i in tr)), "dropped_rows": getattr(student, "data_stats", None),
              **_sources(rows, tr),
-             "note": "real rows (data.train) are trained on with weight 1: the causal-LM trainer has no row weights"}
+             "weights": {src: sorted({float(r.get("weight", 1.0)) for r in rows if r.get("source", "teacher") == src})
+                         for src in _SOURCES}}
     return _write_train(task, stage_dir, fp, student, stats)

@@ -269,3 +269,16 @@ def test_train_stage_with_a_causal_lm_student_on_a_classify_task(tok, tmp_path):
     assert "Answer with exactly one of: red, green, blue" in student.system_prompt
     assert all(p is None or p in LABELS for p in student.predict([r["text"] for r in rows[:3]]))
     assert json.loads((stage / "stats.json").read_text())["n_train"] > 0
+
+
+def test_row_weights_reach_the_loss_through_the_trainer(tok):
+    """All-zero weights: zero loss, zero gradient, AdamW leaves every weight where it was; ones move them."""
+    rows, _ = _student(tok).build_rows(XS, YS, kd="none", max_length=256, sample_weight=[2.0, 1.0, 1.0, 0.5])
+    assert [r["sample_weight"] for r in rows] == [2.0, 1.0, 1.0, 0.5]
+    moved = {}
+    for name, w in (("zero", [0.0] * len(XS)), ("one", [1.0] * len(XS))):
+        student = _student(tok, seed=5)
+        before = [p.detach().clone() for p in student.model.parameters()]
+        student.fit(XS, YS, kd="none", max_steps=1, batch_size=len(XS), lr=1e-2, warmup=0, sample_weight=w)
+        moved[name] = max(float((p.detach() - q).abs().max()) for p, q in zip(student.model.parameters(), before))
+    assert moved["zero"] == 0.0 and moved["one"] > 1e-4, moved

@@ -173,3 +173,38 @@ def test_completion_logits_skip_only_prompt_positions():
     got = token_kd_loss(out.logits, labels[:, start:], alpha=0.5, kd="logits", teacher_logits=teacher[:, start:])
     assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-5)
     assert got["ce"].item() == pytest.approx(want["ce"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kd", ["none", "logits", "topk"])
+def test_row_weights_scale_each_sequence_and_ones_change_nothing(kd):
+    """loss(w) = Σ_b w_b · loss(row b alone, same denominator): a row weighted 2 counts twice, 0 not at all."""
+    logits, labels = _batch()
+    B, L, V = logits.shape
+    teacher = torch.randn_like(logits) * 2
+    gen = torch.Generator().manual_seed(1)
+    k_ids = torch.randint(0, V, (B, L, 3), generator=gen)
+    k_lp = torch.log_softmax(torch.randn(B, L, 3, generator=gen), -1)
+    k_mask = labels != -100
+    kw = {"logits": dict(teacher_logits=teacher), "topk": dict(topk=(k_ids, k_lp, k_mask)), "none": {}}[kd]
+    n = int((labels[:, 1:] != -100).sum())
+    base = token_kd_loss(logits, labels, alpha=0.6, kd=kd, **kw)
+    ones = token_kd_loss(logits, labels, alpha=0.6, kd=kd, row_weight=torch.ones(B), **kw)
+    assert ones["loss"].item() == pytest.approx(base["loss"].item(), rel=1e-6)
+    w = torch.tensor([2.0, 0.0, 0.5])
+    got = token_kd_loss(logits, labels, alpha=0.6, kd=kd, row_weight=w, **kw)["loss"].item()
+
+    def alone(b):
+        sub = {k: (v[b : b + 1] if torch.is_tensor(v) else tuple(x[b : b + 1] for x in v)) for k, v in kw.items()}
+        return token_kd_loss(logits[b : b + 1], labels[b : b + 1], alpha=0.6, kd=kd, num_items=n, **sub)["loss"].item()
+
+    assert got == pytest.approx(sum(float(w[b]) * alone(b) for b in range(B)), rel=1e-5)
+    assert got != pytest.approx(base["loss"].item(), rel=1e-3)  # the weights did something
+
+
+def test_token_collator_stacks_row_weights():
+    from protege.kd_trainer import TokenKDCollator
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_weight": 2.0},
+            {"input_ids": [5, 8], "labels": [-100, 8], "sample_weight": 1.0}]
+    batch = TokenKDCollator(pad_token_id=0)(rows)
+    assert batch["sample_weight"].tolist() == [2.0, 1.0] and batch["input_ids"].shape == (2, 3)

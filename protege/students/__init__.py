@@ -174,7 +174,8 @@ def _fit_causal_lm_classifier(task, texts: Sequence[str], hard: np.ndarray):
 
 # -- extract / generate tasks: a causal LM trained on the teacher's text answers -------------------
 
-def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: Sequence[dict | None] | None = None):
+def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: Sequence[dict | None] | None = None,
+                     sample_weight: Sequence[float] | None = None):
     """A ``CausalLMStudent`` trained on (input, teacher output) pairs of an extract / generate task.
 
     SFT on the completion, plus token-level KD (``student.kd``): ``auto`` uses the top-k log-probs stored
@@ -222,5 +223,5 @@ def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: 
                 teacher_messages=[teacher_messages(task, x) for x in inputs] if kd == "logits" else None,
                 topk=list(topk) if kd == "topk" else None, kd=kd, alpha=t.alpha, beta=s.beta, temperature=1.0,
                 epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
-                lora=s.lora, seed=t.seed)
+                lora=s.lora, seed=t.seed, sample_weight=sample_weight)
     return student, kd

@@ -287,8 +287,9 @@ class CausalLMStudent:
     # -- training ------------------------------------------------------------------------------
     def build_rows(self, inputs: Sequence[str], outputs: Sequence[str], *, kd: str, max_length: int,
                    teacher_tokenizer=None, teacher_messages: Sequence[list[dict]] | None = None,
-                   topk: Sequence[dict | None] | None = None) -> tuple[list[dict], dict]:
-        """Tokenised training rows (+ teacher / top-k columns) and counts of what was dropped and why."""
+                   topk: Sequence[dict | None] | None = None,
+                   sample_weight: Sequence[float] | None = None) -> tuple[list[dict], dict]:
+        """Tokenised training rows (+ teacher / top-k / weight columns) and counts of what was dropped and why."""
         rows, stats = [], {"too_long": 0, "no_kd": 0}
         for i, (x, y) in enumerate(zip(inputs, outputs)):
             ids, cmask = encode_example(self.tokenizer, self.messages(x), y)
@@ -296,6 +297,8 @@ class CausalLMStudent:
                 stats["too_long"] += 1
                 continue
             row = {"input_ids": ids, "completion_mask": cmask}
+            if sample_weight is not None:
+                row["sample_weight"] = float(sample_weight[i])
             if kd == "logits":
                 t_msgs = teacher_messages[i] if teacher_messages is not None else self.messages(x)
                 t_ids, t_mask = encode_example(teacher_tokenizer, t_msgs, y)
@@ -332,12 +335,14 @@ class CausalLMStudent:
             kd: str = "auto", alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0,
             epochs: float = 2.0, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1,
             weight_decay: float = 0.0, warmup: float = 0.05, max_length: int = 512, lora=None, seed: int = 0,
-            max_steps: int = -1, output_dir: str | Path | None = None) -> "CausalLMStudent":
+            max_steps: int = -1, output_dir: str | Path | None = None,
+            sample_weight: Sequence[float] | None = None) -> "CausalLMStudent":
         """SFT on (input, teacher output) pairs, plus token KD when the teacher's distributions exist.
 
         ``kd="auto"`` picks "logits" with a ``teacher`` model, "topk" with stored ``topk`` rows, else
         "none". ``alpha`` weighs KD against cross-entropy. ``lora``: a ``LoraSettings``-like object
-        (``r, alpha, dropout, target_modules``) or None for a full fine-tune.
+        (``r, alpha, dropout, target_modules``) or None for a full fine-tune. ``sample_weight``: one weight
+        per pair, multiplying its tokens' loss (real labelled data above teacher answers).
         """
         import torch
         from datasets import Dataset
@@ -356,7 +361,7 @@ class CausalLMStudent:
             vmap = vocab_map(self.tokenizer, teacher_tokenizer)
         rows, self.data_stats = self.build_rows(inputs, outputs, kd=kd, max_length=max_length,
                                                 teacher_tokenizer=teacher_tokenizer, teacher_messages=teacher_messages,
-                                                topk=topk)
+                                                topk=topk, sample_weight=sample_weight)
         peft_config = None
         if lora is not None:
             from peft import LoraConfig
