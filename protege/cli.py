@@ -177,6 +177,10 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
     o = _out(t, out)
     if apply_review is not None:
         from .review import store_corrections
+        from .task import TaskError
+
+        if t.kind != "classify":
+            raise TaskError(f"--apply-review reads label corrections: classify tasks only (this task is kind: {t.kind})")
 
         dest, new = store_corrections(apply_review, o, t.labels)
         console.print(f"review: {len(new)} corrections read from {apply_review}, stored in {dest}")

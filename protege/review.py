@@ -244,6 +244,10 @@ def export_review(task: TaskSpec, out: Path) -> dict:
     """
     from .curate import corrections_path
 
+    if task.kind != "classify":
+        raise TaskError(f"protege review exports label corrections, so it covers classify tasks; this task is "
+                        f"kind: {task.kind}. Its teacher-vs-gold errors are in report.html (worst errors: gold, "
+                        f"teacher and student output side by side) and evaluate/items.jsonl")
     gen_dir, rdir = Path(out) / "generate", Path(out) / "review"
     require(gen_dir, "generate")
     pool, gold_teacher = read_jsonl(gen_dir / "train.jsonl"), read_jsonl(gen_dir / "gold.jsonl")

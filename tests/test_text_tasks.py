@@ -374,3 +374,20 @@ def test_teacher_scoring_zero_gives_null_retained_not_nan(tmp_path):
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "teacher scored 0" in html
     assert not re.search(r"\b(nan|inf)\b", re.sub(r'src="data:[^"]*"', "", html), re.I)
+
+
+def test_label_review_refuses_text_tasks_with_a_pointer(extract_run, tmp_path):
+    """`protege review` / `curate --apply-review` work on labels: on an extract task they say so (exit 2),
+    point at the report's worst-errors table, and write nothing."""
+    from typer.testing import CliRunner
+
+    from protege.cli import app
+
+    out, task_file = extract_run["out"], extract_run["task_file"]
+    res = CliRunner().invoke(app, ["review", str(task_file), "--out", str(out)])
+    assert res.exit_code == 2 and "classify tasks" in res.output and "report.html" in res.output
+    assert not (out / "review").exists()
+    sheet = tmp_path / "review.csv"
+    sheet.write_text("id,corrected_label\nx,drop\n")
+    res = CliRunner().invoke(app, ["curate", str(task_file), "--out", str(out), "--apply-review", str(sheet)])
+    assert res.exit_code == 2 and "classify tasks only" in res.output
