@@ -42,7 +42,7 @@ from .generate import label_with_ledger, summarise
 from .ledger import BudgetExceeded, Ledger
 from .metrics import bootstrap_ci
 from .review import systematic_errors
-from .task import BaselineConfig, TaskSpec, TeacherConfig
+from .task import BaselineConfig, TaskError, TaskSpec, TeacherConfig
 from .teachers.base import Answer, Teacher, make_teacher
 from .timing import measure
 
@@ -267,6 +267,10 @@ def _labels_of(answers: list[list[Answer]], labels: list[str], calib, sample: in
 
 def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | None = None) -> dict:
     """Run the weekend experiment on ``n`` gold items; write ``<out>/baseline``; return baseline.json."""
+    if task.kind != "classify":
+        raise TaskError(f"protege baseline compares label answers, so it covers classify tasks; this task is kind: "
+                        f"{task.kind}. For a first read on it, run `protege run` with a small data.limit: the report "
+                        f"scores teacher and student against gold with CIs, and its cost section gives break-even")
     out, cfg = Path(out), task.baseline
     n = n or cfg.n
     volume = task.volume_per_month if volume is None else volume

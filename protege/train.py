@@ -38,6 +38,14 @@ def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray
 TRAIN_RECIPE = 2
 
 
+def text_dev_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, dev) indices for extract / generate rows: a seeded random ``fraction``, at most 32 items
+    (each dev item costs a full generation to score), none below 10 rows."""
+    n_dev = min(32, int(round(n * fraction))) if n >= 10 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_dev:].tolist()), sorted(order[:n_dev].tolist())
+
+
 def balanced_class_weights(hard: np.ndarray, k: int) -> np.ndarray:
     """scikit-learn's ``class_weight="balanced"``: n / (k · count); 0 for a label with no rows."""
     counts = np.bincount(hard, minlength=k).astype(np.float32)
@@ -151,10 +159,7 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
 
         stored = load_topk(topk_file)
     topk = [stored[r["topk_row"]] if stored is not None and r.get("topk_row") is not None else None for r in rows]
-    rng = np.random.default_rng(task.train.seed)
-    n_dev = min(32, int(round(len(rows) * task.train.dev_fraction))) if len(rows) >= 10 else 0
-    order = rng.permutation(len(rows))
-    dv, tr = sorted(order[:n_dev].tolist()), sorted(order[n_dev:].tolist())
+    tr, dv = text_dev_split(len(rows), task.train.dev_fraction, task.train.seed)
     t0 = time.perf_counter()
     weight = [float(rows[i].get("weight", 1.0)) for i in tr]  # curate.real_weight on real labelled rows
     student, kd = fit_text_student(task, [rows[i]["text"] for i in tr], [rows[i]["output"] for i in tr],

@@ -391,3 +391,29 @@ def test_label_review_refuses_text_tasks_with_a_pointer(extract_run, tmp_path):
     sheet.write_text("id,corrected_label\nx,drop\n")
     res = CliRunner().invoke(app, ["curate", str(task_file), "--out", str(out), "--apply-review", str(sheet)])
     assert res.exit_code == 2 and "classify tasks only" in res.output
+
+
+def test_baseline_refuses_text_tasks_and_jsonl_export_uses_the_text_prompt(extract_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from protege.cli import app
+    from protege.textgen import system_text
+
+    out, task_file = extract_run["out"], extract_run["task_file"]
+    res = CliRunner().invoke(app, ["baseline", str(task_file), "--out", str(out), "--n", "3"])
+    assert res.exit_code == 2 and "classify tasks" in res.output and not (out / "baseline").exists()
+    res = CliRunner().invoke(app, ["export", str(out), "--format", "jsonl", "--task", str(task_file),
+                                   "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (tmp_path / "ft" / "train.jsonl").read_text().splitlines()]
+    lines += [json.loads(x) for x in (tmp_path / "ft" / "validation.jsonl").read_text().splitlines()]
+    curated = {r["text"]: r["output"] for r in read_jsonl(out / "curate" / "train.jsonl")}
+    task = load_task(task_file)
+    assert len(lines) == len(curated)
+    for ln in lines:
+        system, user, assistant = ln["messages"]
+        assert system["content"] == system_text(task) and "Answer with exactly one of" not in system["content"]
+        assert assistant["content"] == curated[user["content"]]  # the teacher's JSON answer, not a label
+    stats = json.loads((out / "train" / "stats.json").read_text())
+    n_val = len((tmp_path / "ft" / "validation.jsonl").read_text().splitlines())
+    assert n_val == stats["n_dev"]  # the train stage's own split

@@ -136,12 +136,16 @@ def export_jsonl(run: Path, dest: Path, task) -> dict:
     if task is None:
         raise ValueError("jsonl export needs the task file (its instruction is the system prompt): pass --task")
     from ..teachers.base import system_prompt
-    from ..train import dev_split
+    from ..train import dev_split, text_dev_split
 
     rows = read_jsonl(Path(run) / "curate" / "train.jsonl") if (Path(run) / "curate" / "train.jsonl").is_file() else None
     if not rows:
         raise FileNotFoundError(f"{Path(run) / 'curate' / 'train.jsonl'} not found or empty; run `protege curate` first")
-    tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
+    if task.kind == "classify":
+        tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
+    else:  # the teacher's text answer is the assistant turn; the same split the train stage uses
+        rows = [{**r, "label": r.get("output", r.get("label"))} for r in rows]
+        tr, dv = text_dev_split(len(rows), task.train.dev_fraction, task.train.seed)
     system = system_prompt(task)
     with atomic_dir(dest) as tmp:
         write_jsonl(tmp / "train.jsonl", chat_rows([rows[i] for i in tr], system))

@@ -129,6 +129,12 @@ def make_teacher(task: TaskSpec) -> Teacher:
 # -- prompt ------------------------------------------------------------------------------------
 
 def system_prompt(task: TaskSpec) -> str:
+    """The system turn a model answers the task under: the instruction plus the label list (classify) or
+    the JSON schema (extract)."""
+    if getattr(task, "kind", "classify") != "classify":
+        from ..textgen import system_text
+
+        return system_text(task)
     return f"{task.instruction.strip()}\nAnswer with exactly one of: {', '.join(task.labels)}."
 
 
