@@ -143,7 +143,7 @@ def extract_run(tmp_path_factory):
         again = CliRunner().invoke(app, ["run", str(task_file), "--out", str(out)])
         assert again.exit_code == 0, again.output
     return {"out": out, "task_file": task_file, "output": res.output, "first_calls": first_calls,
-            "calls_after_rerun": calls["requests"], "tok": tok}
+            "calls_after_rerun": calls["requests"], "tok": tok, "teacher_model": model}
 
 
 @pytest.fixture(scope="module")
@@ -417,3 +417,19 @@ def test_baseline_refuses_text_tasks_and_jsonl_export_uses_the_text_prompt(extra
     stats = json.loads((out / "train" / "stats.json").read_text())
     n_val = len((tmp_path / "ft" / "validation.jsonl").read_text().splitlines())
     assert n_val == stats["n_dev"]  # the train stage's own split
+
+
+def test_gateway_escalates_an_extract_request_to_the_teacher_in_text(extract_run, tmp_path, monkeypatch):
+    """Below the threshold the teacher answers the request as text (its JSON), through the ledger."""
+    from fastapi.testclient import TestClient
+
+    from protege.serve.gateway import GatewayConfig, create_app
+
+    install(monkeypatch, extract_run["tok"], extract_run["teacher_model"])
+    task = load_task(extract_run["task_file"])
+    cfg = GatewayConfig(task, extract_run["out"], data_dir=tmp_path / "serve",
+                        serve=task.serve.model_copy(update={"threshold": 1.0, "escalate": "teacher"}))
+    with TestClient(create_app(cfg)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200 and r.headers["x-protege-answered-by"] == "teacher"
+    assert r.json()["choices"][0]["message"]["content"] == EXTRACT_OUT

@@ -163,8 +163,10 @@ class Engine:
         with self._teacher_lock:
             if self._teacher is None:
                 from ..teachers.base import make_teacher
+                from ..textgen import text_teacher
 
-                self._teacher = make_teacher(self.task)
+                # extract / generate: the teacher answers in text (as in `protege generate`), not with a label
+                self._teacher = make_teacher(self.task) if self.task.kind == "classify" else text_teacher(self.task)
             return self._teacher
 
     def _ledger(self):
