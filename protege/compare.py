@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .data import read_jsonl, write_json
+from .data import read_jsonl, write_json, write_text
 
 
 def load_run(path: Path) -> tuple[dict, list[dict] | None, Path]:
@@ -80,7 +80,5 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> dict:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "compare.json", result)
-        tmp = out / ".compare.html.tmp"
-        tmp.write_text(render_compare_html(result), encoding="utf-8")
-        tmp.replace(out / "compare.html")
+        write_text(out / "compare.html", render_compare_html(result))
     return result

@@ -7,6 +7,7 @@ more than a pyarrow stack trace. Parquet goes through pyarrow.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -15,7 +16,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .task import TaskError, TaskSpec
 
@@ -152,19 +153,33 @@ def load_real_train(task: TaskSpec) -> list[dict]:
     return _labelled(task, task.path(task.data.train))
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write rows atomically: a temp file in the same folder, then rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator:
+    """A text file handle whose content appears at ``path`` only when the block ends without error: a temp
+    file in the same folder, then rename. A killed process never leaves a half file that looks whole."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            yield f
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (see :func:`atomic_file`); line endings are written as given."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write rows atomically: a temp file in the same folder, then rename."""
+    with atomic_file(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -172,14 +187,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: str | Path, obj: Any, *, allow_nan: bool = True) -> None:
+    """Write ``obj`` as indented JSON, atomically; ``allow_nan=False`` refuses NaN / Infinity (strict JSON)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan))

@@ -32,7 +32,7 @@ import numpy as np
 from . import metrics as M
 from .artifacts import fingerprint, require, stage_writer
 from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
-from .data import load_gold, read_jsonl, write_jsonl
+from .data import load_gold, read_jsonl, write_json, write_jsonl, write_text
 from .ledger import Ledger
 from .students import load_student
 from .task import TaskSpec
@@ -282,24 +282,6 @@ def finite(x):
     return x
 
 
-def write_strict_json(path: Path, obj) -> None:
-    """Atomic JSON write that refuses NaN / Infinity (``allow_nan=False``)."""
-    import json
-    import os
-    import tempfile
-
-    path = Path(path)
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> dict:
     """report.json (no NaN: undefined figures are null), report.html (atomic), and evaluate/items.jsonl for
     --compare. Returns the report as written."""
@@ -308,10 +290,8 @@ def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> d
     report = finite(report)
     with stage_writer(out / "evaluate", config) as tmp:
         write_jsonl(tmp / "items.jsonl", finite(items))
-    write_strict_json(out / "report.json", report)
-    tmp_html = out / ".report.html.tmp"
-    tmp_html.write_text(render_html(report), encoding="utf-8")
-    tmp_html.replace(out / "report.html")
+    write_json(out / "report.json", report, allow_nan=False)
+    write_text(out / "report.html", render_html(report))
     return report
 
 

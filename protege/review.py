@@ -21,14 +21,12 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from .artifacts import require
-from .data import load_gold, read_jsonl, write_json
+from .data import load_gold, read_jsonl, write_json, write_text
 from .task import TaskError, TaskSpec
 
 COLUMNS = ["id", "source", "reason", "teacher_label", "teacher_confidence", "teacher_agreement", "gold_label",
@@ -114,7 +112,7 @@ def write_review_csv(path: Path, items: Sequence[dict]) -> None:
     w.writeheader()
     for it in items:
         w.writerow({k: "" if it.get(k) is None else it.get(k) for k in COLUMNS})
-    _atomic_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def read_corrections(path: str | Path, labels: Sequence[str]) -> dict[str, str]:
@@ -167,21 +165,8 @@ def store_corrections(src: str | Path, out: Path, labels: Sequence[str]) -> tupl
     w.writerow(["id", "corrected_label"])
     for k in sorted(merged):
         w.writerow([k, merged[k]])
-    _atomic_text(dest, buf.getvalue())
+    write_text(dest, buf.getvalue())
     return dest, new
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- html --------------------------------------------------------------------------------------
@@ -259,7 +244,7 @@ def export_review(task: TaskSpec, out: Path) -> dict:
     answered = [g for g in gold if g["id"] in by_id]
     errors = systematic_errors([g["label"] for g in answered], [by_id[g["id"]] for g in answered], task.labels)
     write_review_csv(rdir / "review.csv", items)
-    _atomic_text(rdir / "review.html", render_review_html(task.name, items, errors))
+    write_text(rdir / "review.html", render_review_html(task.name, items, errors))
     write_json(rdir / "errors.json", errors)
     return {"dir": str(rdir), "csv": str(rdir / "review.csv"), "html": str(rdir / "review.html"),
             "n_items": len(items), "reasons": dict(Counter(it["reason"] for it in items)), "errors": errors,
