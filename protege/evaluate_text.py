@@ -28,14 +28,11 @@ from .textgen import same_answer
 
 def time_text_student(student, texts: list[str], n_single: int) -> dict:
     """Single-item greedy generation times (warm-up first) — what a server answering one request sees."""
+    from .timing import time_each
+
     texts = texts[: max(1, n_single)]
     student.generate(texts[:1], batch_size=1)
-    single = []
-    for t in texts:
-        t0 = time.perf_counter()
-        student.generate([t], batch_size=1)
-        single.append(time.perf_counter() - t0)
-    return M.latency_summary(single)
+    return M.latency_summary(time_each(texts, lambda t: student.generate([t], batch_size=1)))
 
 
 def _fidelity(kind: str, t_out: list, s_out: list) -> dict:

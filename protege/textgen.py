@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 
 from .task import TaskSpec
@@ -81,13 +80,9 @@ class TextTeacher:
 
     def time_generation(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time, not ledgered (local teachers only)."""
-        out = []
-        for t in texts:
-            req = self.request(t)
-            t0 = time.perf_counter()
-            self.inner.answer([req])
-            out.append(time.perf_counter() - t0)
-        return out
+        from .timing import time_each
+
+        return time_each([self.request(t) for t in texts], lambda r: self.inner.answer([r]))
 
 
 def text_teacher(task: TaskSpec) -> TextTeacher:

@@ -96,10 +96,6 @@ class HFSeqClsTeacher(Teacher):
 
     def time_single(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time (for the latency report; not ledgered)."""
-        out = []
-        for t in texts:
-            r = self.request(t)
-            t0 = time.perf_counter()
-            self._logits([r["input_ids"]])
-            out.append(time.perf_counter() - t0)
-        return out
+        from ..timing import time_each
+
+        return time_each([self.request(t) for t in texts], lambda r: self._logits([r["input_ids"]]))
