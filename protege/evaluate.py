@@ -164,16 +164,34 @@ def verdict(r: dict) -> dict:
             f"{cas.get('coverage', 0):.0%} of traffic. More or better-curated teacher labels first."}
 
 
-def cost_block(t_usd_call: float, s_usd_call: float, vol: int, labelling_usd: float, training_usd: float,
+def cost_block(task: TaskSpec, gen_stats: dict, train_stats: dict, t_usd_call: float, s_ms: float,
                timed: str) -> dict:
-    """report.json's ``cost``: per call, per 1k, per month at ``vol`` calls, one-off spend, break-even."""
+    """report.json's ``cost``: per call, per 1k, per month at the task's volume, one-off spend (labelling +
+    training), break-even and the cumulative-cost curves. The student is priced by its p50 ``s_ms``."""
+    vol = task.volume_per_month
+    s_usd_call = compute_usd_per_call(s_ms / 1000, task.student.usd_per_hour)
+    labelling_usd = float(gen_stats["inputs"]["usd"])
+    training_usd = compute_usd_per_call(train_stats["train_seconds"], task.student.usd_per_hour)
     one_off = labelling_usd + training_usd
+    be = break_even_months(t_usd_call, s_usd_call, vol, one_off)
     return {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
             "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
             "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
             "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
-            "break_even_months": break_even_months(t_usd_call, s_usd_call, vol, one_off),
-            "basis": f"local models: single-item p50 {timed} × usd_per_hour; API teacher: mean ledger $ per call"}
+            "break_even_months": be,
+            "basis": f"local models: single-item p50 {timed} × usd_per_hour; API teacher: mean ledger $ per call",
+            "cumulative": cumulative_costs(chart_months(be), t_usd_call, s_usd_call, vol, one_off)}
+
+
+def null_notes(report: dict) -> dict:
+    """Why a headline figure is null (an undefined ratio is reported as null, never NaN)."""
+    notes = {}
+    if report["retained"] is None:
+        notes["retained"] = (f"the teacher scored 0 {report['metric']} on the gold items: student / teacher is "
+                             f"undefined, so retained is null")
+    if report["speedup"] is None:
+        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
+    return notes
 
 
 def eval_inputs(task: TaskSpec, out: Path) -> tuple:
@@ -214,25 +232,21 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
     st = time_student(student, texts)
     tt = teacher_timing(task, out, gen_stats)
     t_ms, s_ms = tt["p50_ms"] or float("nan"), st["p50_ms"]
-    t_usd_call = _teacher_usd_per_call(task, out, t_ms / 1000)
-    s_usd_call = compute_usd_per_call(s_ms / 1000, task.student.usd_per_hour)
-    labelling_usd = float(gen_stats["inputs"]["usd"])
-    training_usd = compute_usd_per_call(train_stats["train_seconds"], task.student.usd_per_hour)
-    one_off = labelling_usd + training_usd
-    vol = task.volume_per_month
+    cost = cost_block(task, gen_stats, train_stats, _teacher_usd_per_call(task, out, t_ms / 1000), s_ms, "wall time")
     report = {
         "task": task.name, "kind": task.kind, "metric": primary, "n_eval": len(gold),
         "teacher": {"name": gen_stats["teacher"], "score": t_score, "score_ci": q["metrics"]["teacher"][f"{primary}_ci"],
                     "ms_per_item": t_ms, "ms_per_item_p95": tt["p95_ms"], "ms_per_item_batched": tt["batched_ms_per_item"],
-                    "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": t_usd_call * 1000,
-                    "usd_per_month": t_usd_call * vol, "timing_source": tt["source"],
+                    "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": cost["teacher_usd_per_1k"],
+                    "usd_per_month": cost["teacher_usd_per_month"], "timing_source": tt["source"],
                     "invalid_answers": int(sum(p is None for p in t_pred))},
         "student": {"name": student_name(student, task),
                     "score": s_score, "score_ci": q["metrics"]["student"][f"{primary}_ci"],
                     "agreement": q["fidelity"]["agreement"], "agreement_ci": q["fidelity"]["agreement_ci"],
                     "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"], "ms_per_item_batched": st["batched_ms_per_item"],
-                    "items_per_s_batched": st["items_per_s_batched"], "usd_per_1k": s_usd_call * 1000,
-                    "usd_per_month": s_usd_call * vol, "params": student.n_params, "n_train": train_stats["n_train"]},
+                    "items_per_s_batched": st["items_per_s_batched"], "usd_per_1k": cost["student_usd_per_1k"],
+                    "usd_per_month": cost["student_usd_per_month"], "params": student.n_params,
+                    "n_train": train_stats["n_train"]},
         "retained": s_score / t_score if t_score else None,
         "retained_ci": list(M.paired_ratio_ci(s_items, t_items)) if t_score else None,
         "speedup": t_ms / s_ms if (s_ms and math.isfinite(t_ms)) else None,
@@ -242,7 +256,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         **q,
         "confusion": {"teacher": M.confusion(gold, t_pred, task.labels), "student": M.confusion(gold, s_pred, task.labels)},
         "latency": {"student": st, "teacher": tt},
-        "cost": cost_block(t_usd_call, s_usd_call, vol, labelling_usd, training_usd, "wall time"),
+        "cost": cost,
         "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
                  "train": train_stats},
         "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
@@ -250,16 +264,9 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
-    notes = {}
-    if not t_score:
-        notes["retained"] = (f"the teacher scored 0 {primary} on the gold items: student / teacher is undefined, so "
-                             f"retained is null")
-    if report["speedup"] is None:
-        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
+    notes = null_notes(report)
     if notes:
         report["notes"] = notes
-    be = report["cost"]["break_even_months"]
-    report["cost"]["cumulative"] = cumulative_costs(chart_months(be), t_usd_call, s_usd_call, vol, one_off)
     report["verdict"] = verdict(report)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}

@@ -20,7 +20,6 @@ import numpy as np
 
 from . import metrics as M
 from .artifacts import fingerprint
-from .costs import chart_months, compute_usd_per_call, cumulative_costs
 from .ledger import Ledger
 from .task import TaskSpec
 from .textgen import same_answer
@@ -90,7 +89,8 @@ def run_judge(task: TaskSpec, out: Path, texts, t_out, s_out, gold) -> dict:
 
 
 def evaluate_text(task: TaskSpec, out: Path) -> dict:
-    from .evaluate import _machine, _read, cost_block, eval_inputs, student_name, teacher_timing, write_outputs
+    from .evaluate import (_machine, _read, cost_block, eval_inputs, null_notes, student_name, teacher_timing,
+                           write_outputs)
 
     out = Path(out)
     train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
@@ -113,34 +113,27 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     t_ms, s_ms = tt["p50_ms"], st["p50_ms"]
     from .evaluate import _teacher_usd_per_call
 
-    t_usd_call = _teacher_usd_per_call(task, out, (t_ms or 0.0) / 1000)
-    s_usd_call = compute_usd_per_call(s_ms / 1000, task.student.usd_per_hour)
-    labelling_usd = float(gen_stats["inputs"]["usd"])
-    training_usd = compute_usd_per_call(train_stats["train_seconds"], task.student.usd_per_hour)
-    one_off, vol = labelling_usd + training_usd, task.volume_per_month
-    notes = {}
+    cost = cost_block(task, gen_stats, train_stats, _teacher_usd_per_call(task, out, (t_ms or 0.0) / 1000), s_ms,
+                      "generation wall time")
     if t_score > 0:
         retained, retained_ci = s_score / t_score, list(M.paired_ratio_ci(s_items, t_items))
     else:
         retained = retained_ci = None
-        notes["retained"] = (f"the teacher scored 0 {primary} on the gold items: student / teacher is undefined, "
-                             f"so retained is null")
     speedup = t_ms / s_ms if (t_ms and s_ms) else None
-    if speedup is None:
-        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
     tb = tt.get("batched_ms_per_item")
     report = {
         "task": task.name, "kind": kind, "metric": primary, "n_eval": len(gold),
         "teacher": {"name": gen_stats["teacher"], "score": t_score, "score_ci": t_m[f"{primary}_ci"],
                     "ms_per_item": t_ms, "ms_per_item_p95": tt["p95_ms"], "ms_per_item_batched": tb,
-                    "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": t_usd_call * 1000,
-                    "usd_per_month": t_usd_call * vol, "timing_source": tt["source"],
+                    "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": cost["teacher_usd_per_1k"],
+                    "usd_per_month": cost["teacher_usd_per_month"], "timing_source": tt["source"],
                     "failed_answers": int(sum(t is None for t in t_out)),
                     **({"json_validity": t_m["json_validity"]} if kind == "extract" else {})},
         "student": {"name": student_name(student, task), "score": s_score, "score_ci": s_m[f"{primary}_ci"],
                     "agreement": None, "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"],
                     "ms_per_item_batched": st["batched_ms_per_item"], "items_per_s_batched": st["items_per_s_batched"],
-                    "usd_per_1k": s_usd_call * 1000, "usd_per_month": s_usd_call * vol, "params": student.n_params,
+                    "usd_per_1k": cost["student_usd_per_1k"], "usd_per_month": cost["student_usd_per_month"],
+                    "params": student.n_params,
                     "n_train": train_stats["n_train"],
                     **({"json_validity": s_m["json_validity"]} if kind == "extract" else {})},
         "retained": retained, "retained_ci": retained_ci, "speedup": speedup,
@@ -149,7 +142,7 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
         "paired": {**M.paired_test(s_items, t_items, False), "a": "student", "b": "teacher"},
         "fidelity": _fidelity(kind, t_out, s_out),
         "latency": {"student": st, "teacher": tt},
-        "cost": cost_block(t_usd_call, s_usd_call, vol, labelling_usd, training_usd, "generation wall time"),
+        "cost": cost,
         "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
                  "train": train_stats},
         "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
@@ -159,10 +152,9 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     }
     report["student"]["agreement"] = report["fidelity"]["agreement"]
     report["student"]["agreement_ci"] = report["fidelity"]["agreement_ci"]
+    notes = null_notes(report)
     if notes:
         report["notes"] = notes
-    report["cost"]["cumulative"] = cumulative_costs(chart_months(report["cost"]["break_even_months"]), t_usd_call,
-                                                    s_usd_call, vol, one_off)
     if task.evaluate.judge and kind == "generate":
         report["judge"] = run_judge(task, out, texts, t_out, s_out, gold)
     report["verdict"] = text_verdict(report)
