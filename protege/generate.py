@@ -106,7 +106,7 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
     keys = [[request_key(teacher.name, teacher.request(t, s), s) for s in range(samples)] for t in texts]
     flat = [k for ks in keys for k in ks]
     cached = ledger.lookup(flat)
-    if getattr(teacher.cfg, "retry_failed", "all") == "transient":  # unusable answers are not bought twice
+    if teacher.cfg.retry_failed == "transient":  # unusable answers are not bought twice
         failed = ledger.lookup_failed([k for k in flat if k not in cached], CONTENT_FAILURES)
     else:
         failed = {}

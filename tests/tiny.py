@@ -29,12 +29,10 @@ def torch_threads(n: int = 1):
     """Tiny models on a busy 2-core box: intra-op threads only spin (40x slower with 2 than with 1)."""
     import torch
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    from protege.teachers.hf import torch_threads as with_threads
+
+    with with_threads(torch, n):
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @functools.lru_cache(maxsize=None)

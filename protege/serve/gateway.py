@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cascade import Engine, GatewayConfig, Outcome, TeacherUnavailable
 from .limits import Guard
-from .local_lm import ChatMessage
+from .local_lm import ChatRequest
 from .predictor import stream_text
 
 log = logging.getLogger("protege.serve")
@@ -39,18 +39,12 @@ log = logging.getLogger("protege.serve")
 __all__ = ["create_app", "GatewayConfig"]
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI parameters we do not use (top_p, user...) are accepted
+class ChatBody(ChatRequest):
+    """The OpenAI chat-completions body (local_lm's), except that the model may be omitted (the gateway
+    serves one task), sampling defaults to greedy, and streaming is supported."""
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    n: int = Field(1, ge=1, le=1)
     stream: bool = False
 
 

@@ -69,7 +69,7 @@ def teacher_threads(cfg) -> int:
     """Intra-op torch threads for a local teacher's forward passes (the rules are in the module docstring)."""
     import torch
 
-    explicit = getattr(cfg, "torch_threads", None)
+    explicit = cfg.torch_threads
     if explicit is None and os.environ.get(THREADS_ENV, "").strip():
         raw = os.environ[THREADS_ENV].strip()
         try:
