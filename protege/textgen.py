@@ -12,7 +12,7 @@ through the backend's own generation API:
 The request is what the ledger hashes, so caching, resume after ``kill -9`` and the budget gate work
 exactly as for classify. The prompt is the task's instruction (plus, for extract, the schema), its worked
 examples as chat turns, then the input; the student is trained on the same instruction without the
-examples (:func:`student_system_prompt`).
+examples (:func:`system_text`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ def system_text(task: TaskSpec) -> str:
         s += ("\nReply with one JSON object that follows this JSON schema, and nothing else:\n"
               + json.dumps(task.schema_, ensure_ascii=False))
     return s
-
-
-def student_system_prompt(task: TaskSpec) -> str:
-    return system_text(task)
 
 
 def teacher_messages(task: TaskSpec, text: str) -> list[dict]:

@@ -143,8 +143,7 @@ def export_jsonl(run: Path, dest: Path, task) -> dict:
         raise FileNotFoundError(f"{Path(run) / 'curate' / 'train.jsonl'} not found or empty; run `protege curate` first")
     if task.kind == "classify":
         tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
-    else:  # the teacher's text answer is the assistant turn; the same split the train stage uses
-        rows = [{**r, "label": r.get("output", r.get("label"))} for r in rows]
+    else:  # text rows carry their answer as `label` too; the same split the train stage uses
         tr, dv = text_dev_split(len(rows), task.train.dev_fraction, task.train.seed)
     system = system_prompt(task)
     with atomic_dir(dest) as tmp:

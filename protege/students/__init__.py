@@ -185,7 +185,7 @@ def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: 
     Returns ``(student, kd used)``.
     """
     from ..task import TaskError
-    from ..textgen import student_system_prompt, teacher_messages
+    from ..textgen import system_text, teacher_messages
     from .causal_lm import CausalLMStudent
 
     s, t = task.student, task.train
@@ -206,7 +206,7 @@ def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: 
         from ..teachers.hf import load_causal_lm
 
         teacher_tok, teacher = load_causal_lm(task.teacher.model, task.teacher.gguf_file, task.teacher.dtype)
-    prompt, max_new = student_system_prompt(task), task.teacher.max_tokens
+    prompt, max_new = system_text(task), task.teacher.max_tokens
     if s.init_from_teacher:
         student = CausalLMStudent.from_teacher(teacher, teacher_tok, s.keep_every, drop=s.drop_layers,
                                                system_prompt=prompt, max_new_tokens=max_new)
