@@ -164,7 +164,7 @@ class StaticClassifier(LogitClassifier):
         if self.ngrams is not None:
             self.ngrams.fit(texts)
         X = torch.tensor(self.encode(texts) * dense_weight)
-        S = _torch_csr(self.ngrams.transform(texts)) if self.ngrams is not None else None
+        S = _torch_sparse(self.ngrams.transform(texts)) if self.ngrams is not None else None
         P = torch.tensor(np.asarray(teacher_probs, dtype=np.float32))
         y = torch.tensor(hard_labels if hard_labels is not None else P.argmax(1).numpy(), dtype=torch.long)
         w = torch.tensor(sample_weight, dtype=torch.float32) if sample_weight is not None else None
@@ -264,7 +264,7 @@ class StaticClassifier(LogitClassifier):
         return m
 
 
-def _torch_csr(X):
+def _torch_sparse(X):
     """scipy CSR → torch sparse COO (float32): ``S @ V`` with autograd into V, without densifying S."""
     import torch
 
