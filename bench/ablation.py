@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from protege import metrics as M  # noqa: E402
 from protege.data import load_gold, read_jsonl  # noqa: E402
 from protege.task import load_task  # noqa: E402
-from protege.train import balanced_class_weights, dev_split  # noqa: E402
+from protege.stages.train import balanced_class_weights, dev_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def _p(p: float | None) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="/tmp/demo1", help="a finished `protege demo` / `run` folder")
-    ap.add_argument("--gold", default=str(ROOT / "examples" / "bbc-topics" / "gold.jsonl"))
+    ap.add_argument("--gold", default=None, help="gold jsonl (default: the demo's, built by protege.demo)")
     ap.add_argument("--encoder-epochs", type=float, default=2.0)
     ap.add_argument("--encoder-max-length", type=int, default=128)
     ap.add_argument("--no-encoder", action="store_true", help="static rows only (seconds instead of minutes)")
@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(a.threads)
     run = Path(a.run)
-    task = load_task(ROOT / "examples" / "bbc-topics" / "task.yaml")
+    from protege.demo import write_demo
+
+    task = load_task(write_demo(ROOT / "examples" / "bbc-topics"))
+    a.gold = a.gold or str(ROOT / "examples" / "bbc-topics" / "gold.jsonl")
     task = task.model_copy(update={"data": task.data.model_copy(update={"gold": str(Path(a.gold).resolve())})})
     labels, cfg = task.labels, task.train
     rows = read_jsonl(run / "curate" / "train.jsonl")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "params": params})
         print(f"  {name:8s} {loss:24s} acc {ok.mean():.3f}", file=sys.stderr)
 
-    from protege.train import _fit_static
+    from protege.stages.train import _fit_static
 
     static_rows = {}
     weight = np.ones(len(tr), dtype=np.float32)

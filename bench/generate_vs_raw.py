@@ -52,7 +52,7 @@ def server_calls(root: str) -> int:
 
 def make_teacher(base_url: str, concurrency: int):
     from protege.task import parse_task
-    from protege.teachers.base import make_teacher as mk
+    from protege.registry import make_teacher as mk
 
     os.environ.setdefault("PROTEGE_BENCH_KEY", "sk-bench")
     task = parse_task({
@@ -92,8 +92,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from protege import progress
-    from protege.generate import label_with_ledger
-    from protege.ledger import Ledger
+    from protege.stages.generate import label_with_ledger
+    from protege.teachers.ledger import Ledger
 
     progress.QUIET["on"] = not a.progress
     proc, root = start_server(a.latency)

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import __version__
-from .data import write_json
+from protege import __version__
+from protege.data import write_json
 
 
 def fingerprint(obj: Any) -> str:

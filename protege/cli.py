@@ -51,7 +51,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _load(path: Path):
-    from .task import load_task
+    from protege.task import load_task
 
     return load_task(path)
 
@@ -62,8 +62,8 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from .ledger import BudgetExceeded
-        from .task import TaskError
+        from protege.teachers.ledger import BudgetExceeded
+        from protege.task import TaskError
 
         try:
             return fn(*a, **kw)
@@ -74,7 +74,7 @@ def _guard(fn):
 
 
 def _out(task, out: Path | None) -> Path:
-    from .pipeline import default_out
+    from protege.pipeline import default_out
 
     return Path(out) if out else default_out(task)
 
@@ -87,7 +87,7 @@ def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Optio
     """Label the task's inputs (and gold inputs) with the teacher, through the ledger."""
     import json
 
-    from .generate import generate as run_generate, parse_shard
+    from protege.stages.generate import generate as run_generate, parse_shard
 
     t = _load(task)
     d = run_generate(t, _out(t, out), force=force, shard=parse_shard(shard))
@@ -109,7 +109,7 @@ def ledger(args: list[str] = typer.Argument(..., help="A ledger (file, run folde
     """Spend, calls, cache hits, failures by reason, latency p50/p95 by model and stage; or merge ledgers."""
     import json
 
-    from .ledger import Ledger
+    from protege.teachers.ledger import Ledger
 
     if args[0] == "merge":
         if len(args) < 3:
@@ -170,14 +170,14 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
            apply_review: Path = typer.Option(None, "--apply-review", help="Review CSV with corrected_label filled "
                                              "(from `protege review`); kept in the run folder for later runs")):
     """Filter teacher labels (failed, invalid, leaks, length, inconsistent, unsure, duplicates); mix real data."""
-    from .curate import curate as run_curate
+    from protege.stages.curate import curate as run_curate
     import json
 
     t = _load(task)
     o = _out(t, out)
     if apply_review is not None:
-        from .review import store_corrections
-        from .task import TaskError
+        from protege.stages.review import store_corrections
+        from protege.task import TaskError
 
         if t.kind != "classify":
             raise TaskError(f"--apply-review reads label corrections: classify tasks only (this task is kind: {t.kind})")
@@ -208,11 +208,11 @@ def review(task: Path = TaskArg, out: Path = OutOpt,
     """Export teacher-vs-gold and teacher-vs-itself disagreements (CSV + HTML) and the teacher's systematic errors.
 
     With --queue / --answer: list and answer the requests `protege serve` queued for a person."""
-    from .review import export_review
+    from protege.stages.review import export_review
 
     t = _load(task)
     if queue or answer:
-        from .cli_serve import review_queue
+        from protege.cli_serve import review_queue
 
         return review_queue(t, _out(t, out), answer or [], reviewer, console)
     r = export_review(t, _out(t, out))
@@ -235,7 +235,7 @@ def baseline(task: Path = TaskArg, out: Path = OutOpt,
              n: int = typer.Option(None, "--n", help="Gold items to use (default baseline.n, 100)"),
              volume: int = typer.Option(None, "--volume", help="Calls per month (default volume_per_month)")):
     """The weekend experiment: teacher vs gold, a small model zero-shot, self-consistency, cost and break-even."""
-    from .baseline import baseline as run_baseline
+    from protege.stages.baseline import baseline as run_baseline
 
     t = _load(task)
     o = _out(t, out)
@@ -243,7 +243,7 @@ def baseline(task: Path = TaskArg, out: Path = OutOpt,
 
 
 def _print_baseline(r: dict, out: Path) -> None:
-    from .costs import format_months
+    from protege.costs import format_months
 
     tb = Table(title=f"{r['task']}: baseline on {r['n']} gold items")
     for c in ("", f"{r['metric']} [95% CI]", "agree", "invalid", "ms/item", "$/1M calls"):
@@ -283,7 +283,7 @@ def _print_baseline(r: dict, out: Path) -> None:
 @_guard
 def train(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False)):
     """Train the student on the curated teacher labels."""
-    from .train import train as run_train
+    from protege.stages.train import train as run_train
 
     t = _load(task)
     d = run_train(t, _out(t, out), force=force)
@@ -300,7 +300,7 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="task.yaml; with --com
         return _compare(paths, out)
     if len(paths) != 1:
         _fail(f"evaluate takes one task file, got {len(paths)} paths; to compare runs use --compare RUN RUN...")
-    from .evaluate import evaluate as run_evaluate
+    from protege.stages.evaluate import evaluate as run_evaluate
 
     t = _load(paths[0])
     o = _out(t, out)
@@ -308,7 +308,7 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="task.yaml; with --com
 
 
 def _compare(paths: list[Path], out: Path | None) -> None:
-    from .compare import compare_runs
+    from protege.reporting.compare import compare_runs
 
     o = Path(out) if out else Path("runs") / "compare"
     c = compare_runs(paths, o)
@@ -330,23 +330,24 @@ def _compare(paths: list[Path], out: Path | None) -> None:
 @_guard
 def run(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False, help="Re-run every stage")):
     """generate → curate → train → evaluate, skipping stages whose artifact is up to date."""
-    from .pipeline import run as run_all
+    from protege.pipeline import run as run_all
 
     t = _load(task)
     o = _out(t, out)
-    _print_report(run_all(t, o, force=force), o)
+    _print_report(run_all(t, o, force=force).report.to_dict(), o)
 
 
 @app.command()
 @_guard
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where to write the run and report")):
     """Run the whole loop offline on the bundled BBC News example (local teacher, no API key)."""
-    from .pipeline import demo_task, run as run_all
+    from protege.demo import demo_task
+    from protege.pipeline import run as run_all
 
     t0 = time.perf_counter()
     task = demo_task(Path(out) / "task")
     console.print(f"[bold]protege demo[/]: {task.name} — teacher {task.teacher.model}, student {task.student.kind}")
-    report = run_all(task, Path(out))
+    report = run_all(task, Path(out)).report.to_dict()
     _print_report(report, Path(out))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
@@ -379,7 +380,7 @@ def _print_report(r: dict, out: Path) -> None:
 
 
 # ---- export, serve, drift, redistill (stages 6-7; implemented in cli_serve.py) --------------------
-from .cli_serve import register as _register_serve  # noqa: E402
+from protege.cli_serve import register as _register_serve  # noqa: E402
 
 _register_serve(app, guard=_guard, load=_load, out_of=_out, fail=_fail, console=console)
 

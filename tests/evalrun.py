@@ -103,7 +103,7 @@ def make_run(root: Path, *, decoy_label: str | None = "blue", n: int = 30, wrong
     (root / "train" / "stats.json").write_text(json.dumps({"n_train": 6, "train_seconds": 2.0}))
     (root / "train" / "config.json").write_text(json.dumps({"stage": "train", "fingerprint": f"train-{decoy_label}"}))
     if api_teacher:
-        from protege.ledger import Ledger
+        from protege.teachers.ledger import Ledger
 
         with Ledger(root / "ledger.sqlite") as led:
             for i, s in enumerate((0.4, 0.5, 0.6, 0.7)):

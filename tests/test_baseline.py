@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from protege.baseline import baseline, consistency, prompt_variants, remap, student_latency, verdict
+from protege.stages.baseline import baseline, consistency, prompt_variants, remap, student_latency, verdict
 from protege.data import read_jsonl
 from protege.serve.local_lm import create_lm_app, serve_in_thread
 from protege.task import BaselineConfig, load_task

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from protege.kd_trainer import TokenKDCollator, token_kd_loss
+from protege.students.kd_trainer import TokenKDCollator, token_kd_loss
 from protege.students.causal_lm import (CausalLMStudent, TokenizerMismatch, decode, encode_example,
                                         init_from_teacher, render, topk_from_openai, vocab_map)
 from protege.task import TaskError
@@ -248,7 +248,7 @@ def test_train_stage_with_a_causal_lm_student_on_a_classify_task(tok, tmp_path):
     from protege.data import write_jsonl
     from protege.students import load_student
     from protege.task import load_task
-    from protege.train import train
+    from protege.stages.train import train
     from tiny import LABELS, synthetic_rows, write_task
 
     base = tmp_path / "llama"

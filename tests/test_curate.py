@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from protege.artifacts import stage_writer
-from protege.curate import (apply_corrections, curate, filter_rows, json_schema_reason, length_bounds, mix,
+from protege.stages.curate import (apply_corrections, curate, filter_rows, json_schema_reason, length_bounds, mix,
                             validity_reason)
 from protege.data import read_jsonl, text_key, write_jsonl
-from protege.dedup import exact_duplicates, jaccard, near_duplicates, overlaps, shingles
-from protege.review import export_review, read_corrections, store_corrections, systematic_errors
+from protege.stages.dedup import exact_duplicates, jaccard, near_duplicates, overlaps, shingles
+from protege.stages.review import export_review, read_corrections, store_corrections, systematic_errors
 from protege.task import CurateConfig, TaskError, load_task
 from tiny import write_task
 
@@ -277,7 +277,7 @@ def test_bad_review_file_names_row(tmp_path):
 
 
 def test_mixed_rows_reach_training_with_their_weights(run_dir):
-    from protege.train import train
+    from protege.stages.train import train
 
     task, out, pool, gold = run_dir
     task = task.model_copy(update={"curate": task.curate.model_copy(update={"real_weight": 3.0, "real_fraction": 0.2})})

@@ -89,7 +89,7 @@ def served_run(tmp_path_factory):
     calls = install_tiny_models(mp)
     task_file = write_task(root / "task", n_inputs=36, n_gold=15)
     out = root / "run"
-    report = run(load_task(task_file), out)
+    report = run(load_task(task_file), out).report.to_dict()
     yield {"task_file": task_file, "out": out, "calls": calls, "report": report, "mp": mp}
     mp.undo()
 

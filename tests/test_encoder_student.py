@@ -102,7 +102,7 @@ def test_train_stage_dispatches_on_student_kind(tiny_bert, tmp_path):
     """`protege train` with student.kind: encoder — the curate artifact in, a loadable student folder out."""
     from protege.data import write_jsonl
     from protege.task import load_task
-    from protege.train import train
+    from protege.stages.train import train
     from tiny import write_task
 
     task = load_task(write_task(tmp_path / "t", overrides={"student": {

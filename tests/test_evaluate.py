@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from evalrun import expected_accuracy, make_run
-from protege.compare import compare_runs
-from protege.evaluate import evaluate
+from protege.reporting.compare import compare_runs
+from protege.stages.evaluate import evaluate
 from protege.task import load_task
 
 CONTRACT = {"task", "kind", "metric", "n_eval", "teacher", "student", "retained", "speedup"}

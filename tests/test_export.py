@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from protege.export import check_chat_jsonl, export
+from protege.export import export
+from protege.export.jsonl import check_chat_jsonl
 from protege.task import load_task
 from tiny import minilm_tokenizer, minilm_tokenizer_path, synthetic_rows, write_task
 

@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from fault_server import create_fault_app, serve
 from protege import progress
-from protege.generate import generate, label_with_ledger
-from protege.ledger import BudgetExceeded, Ledger
-from protege.ratelimit import RateLimiter, backoff_delay, retry_after_s
+from protege.stages.generate import generate, label_with_ledger
+from protege.teachers.ledger import BudgetExceeded, Ledger
+from protege.teachers.ratelimit import RateLimiter, backoff_delay, retry_after_s
 from protege.task import parse_task
-from protege.teachers.base import make_teacher
+from protege.registry import make_teacher
 from protege.teachers.openai import label_probs_from_top_logprobs
 from protege.teachers.topk_store import load_topk, save_topk, unpack
 
@@ -570,7 +570,7 @@ def _cli():
 
 
 def test_progress_fields_show_items_rate_cache_and_budget(tmp_path):
-    from protege.calls import BudgetGate, Tally
+    from protege.teachers.calls import BudgetGate, Tally
     from protege.teachers.base import Answer
 
     seen = []

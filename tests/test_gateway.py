@@ -201,7 +201,7 @@ def test_keys_come_from_the_environment(world, monkeypatch):
 # -- cascade -------------------------------------------------------------------------------------------
 
 def test_cascade_routes_both_ways_and_escalations_go_through_the_ledger(world, gw):
-    from protege.ledger import Ledger
+    from protege.teachers.ledger import Ledger
 
     assert gw.engine.threshold_source == "report.json (evaluate)"
     before = world["teacher"].requests()

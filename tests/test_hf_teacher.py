@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from protege.task import TaskError, parse_task
-from protege.teachers.base import build_messages, make_teacher
+from protege.registry import make_teacher
+from protege.teachers.prompts import build_messages
 from protege.teachers.hf import HFTeacher, load_causal_lm
 from tiny import base_task, deep_merge, smollm2_tokenizer, tiny_llama
 

@@ -11,14 +11,14 @@ from protege.teachers.hf import HFTeacher, teacher_threads
 from tiny import base_task, deep_merge, torch_threads
 
 
-from test_hf_teacher import model, tok  # noqa: E402,F401  (module fixtures: tiny SmolLM2-tokenizer Llama)
+from test_hf_teacher import model, tok  # noqa: E402,F401,F811  (module fixtures: tiny SmolLM2-tokenizer Llama)
 
 
 def _task():
     return parse_task(deep_merge(base_task(), {}))
 
 
-def test_env_setting_is_used_around_forward_passes_and_restored(monkeypatch, model, tok):
+def test_env_setting_is_used_around_forward_passes_and_restored(monkeypatch, model, tok):  # noqa: F811
     monkeypatch.setenv(hf.THREADS_ENV, "1")
     seen = []
     real = model.base_model.forward

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
-from protege.judge import JUDGE_LABELS, judge_task, pairwise_judge
-from protege.ledger import Ledger
+from protege.stages.evaluate.judge import JUDGE_LABELS, judge_task, pairwise_judge
+from protege.teachers.ledger import Ledger
 from protege.task import parse_task
-from protege.teachers.base import TEACHERS, Answer, Teacher, build_messages, register_teacher
+from protege.teachers.base import Answer, Teacher
+from protege.registry import TEACHERS, register_teacher
+from protege.teachers.prompts import build_messages
 
 _ANS = re.compile(r"<answer_A>\n(.*?)\n</answer_A>\n<answer_B>\n(.*?)\n</answer_B>", re.S)
 

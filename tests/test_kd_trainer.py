@@ -1,4 +1,4 @@
-"""protege.kd_trainer: the token-level SFT + KD loss, the collators, and one real SFTTrainer step per KD mode."""
+"""protege.students.kd_trainer: the token-level SFT + KD loss, the collators, and one real SFTTrainer step per KD mode."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protege.kd_trainer import ClassifierKDCollator, TokenKDCollator, token_kd_loss
+from protege.students.kd_trainer import ClassifierKDCollator, TokenKDCollator, token_kd_loss
 from protege.losses import forward_kl, generalized_jsd
 
 
@@ -154,7 +154,7 @@ def test_token_collator_treats_stored_minus_one_ids_as_empty_candidates():
 
 def test_completion_logits_skip_only_prompt_positions():
     """The trainer projects only from the first position that predicts a completion token: same loss."""
-    from protege.kd_trainer import completion_logits
+    from protege.students.kd_trainer import completion_logits
     from tiny import tiny_llama
 
     model = tiny_llama(50, seed=0)
@@ -202,7 +202,7 @@ def test_row_weights_scale_each_sequence_and_ones_change_nothing(kd):
 
 
 def test_token_collator_stacks_row_weights():
-    from protege.kd_trainer import TokenKDCollator
+    from protege.students.kd_trainer import TokenKDCollator
 
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_weight": 2.0},
             {"input_ids": [5, 8], "labels": [-100, 8], "sample_weight": 1.0}]

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from protege.generate import label_with_ledger
-from protege.ledger import MIGRATIONS, BudgetExceeded, Ledger, request_key
+from protege.stages.generate import label_with_ledger
+from protege.teachers.ledger import MIGRATIONS, BudgetExceeded, Ledger, request_key
 from protege.task import parse_task
 from protege.teachers.base import Answer, Teacher
 from tiny import base_task, deep_merge
@@ -118,7 +118,7 @@ def test_migrations_numbered_and_idempotent(tmp_path):
 def test_new_migration_applies_on_top(tmp_path, monkeypatch):
     p = tmp_path / "l.sqlite"
     Ledger(p).close()
-    monkeypatch.setattr("protege.ledger.MIGRATIONS", MIGRATIONS + ["ALTER TABLE calls ADD COLUMN note TEXT"])
+    monkeypatch.setattr("protege.teachers.ledger.MIGRATIONS", MIGRATIONS + ["ALTER TABLE calls ADD COLUMN note TEXT"])
     with Ledger(p) as led:
         cols = [r[1] for r in led.db.execute("PRAGMA table_info(calls)")]
         assert "note" in cols

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from protege import progress
-from protege.calls import BudgetGate
-from protege.generate import label_with_ledger
-from protege.ledger import MIGRATIONS, BudgetExceeded, Ledger, request_key
+from protege.teachers.calls import BudgetGate
+from protege.stages.generate import label_with_ledger
+from protege.teachers.ledger import MIGRATIONS, BudgetExceeded, Ledger, request_key
 from protege.task import parse_task
 from protege.teachers.base import Answer, Teacher
 from tiny import base_task, deep_merge
@@ -60,7 +60,7 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path):
 
 WRITER = """
 import sys
-from protege.ledger import Ledger
+from protege.teachers.ledger import Ledger
 path, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with Ledger(path) as led:
     for i in range(start, start + n):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from protege import progress
-from protege.generate import label_with_ledger
-from protege.ledger import Ledger
+from protege.stages.generate import label_with_ledger
+from protege.teachers.ledger import Ledger
 from protege.task import TaskError, parse_task, resolve_model_path
-from protege.teachers.base import make_teacher
+from protege.registry import make_teacher
 from protege.teachers.hf import HFTeacher
 from protege.teachers.hf_seqcls import HFSeqClsTeacher
 from protege.teachers.topk_store import load_topk, save_topk, unpack

@@ -67,8 +67,10 @@ def _ref_gjsd_elem(s, t, beta, T):
     """Elementwise generalized JSD terms, numpy float64 (TRL's definition)."""
     S = s.detach().double().numpy() / T
     Tt = t.detach().double().numpy() / T
-    ps = np.exp(S - S.max(-1, keepdims=True)); ps /= ps.sum(-1, keepdims=True)
-    pt = np.exp(Tt - Tt.max(-1, keepdims=True)); pt /= pt.sum(-1, keepdims=True)
+    ps = np.exp(S - S.max(-1, keepdims=True))
+    ps /= ps.sum(-1, keepdims=True)
+    pt = np.exp(Tt - Tt.max(-1, keepdims=True))
+    pt /= pt.sum(-1, keepdims=True)
     if beta == 0:
         return pt * np.log(pt / ps)
     if beta == 1:
@@ -238,7 +240,8 @@ def test_distillation_alpha1_is_soft_ce():
     s, p = torch.randn(8, 5, dtype=torch.float64), F.softmax(torch.randn(8, 5, dtype=torch.float64), -1)
     T = 3.0
     got = distillation_loss(s, p, alpha=1.0, temperature=T)
-    pt = p ** (1 / T); pt = pt / pt.sum(-1, keepdim=True)
+    pt = p ** (1 / T)
+    pt = pt / pt.sum(-1, keepdim=True)
     want = -(pt * F.log_softmax(s / T, -1)).sum(-1).mean() * T**2
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got, soft_cross_entropy(s, p.log(), temperature=T))

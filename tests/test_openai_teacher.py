@@ -13,10 +13,11 @@ import httpx
 import numpy as np
 import pytest
 
-from protege.generate import label_with_ledger
-from protege.ledger import Ledger
+from protege.stages.generate import label_with_ledger
+from protege.teachers.ledger import Ledger
 from protege.task import TaskError, parse_task
-from protege.teachers.base import make_teacher, parse_label
+from protege.registry import make_teacher
+from protege.teachers.prompts import parse_label
 from protege.teachers.openai import OpenAITeacher, label_probs_from_top_logprobs
 
 KEY_ENV = "PROTEGE_TEST_TEACHER_KEY"

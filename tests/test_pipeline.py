@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from protege.data import read_jsonl
-from protege.ledger import Ledger
+from protege.teachers.ledger import Ledger
 from protege.pipeline import run
 from protege.task import load_task
 from tiny import install_tiny_models, write_task
@@ -35,7 +35,7 @@ def first_run(tmp_path_factory):
         calls = install_tiny_models(mp)
         task_file = write_task(root / "task", n_inputs=N_INPUTS, n_gold=N_GOLD)
         out = root / "out"
-        report = run(load_task(task_file), out)
+        report = run(load_task(task_file), out).report.to_dict()
     return {"report": report, "out": out, "task_file": task_file, "calls": calls}
 
 
@@ -137,7 +137,7 @@ def fresh_run(tmp_path, monkeypatch):
     calls = install_tiny_models(monkeypatch)
     task_file = write_task(tmp_path / "task", n_inputs=N_INPUTS, n_gold=N_GOLD)
     out = tmp_path / "out"
-    report = run(load_task(task_file), out)
+    report = run(load_task(task_file), out).report.to_dict()
     return {"report": report, "out": out, "task_file": task_file, "calls": calls}
 
 
@@ -145,7 +145,7 @@ def test_second_run_makes_no_teacher_calls_and_skips_stages(fresh_run):
     out, calls, task_file = fresh_run["out"], fresh_run["calls"], fresh_run["task_file"]
     before_calls, before_rows, before_mtimes = calls.answered, _ledger_rows(out), _mtimes(out)
     first = fresh_run["report"]
-    report = run(load_task(task_file), out)
+    report = run(load_task(task_file), out).report.to_dict()
     assert calls.answered == before_calls and calls.built == 1  # the teacher is not even loaded
     assert _ledger_rows(out) == before_rows
     assert _mtimes(out) == before_mtimes
@@ -196,7 +196,7 @@ def test_changing_the_instruction_relabels(fresh_run):
 # -- crashes ---------------------------------------------------------------------------------------
 
 def test_crash_mid_generate_leaves_no_artifact_and_resumes_without_repeating_calls(tmp_path, monkeypatch):
-    from protege.generate import generate
+    from protege.stages.generate import generate
 
     calls = install_tiny_models(monkeypatch)
     task_file = write_task(tmp_path / "task", n_inputs=N_INPUTS, n_gold=N_GOLD)  # batch_size 8
@@ -233,9 +233,9 @@ def test_stage_writer_keeps_the_old_artifact_when_a_stage_fails(tmp_path):
 
 
 def test_stages_need_their_upstream(tmp_path, monkeypatch):
-    from protege.curate import curate
-    from protege.evaluate import evaluate
-    from protege.train import train
+    from protege.stages.curate import curate
+    from protege.stages.evaluate import evaluate
+    from protege.stages.train import train
 
     install_tiny_models(monkeypatch)
     task = load_task(write_task(tmp_path / "task"))

@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 import pytest
 
 from evalrun import make_run
-from protege.evaluate import evaluate
-from protege.report import _money, render_html
+from protege.stages.evaluate import evaluate
+from protege.reporting.html import _money, render_html
 from protege.task import load_task
 
 PLOTS = {"scores", "confusion matrices", "reliability diagram", "coverage curve", "break-even chart", "latency"}

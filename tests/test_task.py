@@ -41,9 +41,10 @@ def test_valid_task_loads_and_resolves_paths(tmp_path):
     assert t.path("/abs/x.jsonl") == Path("/abs/x.jsonl")
 
 
-def test_bundled_example_task_is_valid():
-    ex = Path(__file__).resolve().parent.parent / "examples" / "bbc-topics" / "task.yaml"
-    t = load_task(ex)
+def test_bundled_demo_task_is_valid():
+    from importlib import resources
+
+    t = parse_task(yaml.safe_load(resources.files("protege").joinpath("demo_task.yaml").read_text()), "demo_task.yaml")
     assert t.name == "bbc-topics" and len(t.labels) == 5
     assert all(e.output in t.labels for e in t.examples)
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from protege.data import read_jsonl
-from protege.ledger import Ledger
+from protege.teachers.ledger import Ledger
 from protege.task import TaskError, load_task
 from tiny import SMOL_GGUF, smollm2_tokenizer, synthetic_rows, tiny_llama, write_jsonl
 
@@ -81,7 +81,7 @@ def constant_teacher(task, target: str, seed: int = 1):
     import torch
 
     from protege.teachers.hf import HFTeacher
-    from protege.textgen import TextTeacher
+    from protege.teachers.textgen import TextTeacher
 
     tok = smollm2_tokenizer()
     model = tiny_llama(len(tok), seed=seed, init_range=0.02)
@@ -106,7 +106,7 @@ def install(mp, tok, model) -> dict:
     """``backend: hf`` = the trained tiny model (counting the requests it answers); the student's
     ``init_from_teacher`` loads the same model instead of the real SmolLM2."""
     from protege import progress
-    from protege.teachers import base
+    from protege import registry as base
     from protege.teachers.hf import HFTeacher
 
     calls = {"requests": 0}
@@ -156,7 +156,7 @@ def generate_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         install(mp, tok, model)
         out = root / "out"
-        report = run(load_task(task_file), out)
+        report = run(load_task(task_file), out).report.to_dict()
     return {"out": out, "report": report}
 
 
@@ -235,7 +235,7 @@ def test_invoice_example_task_is_valid_and_gold_is_held_out():
 
 
 def test_curate_drops_answers_that_break_the_schema():
-    from protege.curate import filter_rows
+    from protege.stages.curate import filter_rows
     from protege.task import CurateConfig
 
     rows = [{"id": f"i{i}", "text": f"invoice text number {i} here", "status": "ok", "output": out}
@@ -364,7 +364,7 @@ def test_generate_report_with_judge(generate_run):
 def test_teacher_scoring_zero_gives_null_retained_not_nan(tmp_path):
     from evalrun import make_run
 
-    from protege.evaluate import evaluate
+    from protege.stages.evaluate import evaluate
 
     task_file = make_run(tmp_path, wrong_every=1)  # the teacher is wrong on every gold item
     r = evaluate(load_task(task_file), tmp_path)
@@ -397,7 +397,7 @@ def test_baseline_refuses_text_tasks_and_jsonl_export_uses_the_text_prompt(extra
     from typer.testing import CliRunner
 
     from protege.cli import app
-    from protege.textgen import system_text
+    from protege.teachers.prompts import system_text
 
     out, task_file = extract_run["out"], extract_run["task_file"]
     res = CliRunner().invoke(app, ["baseline", str(task_file), "--out", str(out), "--n", "3"])

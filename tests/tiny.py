@@ -202,7 +202,7 @@ def install_tiny_models(monkeypatch, *, seed: int = 0) -> Calls:
     import numpy as np
 
     from protege import progress
-    from protege.teachers import base
+    from protege import registry as base
     from protege.teachers.hf import HFTeacher
 
     tok = smollm2_tokenizer()

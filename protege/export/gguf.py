@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from . import atomic_dir, cache_root, metadata, model_card, student_dir, student_kind
-from ..data import write_json
+from protege.data import write_json
+from protege.export.common import atomic_dir, cache_root, metadata, model_card, student_dir, student_kind
 
 CONVERTER_PACKAGE = os.environ.get("PROTEGE_LLAMA_CPP_PYTHON", "llama-cpp-python==0.3.36")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -135,7 +135,7 @@ def verify(hf_dir: Path, gguf_path: Path, texts: Sequence[str], max_new_tokens: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..students.causal_lm import CausalLMStudent, render
+    from protege.students.causal_lm import CausalLMStudent, render
 
     hf = CausalLMStudent.from_pretrained(hf_dir)
     folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
@@ -241,10 +241,10 @@ def render_modelfile_template(text: str, system: str, prompt: str) -> str:
 # -- the export --------------------------------------------------------------------------------
 
 def sample_texts(run: Path, task=None, n: int = 8) -> list[str]:
-    from ..data import read_jsonl
+    from protege.data import read_jsonl
 
     if task is not None:
-        from ..data import load_gold
+        from protege.data import load_gold
 
         return [g["text"] for g in load_gold(task)][:n]
     p = Path(run) / "curate" / "train.jsonl"

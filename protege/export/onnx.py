@@ -22,10 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import atomic_dir, metadata, model_card, student_dir, student_kind
-from ..data import write_json
-from ..timing import measure
-from ..students.classifier import LogitClassifier
+from protege.data import write_json
+from protege.export.common import atomic_dir, metadata, model_card, student_dir, student_kind
+from protege.students.classifier import LogitClassifier
+from protege.timing import measure
 
 OPSET = 18
 MIN_AGREEMENT = 0.99
@@ -193,7 +193,7 @@ class OnnxClassifier(LogitClassifier):
         if self.kind == "static":
             from tokenizers import Tokenizer
 
-            from ..students.classifier import _tokenizes_per_word
+            from protege.students.classifier import _tokenizes_per_word
 
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             self.tokenizer.no_padding()
@@ -203,7 +203,7 @@ class OnnxClassifier(LogitClassifier):
             self._per_word = _tokenizes_per_word(self.tokenizer)
             self.ngrams = None
             if (self.folder / "ngrams.json").is_file():
-                from ..students.ngrams import NgramFeatures
+                from protege.students.ngrams import NgramFeatures
 
                 self.ngrams = NgramFeatures.load(self.folder / "ngrams.json")
         else:
@@ -221,7 +221,7 @@ class OnnxClassifier(LogitClassifier):
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         if self.kind == "static":
-            from ..students.classifier import StaticClassifier
+            from protege.students.classifier import StaticClassifier
 
             # the student's own tokenization (word cache, early truncation): same ids by construction
             flat, offsets = flatten_ids(StaticClassifier._ids(self, texts))
@@ -271,10 +271,10 @@ def timing(fn, texts: Sequence[str], n_single: int = 100, repeats: int = 3) -> d
 def eval_texts(run: Path, task=None, limit: int = 2000) -> tuple[list[str], str]:
     """The task's gold inputs (the eval set); without the task file, the run's curated training inputs."""
     if task is not None:
-        from ..data import load_gold
+        from protege.data import load_gold
 
         return [g["text"] for g in load_gold(task)][:limit], "gold"
-    from ..data import read_jsonl
+    from protege.data import read_jsonl
 
     p = Path(run) / "curate" / "train.jsonl"
     if p.is_file():
@@ -286,7 +286,7 @@ def export_onnx(run: Path, dest: Path, task=None, *, texts: Sequence[str] | None
     _need_onnx()
     import onnx
 
-    from ..students import load_student
+    from protege.students import load_student
 
     src = student_dir(run)
     kind = student_kind(src)

@@ -4,14 +4,14 @@
 ``/metrics`` (imported lazily: FastAPI and prometheus-client load only when a gateway is built).
 """
 
-from .local_lm import create_lm_app, serve_in_thread
+from protege.serve.local_lm import create_lm_app, serve_in_thread
 
 __all__ = ["create_lm_app", "serve_in_thread", "create_app", "GatewayConfig"]
 
 
 def __getattr__(name: str):
     if name in ("create_app", "GatewayConfig"):
-        from . import gateway
+        from protege.serve import gateway
 
         return getattr(gateway, name)
     raise AttributeError(name)

@@ -9,7 +9,7 @@
    ``evaluate`` chose for a target quality in ``report.json``, else ``serve.default_threshold``); a
    ``shadow_fraction`` of those answers is re-asked of the teacher in the background.
 3. below the threshold the request **escalates**: to the teacher (through the ledger:
-   :func:`protege.generate.label_with_ledger`, so a repeated input is never paid twice and the answer is
+   :func:`protege.stages.generate.label_with_ledger`, so a repeated input is never paid twice and the answer is
    a cache hit when ``protege redistill`` labels the same input later), or into the human review queue
    (the student's answer is returned, marked provisional, with the review id). A teacher that fails or
    is over budget leaves the student's answer in place (``answered_by: student-fallback``).
@@ -28,11 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import progress
-from ..task import ServeConfig, TaskSpec
-from .drift import DriftMonitor, Reference
-from .predictor import Prediction, load_predictor
-from .store import TrafficStore
+from protege import progress
+from protege.task import ServeConfig, TaskSpec
+from protege.serve.drift import DriftMonitor, Reference
+from protege.serve.predictor import Prediction, load_predictor
+from protege.serve.store import TrafficStore
 
 log = logging.getLogger("protege.serve")
 SNAPSHOT_EVERY = 100  # requests between drift snapshots written to the store
@@ -148,13 +148,13 @@ class Engine:
             ref = Reference.from_json(cached)
             ref.agreement = agreement
             return ref
-        from ..data import read_jsonl
+        from protege.data import read_jsonl
 
         rows = read_jsonl(self.run / "curate" / "train.jsonl")
         n = 32 if self.predictor.is_lm else 1000
         texts = [r["text"] for r in random.Random(0).sample(rows, min(n, len(rows)))]
         ref = Reference.build(self.predictor, texts, agreement)
-        from ..data import write_json
+        from protege.data import write_json
 
         write_json(path, {**ref.to_json(), "student_version": version})
         return ref
@@ -162,8 +162,8 @@ class Engine:
     def teacher(self):
         with self._teacher_lock:
             if self._teacher is None:
-                from ..teachers.base import make_teacher
-                from ..textgen import text_teacher
+                from protege.registry import make_teacher
+                from protege.teachers.textgen import text_teacher
 
                 # extract / generate: the teacher answers in text (as in `protege generate`), not with a label
                 self._teacher = make_teacher(self.task) if self.task.kind == "classify" else text_teacher(self.task)
@@ -172,7 +172,7 @@ class Engine:
     def _ledger(self):
         led = getattr(self._tl, "ledger", None)
         if led is None:
-            from ..ledger import Ledger
+            from protege.teachers.ledger import Ledger
 
             led = self._tl.ledger = Ledger(self.ledger_path)
             with self._count_lock:
@@ -182,15 +182,15 @@ class Engine:
     # -- the teacher -------------------------------------------------------------------------
     def ask_teacher(self, text: str, stage: str):
         """(Answer, $) through the ledger; errors come back as an Answer with status 'error'."""
-        from ..generate import label_with_ledger
-        from ..ledger import BudgetExceeded
-        from ..teachers.base import Answer
+        from protege.stages.generate import label_with_ledger
+        from protege.teachers.ledger import BudgetExceeded
+        from protege.teachers.base import Answer
 
         budget = self.s.budget_usd if self.s.budget_usd is not None else self.task.teacher.budget_usd
         try:
             teacher = self.teacher()
             # a local model's cached prompt prefix is not thread-safe
-            lock = self._teacher_lock if self.task.teacher.backend == "hf" else contextlib.nullcontext()
+            lock = self._teacher_lock if getattr(teacher, "local", False) else contextlib.nullcontext()
             with lock, progress.quiet(self.cfg.quiet):
                 answers, stats = label_with_ledger(teacher, [text], self._ledger(), stage=stage, budget_usd=budget)
         except BudgetExceeded as e:

@@ -90,7 +90,7 @@ class Reference:
         return cls(d.get("confidences") or [], None if c is None else np.array(c), d.get("agreement"), d.get("n_texts", 0))
 
     def save(self, path: Path) -> None:
-        from ..data import write_json
+        from protege.data import write_json
 
         write_json(path, self.to_json())
 

@@ -29,10 +29,10 @@ from typing import Any
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .cascade import Engine, GatewayConfig, Outcome, TeacherUnavailable
-from .limits import Guard
-from .local_lm import ChatRequest
-from .predictor import stream_text
+from protege.serve.cascade import Engine, GatewayConfig, Outcome, TeacherUnavailable
+from protege.serve.limits import Guard
+from protege.serve.local_lm import ChatRequest
+from protege.serve.predictor import stream_text
 
 log = logging.getLogger("protege.serve")
 
@@ -89,7 +89,7 @@ def create_app(config: GatewayConfig):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    from .prom import Metrics
+    from protege.serve.prom import Metrics
 
     engine = Engine(config)
     metrics = engine.metrics = Metrics(engine)

@@ -66,7 +66,7 @@ class LMPredictor:
                          if isinstance(i, int) and i != self.tok.unk_token_id}
 
     def prompt_ids(self, text: str) -> list[int]:
-        from ..students.causal_lm import render
+        from protege.students.causal_lm import render
 
         return self.tok(render(self.tok, self.student.messages(text)), add_special_tokens=False).input_ids
 
@@ -98,7 +98,7 @@ class LMPredictor:
         content = self.tok.decode([t for t, _ in toks], skip_special_tokens=True).strip()
         total = sum(lp for _, lp in toks)
         if self.labels:
-            from ..teachers.base import parse_label
+            from protege.teachers.prompts import parse_label
 
             label = parse_label(content, self.labels)
             conf = math.exp(total) if label is not None else 0.0
@@ -136,10 +136,10 @@ def load_predictor(path: str | Path, name: str, max_tokens: int = 256):
     """A student folder (any kind) or an ONNX export folder (``model.onnx`` + ``protege.json``)."""
     p = Path(path)
     if (p / "model.onnx").is_file() and (p / "protege.json").is_file():
-        from ..export.onnx import OnnxClassifier
+        from protege.export.onnx import OnnxClassifier
 
         return ClassifierPredictor(OnnxClassifier(p), name)
-    from ..students import load_student
+    from protege.students import load_student
 
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} is not a protege student folder (no config.json); run `protege train`")

@@ -60,7 +60,7 @@ class Metrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        from .drift import assess
+        from protege.serve.drift import assess
 
         e = self.engine
         snap = e.monitor.snapshot()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from ..data import read_jsonl, read_rows, write_jsonl
-from ..task import TaskSpec, load_task
+from protege.data import read_jsonl, read_rows, write_jsonl
+from protege.task import TaskSpec, load_task
 
 STAGES = ("generate", "curate", "train", "evaluate", "report.json", "report.html")
 
@@ -115,7 +115,7 @@ def better(new: dict, old: dict | None, min_gain: float = 0.0) -> tuple[bool, st
 
 def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool = True,
               store: Path | None = None) -> dict:
-    from ..pipeline import run as run_pipeline
+    from protege.pipeline import run as run_pipeline
 
     run = Path(run)
     store = Path(store) if store else run / "serve" / "traffic.sqlite"
@@ -129,7 +129,7 @@ def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool
     task_file = derived_task(task, run, cand / "task", texts, human)
     new_task = load_task(task_file)
     _copy_ledger(run / "ledger.sqlite", cand / "ledger.sqlite")
-    report = run_pipeline(new_task, cand)
+    report = run_pipeline(new_task, cand).report.to_dict()
     old = json.loads((run / "report.json").read_text(encoding="utf-8")) if (run / "report.json").is_file() else None
     ok, why = better(report, old, min_gain)
     promoted = False

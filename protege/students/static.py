@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import fingerprint
-from ..progress import bar
-from ..task import TaskError, resolve_model_path
+from protege.artifacts import fingerprint
+from protege.progress import bar
+from protege.task import TaskError, resolve_model_path
 
 
 def cache_dir() -> Path:

@@ -1,4 +1,4 @@
-"""The teacher interface, the registry, and the prompt every backend shares.
+"""The teacher interface: what a backend is asked (a request) and what it gives back (an :class:`Answer`).
 
 A teacher turns a batch of *requests* into a batch of :class:`Answer`. A request is a plain JSON-able
 dict holding everything that determines the answer (messages, labels, params); its hash is the ledger
@@ -7,14 +7,13 @@ key, so two backends never need to agree on anything but this shape.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..task import TaskError, TaskSpec
+from protege.task import TaskSpec
 
 
 @dataclass
@@ -78,6 +77,12 @@ class Teacher(ABC):
     """A labelling backend. Subclasses set ``name`` (the ledger's model id) and implement ``answer``."""
 
     name: str
+    # what this backend can do (protege.registry.Capabilities): read by callers instead of backend names
+    local: bool = False
+    logits: bool = False
+    logprobs: bool = True
+    generation: bool = True
+    concurrent: bool = False
 
     def __init__(self, task: TaskSpec):
         self.task = task
@@ -103,76 +108,3 @@ class Teacher(ABC):
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass
-
-
-TEACHERS: dict[str, Callable[[TaskSpec], Teacher]] = {}
-
-
-def register_teacher(name: str) -> Callable[[type[Teacher]], type[Teacher]]:
-    def deco(cls: type[Teacher]) -> type[Teacher]:
-        TEACHERS[name] = cls
-        return cls
-
-    return deco
-
-
-def make_teacher(task: TaskSpec) -> Teacher:
-    from . import hf, openai  # noqa: F401  (register built-in backends)
-
-    try:
-        factory = TEACHERS[task.teacher.backend]
-    except KeyError:
-        raise TaskError(f"teacher.backend {task.teacher.backend!r} is unknown; use one of {sorted(TEACHERS)}") from None
-    return factory(task)
-
-
-# -- prompt ------------------------------------------------------------------------------------
-
-def system_prompt(task: TaskSpec) -> str:
-    """The system turn a model answers the task under: the instruction plus the label list (classify) or
-    the JSON schema (extract)."""
-    if getattr(task, "kind", "classify") != "classify":
-        from ..textgen import system_text
-
-        return system_text(task)
-    return f"{task.instruction.strip()}\nAnswer with exactly one of: {', '.join(task.labels)}."
-
-
-def assistant_text(task: TaskSpec, label: str) -> str:
-    p = task.teacher.answer_prefix
-    return f"{p} {label}" if p else label
-
-
-def build_messages(task: TaskSpec, text: str) -> list[dict]:
-    """System instruction, the task's worked examples as chat turns, then the input."""
-    msgs = [{"role": "system", "content": system_prompt(task)}]
-    for ex in task.examples:
-        msgs += [{"role": "user", "content": ex.input}, {"role": "assistant", "content": assistant_text(task, ex.output)}]
-    msgs.append({"role": "user", "content": text})
-    return msgs
-
-
-def truncate_words(text: str, max_tokens: int) -> str:
-    """Cheap tokenizer-free truncation (~0.75 words per token) for API teachers."""
-    words = text.split()
-    limit = max(1, int(max_tokens * 0.75))
-    return " ".join(words[:limit]) if len(words) > limit else text.strip()
-
-
-_PUNCT = re.compile(r"^[\s\"'`*_.:;,()\[\]-]+|[\s\"'`*_.:;,()\[\]!-]+$")
-
-
-def parse_label(text: str, labels: list[str], answer_prefix: str = "") -> str | None:
-    """Map a free-text answer onto the label set; None when it is not one of the labels."""
-    t = text.strip()
-    if answer_prefix and t.lower().startswith(answer_prefix.lower()):
-        t = t[len(answer_prefix):]
-    t = _PUNCT.sub("", t).lower()
-    by_lower = {lab.lower(): lab for lab in labels}
-    if t in by_lower:
-        return by_lower[t]
-    # "sports." / "sports\n\nThe article..." → first word-ish run that is a label
-    for lab_l, lab in sorted(by_lower.items(), key=lambda kv: -len(kv[0])):
-        if t.startswith(lab_l) and (len(t) == len(lab_l) or not t[len(lab_l)].isalnum()):
-            return lab
-    return None

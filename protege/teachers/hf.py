@@ -44,9 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..task import TaskError, TaskSpec, resolve_model_path
-from .base import Answer, Teacher, answers_from_scores, build_messages, register_teacher
-from .variants import variant_task
+from protege.task import TaskError, TaskSpec, resolve_model_path
+from protege.teachers.base import Answer, Teacher, answers_from_scores
+from protege.teachers.prompts import build_messages
+from protege.teachers.variants import variant_task
 
 _SENTINEL = "\x00PROTEGE_INPUT\x00"
 THREADS_ENV = "PROTEGE_TORCH_THREADS"
@@ -128,8 +129,9 @@ class _Prompt:
     cache: object
 
 
-@register_teacher("hf")
 class HFTeacher(Teacher):
+    local, logits, logprobs, generation, concurrent = True, True, True, True, False  # registry.Capabilities
+
     def __init__(self, task: TaskSpec, model=None, tokenizer=None):
         super().__init__(task)
         import torch
@@ -279,7 +281,7 @@ class HFTeacher(Teacher):
     def _generate(self, requests: list[dict]) -> list[Answer]:
         """Left-padded batches through ``model.generate`` (greedy); per step, log_softmax of the raw logits
         and its top-k. Rows end at their own end-of-sequence token; padding never reaches the answer."""
-        from .topk_store import pack_ids
+        from protege.teachers.topk_store import pack_ids
 
         torch, tok = self.torch, self.tok
         eos = tok.eos_token_id
@@ -317,11 +319,6 @@ class HFTeacher(Teacher):
 
     def time_single(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time (for the latency report; not ledgered)."""
-        from ..timing import time_each
+        from protege.timing import time_each
 
         return time_each([self.request(t) for t in texts], lambda r: self._score([r["input_ids"]]))
-
-
-
-
-from . import hf_seqcls  # noqa: E402,F401  (registers backend "hf-seqcls")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..task import TaskError, TaskSpec, resolve_model_path
-from .base import Answer, Teacher, answers_from_scores, register_teacher
-from .hf import teacher_threads, torch_threads
+from protege.task import TaskError, TaskSpec, resolve_model_path
+from protege.teachers.base import Answer, Teacher, answers_from_scores
+from protege.teachers.hf import teacher_threads, torch_threads
 
 
 def load_seqcls(ref: str, dtype: str = "float32"):
@@ -41,8 +41,9 @@ def load_seqcls(ref: str, dtype: str = "float32"):
     return tok, model.to(getattr(torch, dtype)).eval()
 
 
-@register_teacher("hf-seqcls")
 class HFSeqClsTeacher(Teacher):
+    local, logits, logprobs, generation, concurrent = True, False, True, False, False  # registry.Capabilities
+
     def __init__(self, task: TaskSpec, model=None, tokenizer=None):
         super().__init__(task)
         import torch
@@ -96,6 +97,6 @@ class HFSeqClsTeacher(Teacher):
 
     def time_single(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time (for the latency report; not ledgered)."""
-        from ..timing import time_each
+        from protege.timing import time_each
 
         return time_each([self.request(t) for t in texts], lambda r: self._logits([r["input_ids"]]))

@@ -45,11 +45,13 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from ..costs import price_for
-from ..ratelimit import RateLimiter, backoff_delay, retry_after_s
-from ..task import TaskError, TaskSpec
-from .base import Answer, Teacher, build_messages, parse_label, register_teacher, truncate_words
-from .variants import describe_variant, variant_task
+from protege.costs import price_for
+from protege.schema import schema_error, strip_fence
+from protege.teachers.ratelimit import RateLimiter, backoff_delay, retry_after_s
+from protege.task import TaskError, TaskSpec
+from protege.teachers.base import Answer, Teacher
+from protege.teachers.prompts import build_messages, parse_label, truncate_words
+from protege.teachers.variants import variant_task
 
 Reserve = Callable[[float, int], bool]  # reserve(usd, tokens) -> may this extra call be sent (budget)?
 
@@ -141,8 +143,9 @@ REASK_BAD_JSON = "That was not valid JSON ({error}). Reply with only a JSON obje
 REASK_SCHEMA = "That JSON does not follow the schema: {error}. Reply with only a corrected JSON object."
 
 
-@register_teacher("openai")
 class OpenAITeacher(Teacher):
+    local, logits, logprobs, generation, concurrent = False, False, True, True, True  # registry.Capabilities
+
     def __init__(self, task: TaskSpec):
         super().__init__(task)
         cfg = self.cfg
@@ -171,7 +174,7 @@ class OpenAITeacher(Teacher):
         if kind == "extract" and getattr(self.task, "schema_", None):
             return self.extract_request(text, self.task.schema_, sample)
         if kind in ("extract", "generate"):
-            from ..textgen import teacher_messages
+            from protege.teachers.prompts import teacher_messages
 
             return self.generation_request(teacher_messages(self.task, truncate_words(text, self.cfg.max_input_tokens)),
                                            sample)
@@ -420,34 +423,29 @@ class OpenAITeacher(Teacher):
         return Answer(label=label, probs=probs, soft=soft, text=text, missing_mass=missing, extra=extra)
 
     def _judge_json(self, ch, req: dict) -> Answer | tuple:
-        import jsonschema
-
         text = ((ch.get("message") or {}).get("content") or "").strip()
         schema = ((req.get("response_format") or {}).get("json_schema") or {}).get("schema")
         try:
-            obj = json.loads(_strip_fence(text))
+            obj = json.loads(strip_fence(text))
         except json.JSONDecodeError as e:
             if ch.get("finish_reason") == "length":
                 return ("truncated", f"JSON answer cut off by max_tokens: {text[:80]!r}",
                         REASK_BAD_JSON.format(error="it was cut off"), text)
             return "bad_json", f"answer is not valid JSON ({e}): {text[:80]!r}", REASK_BAD_JSON.format(error=e), text
-        if schema:
-            err = next(iter(jsonschema.Draft202012Validator(schema).iter_errors(obj)), None)
-            if err is not None:
-                where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-                return ("schema_mismatch", f"answer breaks the schema at {where}: {err.message}",
-                        REASK_SCHEMA.format(error=f"{where}: {err.message}"), text)
+        err = schema_error(obj, schema)
+        if err is not None:
+            return ("schema_mismatch", f"answer breaks the schema at {err}", REASK_SCHEMA.format(error=err), text)
         extra, soft = {"json": obj}, "none"
         lp = ch.get("logprobs")
         if lp and lp.get("content"):
-            from .topk_store import pack_openai_content
+            from protege.teachers.topk_store import pack_openai_content
 
             extra["topk"], soft = pack_openai_content(lp["content"]), "logprobs"
         return Answer(label=json.dumps(obj, sort_keys=True, ensure_ascii=False), probs=None, soft=soft, text=text,
                       extra=extra)
 
     def _judge_text(self, ch, req: dict) -> Answer | tuple:
-        from .topk_store import pack_openai_content
+        from protege.teachers.topk_store import pack_openai_content
 
         text = (ch.get("message") or {}).get("content") or ""
         if ch.get("finish_reason") == "length":
@@ -477,16 +475,3 @@ class OpenAITeacher(Teacher):
         if not requests:
             return []
         return self.run(self._answer_all(requests))
-
-    def sample_info(self, sample: int) -> dict:
-        """What prompt variant sample ``sample`` used (for the per-sample record)."""
-        return describe_variant(self.task, sample)
-
-
-def _strip_fence(text: str) -> str:
-    """```json ... ``` → the JSON inside (some providers fence JSON even in JSON mode)."""
-    t = text.strip()
-    if t.startswith("```"):
-        t = t.split("\n", 1)[1] if "\n" in t else t[3:]
-        t = t.rsplit("```", 1)[0]
-    return t.strip()

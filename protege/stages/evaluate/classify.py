@@ -24,31 +24,28 @@ Artifacts: ``report.json`` + ``report.html`` at the run root (the DESIGN.md cont
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .artifacts import fingerprint, require, stage_writer
-from .costs import break_even_months, chart_months, compute_usd_per_call, cumulative_costs
-from .data import load_gold, read_jsonl, write_json, write_jsonl, write_text
-from .ledger import Ledger
-from .students import load_student
-from .task import TaskSpec
-from .timing import measure
+from protege import metrics as M
+from protege.artifacts import fingerprint
+from protege.stages.evaluate.common import (
+    cost_block,
+    eval_inputs,
+    machine_info,
+    null_notes,
+    read_json,
+    student_name,
+    teacher_timing,
+    teacher_usd_per_call,
+    write_outputs,
+)
+from protege.stages.keys import EVALUATE
+from protege.task import TaskSpec
+from protege.timing import measure
 
 CASCADE_TARGET = 0.99  # share of the teacher's quality the cascade must keep
-
-
-def student_name(student, task: TaskSpec) -> str:
-    """Short name for tables: what the student is, not where it was saved."""
-    kind = task.student.kind
-    if kind == "static":
-        ngrams = getattr(student, "ngrams", None)
-        return f"static-{int(student.base.shape[1])}d" + (f"+{ngrams.n}gram" if ngrams is not None else "") + "+linear"
-    ref = getattr(task.student, "model", None) or (task.student.embedder if kind == "encoder" else task.teacher.model)
-    return f"{kind}:{str(ref).rstrip('/').rsplit('/', 1)[-1].removeprefix('pkg:')}"
 
 
 def student_outputs(student, texts: list[str], labels: list[str]) -> tuple[list, np.ndarray | None]:
@@ -66,34 +63,6 @@ def time_student(student, texts: list[str], n_single: int = 200, repeats: int = 
     single, batched = measure(fn, texts, n_single=n_single, repeats=repeats, warmup=4)
     return {**M.latency_summary(single), "batched_ms_per_item": batched * 1000,
             "items_per_s_batched": 1.0 / batched if batched else None, "batch_size": len(texts)}
-
-
-def teacher_timing(task: TaskSpec, out: Path, gen_stats: dict) -> dict:
-    """Teacher latency from the generate stage: measured locally, or per-call wall time from the ledger."""
-    tt = gen_stats.get("timing") or {}
-    if tt.get("single_s"):
-        lat = M.latency_summary(tt["single_s"])
-    else:
-        lat = {"p50_ms": None, "p95_ms": None, "mean_ms": None, "n": 0}
-        if (out / "ledger.sqlite").is_file():
-            with Ledger(out / "ledger.sqlite") as led:
-                tid = gen_stats.get("teacher_id", "")  # this run's labelling calls only, not judge / baseline
-                lat = M.latency_summary(led.latencies(tid, "generate") + led.latencies(tid, "gold"))
-        if lat["p50_ms"] is None and tt.get("single_s_p50"):
-            lat.update(p50_ms=tt["single_s_p50"] * 1000, n=1)
-    b = tt.get("batched_s_per_item")
-    local = task.teacher.backend == "hf"
-    return {**lat, "batched_ms_per_item": b * 1000 if (b and local) else None,
-            "items_per_s_batched": 1.0 / b if (b and local) else None,
-            "source": tt.get("source") or ("measured" if local else "ledger")}
-
-
-def _teacher_usd_per_call(task: TaskSpec, out: Path, seconds: float) -> float:
-    if task.teacher.backend == "hf":
-        return compute_usd_per_call(seconds, task.teacher.usd_per_hour)
-    with Ledger(out / "ledger.sqlite") as led:
-        row = led.db.execute("SELECT avg(cost_usd) FROM calls WHERE status='ok' AND stage IN ('generate','gold')").fetchone()
-    return float(row[0] or 0.0)
 
 
 def quality(task: TaskSpec, gold: list[str], t_pred: list, s_pred: list, s_proba: np.ndarray | None,
@@ -164,58 +133,8 @@ def verdict(r: dict) -> dict:
             f"{cas.get('coverage', 0):.0%} of traffic. More or better-curated teacher labels first."}
 
 
-def cost_block(task: TaskSpec, gen_stats: dict, train_stats: dict, t_usd_call: float, s_ms: float,
-               timed: str) -> dict:
-    """report.json's ``cost``: per call, per 1k, per month at the task's volume, one-off spend (labelling +
-    training), break-even and the cumulative-cost curves. The student is priced by its p50 ``s_ms``."""
-    vol = task.volume_per_month
-    s_usd_call = compute_usd_per_call(s_ms / 1000, task.student.usd_per_hour)
-    labelling_usd = float(gen_stats["inputs"]["usd"])
-    training_usd = compute_usd_per_call(train_stats["train_seconds"], task.student.usd_per_hour)
-    one_off = labelling_usd + training_usd
-    be = break_even_months(t_usd_call, s_usd_call, vol, one_off)
-    return {"volume_per_month": vol, "one_off_usd": one_off, "labelling_usd": labelling_usd,
-            "training_usd": training_usd, "teacher_usd_per_call": t_usd_call, "student_usd_per_call": s_usd_call,
-            "teacher_usd_per_1k": t_usd_call * 1000, "student_usd_per_1k": s_usd_call * 1000,
-            "teacher_usd_per_month": t_usd_call * vol, "student_usd_per_month": s_usd_call * vol,
-            "break_even_months": be,
-            "basis": f"local models: single-item p50 {timed} × usd_per_hour; API teacher: mean ledger $ per call",
-            "cumulative": cumulative_costs(chart_months(be), t_usd_call, s_usd_call, vol, one_off)}
-
-
-def null_notes(report: dict) -> dict:
-    """Why a headline figure is null (an undefined ratio is reported as null, never NaN)."""
-    notes = {}
-    if report["retained"] is None:
-        notes["retained"] = (f"the teacher scored 0 {report['metric']} on the gold items: student / teacher is "
-                             f"undefined, so retained is null")
-    if report["speedup"] is None:
-        notes["speedup"] = "no teacher latency was measured (no local timing, no ledger latencies): speedup is null"
-    return notes
-
-
-def eval_inputs(task: TaskSpec, out: Path) -> tuple:
-    """What every evaluation reads: (train config, generate config, gold rows, the teacher's answer row for
-    each gold row in order, generate stats, train stats, the loaded student)."""
-    train_cfg = require(out / "train", "train")
-    gen = require(out / "generate", "generate")
-    gold_rows = load_gold(task)
-    teacher_rows = {r["id"]: r for r in read_jsonl(out / "generate" / "gold.jsonl")}
-    missing = [g["id"] for g in gold_rows if g["id"] not in teacher_rows]
-    if missing:
-        raise ValueError(f"the generate artifact has no teacher answer for {len(missing)} gold items "
-                         f"(gold file changed?); re-run `protege generate`")
-    trows = [teacher_rows[g["id"]] for g in gold_rows]
-    return (train_cfg, gen, gold_rows, trows, _read(out / "generate" / "stats.json"),
-            _read(out / "train" / "stats.json"), load_student(out / "train" / "student"))
-
-
-def evaluate(task: TaskSpec, out: Path) -> dict:
+def evaluate_classify(task: TaskSpec, out: Path) -> dict:
     out = Path(out)
-    if task.kind != "classify":
-        from .evaluate_text import evaluate_text
-
-        return evaluate_text(task, out)
     train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
     texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
     t_pred = [r.get("label") for r in trows]
@@ -232,7 +151,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
     st = time_student(student, texts)
     tt = teacher_timing(task, out, gen_stats)
     t_ms, s_ms = tt["p50_ms"] or float("nan"), st["p50_ms"]
-    cost = cost_block(task, gen_stats, train_stats, _teacher_usd_per_call(task, out, t_ms / 1000), s_ms, "wall time")
+    cost = cost_block(task, gen_stats, train_stats, teacher_usd_per_call(task, out, t_ms / 1000), s_ms, "wall time")
     report = {
         "task": task.name, "kind": task.kind, "metric": primary, "n_eval": len(gold),
         "teacher": {"name": gen_stats["teacher"], "score": t_score, "score_ci": q["metrics"]["teacher"][f"{primary}_ci"],
@@ -257,9 +176,9 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
         "confusion": {"teacher": M.confusion(gold, t_pred, task.labels), "student": M.confusion(gold, s_pred, task.labels)},
         "latency": {"student": st, "teacher": tt},
         "cost": cost,
-        "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
+        "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": read_json(out / "curate" / "stats.json"),
                  "train": train_stats},
-        "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
+        "machine": machine_info(), "generate_fingerprint": gen["fingerprint"],
         "examples": worst_errors(texts, gold, t_pred, s_pred, s_items, s_conf, t_conf),
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
@@ -271,53 +190,7 @@ def evaluate(task: TaskSpec, out: Path) -> dict:
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}
              for i, (g, y, tp, sp, ts, ss) in enumerate(zip(gold_rows, gold, t_pred, s_pred, t_items, s_items))]
-    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
-        {"generate": gen["fingerprint"], "train": train_cfg.get("fingerprint")})})
+    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": EVALUATE.key(
+        task, upstream=fingerprint([gen["fingerprint"], train_cfg.get("fingerprint")]))})
 
 
-def finite(x):
-    """``x`` with every NaN / ±Infinity float replaced by None (numpy scalars made plain): JSON has no NaN,
-    and a report that says NaN is one a strict parser rejects."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> dict:
-    """report.json (no NaN: undefined figures are null), report.html (atomic), and evaluate/items.jsonl for
-    --compare. Returns the report as written."""
-    from .report import render_html
-
-    report = finite(report)
-    with stage_writer(out / "evaluate", config) as tmp:
-        write_jsonl(tmp / "items.jsonl", finite(items))
-    write_json(out / "report.json", report, allow_nan=False)
-    write_text(out / "report.html", render_html(report))
-    return report
-
-
-def _read(p: Path) -> dict:
-    import json
-
-    return json.loads(Path(p).read_text(encoding="utf-8"))
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}

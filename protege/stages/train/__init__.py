@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .artifacts import fingerprint, is_fresh, require, stage_writer
-from .data import read_jsonl, write_json
-from .students.classifier import StaticClassifier
-from .task import TaskSpec
+from protege import metrics as M
+from protege.artifacts import is_fresh, require, stage_writer
+from protege.data import read_jsonl, write_json
+from protege.students.classifier import StaticClassifier
+from protege.stages.keys import TRAIN
+from protege.task import TaskSpec
 
 
 def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,11 +32,6 @@ def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray
         dev_idx += idx[:k].tolist()
         train_idx += idx[k:].tolist()
     return np.array(sorted(train_idx)), np.array(sorted(dev_idx))
-
-
-# Bumped when how a student is trained changes (not just its settings), so an existing run folder's train
-# stage is redone instead of looking fresh. 2: static student with n-gram block, convex fit, temperature.
-TRAIN_RECIPE = 2
 
 
 def text_dev_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -70,8 +66,7 @@ def _fit_static(task: TaskSpec, texts: list[str], P: np.ndarray, hard: np.ndarra
 def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     cur_dir, stage_dir = Path(out) / "curate", Path(out) / "train"
     cur_cfg = require(cur_dir, "curate")
-    fp = fingerprint({"upstream": cur_cfg["fingerprint"], "student": task.student.model_dump(),
-                      "train": task.train.model_dump(), "recipe": TRAIN_RECIPE})
+    fp = TRAIN.key(task, upstream=cur_cfg["fingerprint"])
     if not force and is_fresh(stage_dir, fp):
         return stage_dir
     rows = read_jsonl(cur_dir / "train.jsonl")
@@ -105,7 +100,7 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
             fit_idx = np.arange(len(rows))
             student = _fit_static(task, texts, P, hard, weight, texts).scale_logits(temperature)
     else:  # encoder / causal_lm: transformers / TRL trainers, `accelerate launch`-ready (protege.students)
-        from .students import fit_student
+        from protege.stages.train.neural import fit_student
 
         student = fit_student(task, [texts[i] for i in tr], P[tr], hard[tr],
                               sample_weight=weight[tr] if np.any(weight != 1.0) else None,
@@ -132,7 +127,7 @@ def _sources(rows: list[dict], fit_idx) -> dict:
 
 
 def _write_train(task: TaskSpec, stage_dir: Path, fp: str, student, stats: dict) -> Path:
-    from .students import is_main_process, wait_for_everyone
+    from protege.students.distributed import is_main_process, wait_for_everyone
 
     if is_main_process():  # under `accelerate launch` every rank trains; rank 0 writes the artifact
         with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
@@ -149,13 +144,13 @@ def _train_text(task: TaskSpec, out: Path, stage_dir: Path, fp: str, rows: list[
     A dev split (``train.dev_fraction``, at most 32 items, seeded) is held out of training; the trained
     student answers it and its agreement with the teacher's answers is reported.
     """
-    from .students import fit_text_student
-    from .textgen import same_answer
+    from protege.stages.train.neural import fit_text_student
+    from protege.teachers.textgen import same_answer
 
     topk_file = out / "generate" / "topk.safetensors"
     stored = None
     if topk_file.is_file() and any(r.get("topk_row") is not None for r in rows):
-        from .teachers.topk_store import load_topk
+        from protege.teachers.topk_store import load_topk
 
         stored = load_topk(topk_file)
     topk = [stored[r["topk_row"]] if stored is not None and r.get("topk_row") is not None else None for r in rows]

@@ -3,7 +3,7 @@
 Read top to bottom, the page answers the questions in the order a reviewer asks them: should we ship
 it (verdict), how sure are we (CIs, paired test), where does it fail (confusion, worst errors), can
 a cascade catch that (calibration, coverage curve), and what does it save (latency, $, break-even).
-Plots are PNG data URIs (:mod:`protege.plots`), so the file has no external references.
+Plots are PNG data URIs (:mod:`protege.reporting.plots`), so the file has no external references.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import html
 import math
 
-from . import plots
-from .costs import format_months
+from protege.reporting import plots
+from protege.costs import format_months
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}

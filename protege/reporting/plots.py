@@ -140,7 +140,7 @@ def break_even(cost: dict) -> str:
     Drawn by :func:`protege.costs.break_even_figure` from the report's ``cost.cumulative`` curves
     (computed by :func:`protege.costs.cumulative_costs`), or from the monthly figures when absent.
     """
-    from .costs import break_even_figure, chart_months
+    from protege.costs import break_even_figure, chart_months
 
     _plt()
     curves = cost.get("cumulative")

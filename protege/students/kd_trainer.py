@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from .losses import distillation_loss, generalized_jsd, topk_kl
-from .progress import bar
+from protege.losses import distillation_loss, generalized_jsd, topk_kl
+from protege.progress import bar
 
 __all__ = ["ClassifierKDTrainer", "ClassifierKDCollator", "TokenKDTrainer", "TokenKDCollator", "RichProgress",
            "quiet_trainer", "token_kd_loss", "completion_logits", "trained_model"]
@@ -79,7 +79,7 @@ def trained_model(trainer: Trainer, auto_cls):
     """
     if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         return trainer.model
-    from .students import is_main_process, wait_for_everyone
+    from protege.students.distributed import is_main_process, wait_for_everyone
 
     full = Path(trainer.args.output_dir) / "protege-full-model"
     trainer.save_model(str(full))

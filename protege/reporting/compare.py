@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .data import read_jsonl, write_json, write_text
+from protege import metrics as M
+from protege.data import read_jsonl, write_json, write_text
 
 
 def load_run(path: Path) -> tuple[dict, list[dict] | None, Path]:
@@ -75,7 +75,7 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> dict:
         })
     result = {"runs": rows, "date": time.strftime("%Y-%m-%d %H:%M"), "baseline": names[0]}
     if out is not None:
-        from .report import render_compare_html
+        from protege.reporting.html import render_compare_html
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

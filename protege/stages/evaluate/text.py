@@ -6,7 +6,7 @@ per-item field F1 (primary), JSON validity, exact match; generate: per-item ROUG
 with bootstrap CIs on the same resamples and a paired bootstrap test. Latency is single-item greedy
 generation for both (the teacher's timed in the generate stage for a local model, or per-call wall time
 from the ledger for an API). With ``evaluate.judge`` (generate tasks), the teacher also judges student vs
-teacher answers pairwise in both orders (:mod:`protege.judge`), through the ledger.
+teacher answers pairwise in both orders (:mod:`protege.stages.evaluate.judge`), through the ledger.
 
 There is no calibration or cascade section: a generated answer has no single confidence to threshold.
 """
@@ -18,16 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .artifacts import fingerprint
-from .ledger import Ledger
-from .task import TaskSpec
-from .textgen import same_answer
+from protege import metrics as M
+from protege.artifacts import fingerprint
+from protege.stages.evaluate.common import (
+    cost_block,
+    eval_inputs,
+    machine_info,
+    null_notes,
+    read_json,
+    student_name,
+    teacher_timing,
+    teacher_usd_per_call,
+    write_outputs,
+)
+from protege.stages.keys import EVALUATE
+from protege.task import TaskSpec
+from protege.teachers.ledger import Ledger
+from protege.teachers.textgen import same_answer
 
 
 def time_text_student(student, texts: list[str], n_single: int) -> dict:
     """Single-item greedy generation times (warm-up first) — what a server answering one request sees."""
-    from .timing import time_each
+    from protege.timing import time_each
 
     texts = texts[: max(1, n_single)]
     student.generate(texts[:1], batch_size=1)
@@ -72,8 +84,8 @@ def text_verdict(r: dict) -> dict:
 
 def run_judge(task: TaskSpec, out: Path, texts, t_out, s_out, gold) -> dict:
     """Pairwise LLM-as-judge (teacher backend as judge), both orders, through the run's ledger."""
-    from .judge import judge_task, pairwise_judge
-    from .teachers.base import make_teacher
+    from protege.registry import make_teacher
+    from protege.stages.evaluate.judge import judge_task, pairwise_judge
 
     n = len(texts) if task.evaluate.judge_max_items is None else min(len(texts), task.evaluate.judge_max_items)
     judge = make_teacher(judge_task(task))
@@ -89,8 +101,6 @@ def run_judge(task: TaskSpec, out: Path, texts, t_out, s_out, gold) -> dict:
 
 
 def evaluate_text(task: TaskSpec, out: Path) -> dict:
-    from .evaluate import (_machine, _read, cost_block, eval_inputs, null_notes, student_name, teacher_timing,
-                           write_outputs)
 
     out = Path(out)
     train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
@@ -111,9 +121,7 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
           "items_per_s_batched": 1.0 / batched_s if batched_s else None, "batch_size": task.student.batch_size}
     tt = teacher_timing(task, out, gen_stats)
     t_ms, s_ms = tt["p50_ms"], st["p50_ms"]
-    from .evaluate import _teacher_usd_per_call
-
-    cost = cost_block(task, gen_stats, train_stats, _teacher_usd_per_call(task, out, (t_ms or 0.0) / 1000), s_ms,
+    cost = cost_block(task, gen_stats, train_stats, teacher_usd_per_call(task, out, (t_ms or 0.0) / 1000), s_ms,
                       "generation wall time")
     if t_score > 0:
         retained, retained_ci = s_score / t_score, list(M.paired_ratio_ci(s_items, t_items))
@@ -143,9 +151,9 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
         "fidelity": _fidelity(kind, t_out, s_out),
         "latency": {"student": st, "teacher": tt},
         "cost": cost,
-        "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": _read(out / "curate" / "stats.json"),
+        "data": {"teacher_labelled": gen_stats["n_inputs"], "curated": read_json(out / "curate" / "stats.json"),
                  "train": train_stats},
-        "machine": _machine(), "generate_fingerprint": gen["fingerprint"],
+        "machine": machine_info(), "generate_fingerprint": gen["fingerprint"],
         "examples": worst_text_errors(texts, gold, t_out, s_out, t_items, s_items),
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_out[i] == t_out[i] for i in range(len(gold))))},
@@ -161,6 +169,6 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None}
              for g, y, tp, sp, ts, ss in zip(gold_rows, gold, t_out, s_out, t_items, s_items)]
-    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": fingerprint(
-        {"generate": gen["fingerprint"], "train": train_cfg.get("fingerprint")})})
+    return write_outputs(out, report, items, {"stage": "evaluate", "task": task.name, "fingerprint": EVALUATE.key(
+        task, upstream=fingerprint([gen["fingerprint"], train_cfg.get("fingerprint")]))})
 

@@ -1,6 +1,6 @@
 """Send the teacher calls a stage needs: through the ledger, under the budget, with a progress bar.
 
-:func:`protege.generate.label_with_ledger` decides *what* to send (requests the ledger cannot answer);
+:func:`protege.stages.generate.label_with_ledger` decides *what* to send (requests the ledger cannot answer);
 this module sends it:
 
 * **Async teachers** (API backends with ``acall``) run as a pipeline of ``teacher.concurrency``
@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .ledger import Ledger
-from .teachers.base import Answer, Teacher
+from protege.teachers.ledger import Ledger
+from protege.teachers.base import Answer, Teacher
 
 
 class BudgetGate:

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import bootstrap_ci
-from .task import TaskSpec
+from protege.metrics import bootstrap_ci
+from protege.task import TaskSpec
 
 JUDGE_LABELS = ["A", "B", "tie"]
 JUDGE_INSTRUCTION = (
@@ -69,8 +69,8 @@ def pairwise_judge(judge, ledger, instruction: str, texts: Sequence[str], output
     CI, win / tie / loss counts after the swap, position consistency, the share of verdicts that went
     to the first position (order bias), the call / cache / $ counts, and per-item verdicts.
     """
-    from .generate import label_with_ledger
-    from .textgen import same_answer
+    from protege.stages.generate import label_with_ledger
+    from protege.teachers.textgen import same_answer
 
     n = len(texts)
     refs = list(references) if references is not None else [None] * n

@@ -19,36 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import fingerprint, is_fresh, stage_writer
-from .data import load_gold, load_inputs, write_json, write_jsonl
-from .ledger import BudgetExceeded, Ledger, request_key
-from .progress import bar
-from .task import TaskSpec
-from .teachers.base import Answer, Teacher, make_teacher
-
-
-def file_signature(path: Path) -> dict:
-    """Content hash, not mtime: an edit that keeps size and second must still invalidate the artifact."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "sha256": h.hexdigest()}
-
-
-# Teacher settings that change how fast or how far a run goes, never what an answer is.
-_RUNTIME_ONLY = {"budget_usd", "concurrency", "timeout_s", "max_retries", "rpm", "tpm", "budget_tokens", "retry_base_s",
-                 "retry_max_s", "torch_threads"}
-# Settings added later that change answers: left out at their defaults so earlier artifacts stay fresh.
-_LATER_DEFAULTS = {"max_reasks": 2, "shuffle_labels": False, "paraphrases": [], "label_map": {},
-                   "retry_failed": "transient"}
-
-
-def _teacher_signature(task: TaskSpec) -> dict:
-    d = task.teacher.model_dump(exclude=_RUNTIME_ONLY)
-    return {k: v for k, v in d.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+from protege.artifacts import fingerprint, is_fresh, stage_writer
+from protege.data import load_gold, load_inputs, write_json, write_jsonl
+from protege.teachers.ledger import BudgetExceeded, Ledger, request_key
+from protege.progress import bar
+from protege.stages.keys import GENERATE
+from protege.task import TaskSpec
+from protege.teachers.base import Answer, Teacher
+from protege.registry import make_teacher
 
 
 def shard_of(item_id: str, n: int) -> int:
@@ -70,15 +48,7 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def generate_fingerprint(task: TaskSpec) -> str:
-    sig = {
-        "teacher": _teacher_signature(task),
-        "instruction": task.instruction, "labels": task.labels, "examples": [e.model_dump() for e in task.examples],
-        **({} if task.kind == "classify" else {"kind": task.kind, "schema": task.schema_}),
-        "input_field": task.input_field, "gold_field": task.gold_field,
-        "data": task.data.model_dump(exclude={"train"}),
-        "files": [file_signature(task.path(task.data.inputs)), file_signature(task.path(task.data.gold))],
-    }
-    return fingerprint(sig)
+    return GENERATE.key(task)
 
 
 # Failures where the model answered, but unusably (re-asks included): at the same settings a re-run would
@@ -94,11 +64,11 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
 
     API teachers (``acall``) run ``teacher.concurrency`` calls at a time; local ones in batches. The
     budget — ``budget_usd``, and ``budget_tokens`` (default ``teacher.budget_tokens``) — is checked
-    before each call is sent, counting calls in flight (:mod:`protege.calls`). When it stops the run,
+    before each call is sent, counting calls in flight (:mod:`protege.teachers.calls`). When it stops the run,
     every answer received is in the ledger and :class:`BudgetExceeded` says how far the run got.
     Requests are rebuilt when sent rather than held, so a million inputs never sit in memory as prompts.
     """
-    from .calls import BudgetGate, Tally, send_async, send_batched
+    from protege.teachers.calls import BudgetGate, Tally, send_async, send_batched
 
     n = len(texts)
     if budget_tokens is None:
@@ -148,7 +118,7 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
             if hasattr(teacher, "acall"):
                 stop = send_async(teacher, texts, todo, gate, on_answer, teacher.cfg.concurrency)
             else:
-                bs = max(1, teacher.cfg.concurrency * 2 if teacher.cfg.backend == "openai" else teacher.cfg.batch_size)
+                bs = max(1, teacher.cfg.concurrency * 2 if getattr(teacher, "concurrent", False) else teacher.cfg.batch_size)
                 stop = send_batched(teacher, texts, todo, gate, on_answer, bs)
             status = "budget" if stop else "done"
         finally:
@@ -205,7 +175,7 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         gold = [r for r in gold if shard_of(r["id"], shard[1]) == shard[0]]
     text = task.kind != "classify"
     if text:
-        from .textgen import TextTeacher
+        from protege.teachers.textgen import TextTeacher
 
         teacher = TextTeacher(make_teacher(task), task)
     else:
@@ -267,7 +237,7 @@ def _write_artifact(task: TaskSpec, stage_dir: Path, fp: str, train_rows: list[d
         write_jsonl(tmp / "gold.jsonl", gold_rows)
         write_json(tmp / "stats.json", stats)
         if any(t is not None for t in topk):
-            from .teachers.topk_store import save_topk
+            from protege.teachers.topk_store import save_topk
 
             save_topk(tmp / "topk.safetensors", topk)
     return stage_dir
@@ -277,7 +247,7 @@ def _write_text(task: TaskSpec, stage_dir: Path, fp: str, shard, inputs, gold, p
                 timing, teacher) -> Path:
     """The generate artifact of an extract / generate task: ``output`` text per row; each row with stored
     top-k log-probs names its row in ``topk.safetensors`` (``topk_row``)."""
-    from .textgen import best_topk, summarise_text
+    from protege.teachers.textgen import best_topk, summarise_text
 
     train_rows, topk = [], []
     for r, a in zip(inputs, pool):

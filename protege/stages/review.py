@@ -25,9 +25,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from .artifacts import require
-from .data import load_gold, read_jsonl, write_json, write_text
-from .task import TaskError, TaskSpec
+from protege.artifacts import require
+from protege.data import load_gold, read_jsonl, write_json, write_text
+from protege.task import TaskError, TaskSpec
 
 COLUMNS = ["id", "source", "reason", "teacher_label", "teacher_confidence", "teacher_agreement", "gold_label",
            "corrected_label", "note", "text"]
@@ -35,6 +35,11 @@ DROP = "drop"
 
 
 # -- what to review (pure) ---------------------------------------------------------------------
+
+def corrections_path(out: Path) -> Path:
+    """Where ``protege curate --apply-review`` keeps the accepted corrections for later runs."""
+    return Path(out) / "review" / "corrections.csv"
+
 
 def review_items(pool: Sequence[dict], gold_teacher: Sequence[dict], gold: Sequence[dict], *,
                  least_confident: int = 20, prefill: dict[str, str] | None = None) -> list[dict]:
@@ -154,7 +159,6 @@ def store_corrections(src: str | Path, out: Path, labels: Sequence[str]) -> tupl
     Kept in the run folder so that every later ``curate`` / ``run`` applies the same corrections.
     Returns (stored path, the corrections read from ``src``).
     """
-    from .curate import corrections_path
 
     new = read_corrections(src, labels)
     dest = corrections_path(out)
@@ -227,7 +231,6 @@ def export_review(task: TaskSpec, out: Path) -> dict:
     Files are replaced one by one (atomically); ``corrections.csv`` from earlier ``--apply-review``
     runs is left alone and its labels are pre-filled into the new sheet.
     """
-    from .curate import corrections_path
 
     if task.kind != "classify":
         raise TaskError(f"protege review exports label corrections, so it covers classify tasks; this task is "
