@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "params": params})
         print(f"  {name:8s} {loss:24s} acc {ok.mean():.3f}", file=sys.stderr)
 
-    from protege.stages.train import _fit_static
+    from protege.stages.train.classify import fit_static
 
     static_rows = {}
     weight = np.ones(len(tr), dtype=np.float32)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t = task.model_copy(update={"train": cfg.model_copy(update={"alpha": alpha}),
                                     "student": task.student.model_copy(update={"ngrams": ngrams})})
         t0 = time.perf_counter()
-        st = _fit_static(t, train_x, P[tr], hard[tr], weight, texts)
+        st = fit_static(t, train_x, P[tr], hard[tr], weight, texts)
         secs = time.perf_counter() - t0
         pred = st.predict(gx)
         static_rows[key] = (loss, pred, single_item_ms(st.predict, gx), secs, st.n_params)

@@ -157,7 +157,7 @@ def setfit_finetune(model, texts: list[str], labels: list[str], n_pairs: int, se
 def protege_static_retrained(task, rows: list[dict], **student_overrides):
     """protege's static student trained exactly as ``protege train`` fits it (all curated rows), with some
     ``task.student`` settings changed — a diagnostic row (e.g. ``ngrams=0``: embeddings only)."""
-    from protege.stages.train import _fit_static
+    from protege.stages.train.classify import fit_static
 
     t = task.model_copy(update={"student": task.student.model_copy(update=student_overrides)})
     labels = task.labels
@@ -165,7 +165,7 @@ def protege_static_retrained(task, rows: list[dict], **student_overrides):
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
     hard = np.array([labels.index(r["label"]) for r in rows])
     weight = np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float32)
-    return _fit_static(t, texts, P, hard, weight, texts)
+    return fit_static(t, texts, P, hard, weight, texts)
 
 
 def zero_shot_llm(task, texts: list[str]):

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 from protege.data import write_json
-from protege.export.common import atomic_dir, cache_root, metadata, model_card, student_dir, student_kind
+from protege.artifacts import atomic_dir
+from protege.export.common import cache_root, metadata, model_card, student_dir, student_kind
 
 CONVERTER_PACKAGE = os.environ.get("PROTEGE_LLAMA_CPP_PYTHON", "llama-cpp-python==0.3.36")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from protege.data import write_json
-from protege.export.common import atomic_dir, metadata, model_card, student_dir, student_kind
+from protege.artifacts import atomic_dir
+from protege.export.common import metadata, model_card, student_dir, student_kind
 from protege.students.classifier import LogitClassifier
 from protege.timing import measure
 
