@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import fingerprint, is_fresh, stage_writer
-from .data import load_gold, load_inputs, write_json, write_jsonl
+from .data import data_file, load_gold, load_inputs, write_json, write_jsonl
 from .ledger import BudgetExceeded, Ledger, request_key
 from .progress import bar
 from .task import TaskSpec
@@ -76,7 +76,7 @@ def generate_fingerprint(task: TaskSpec) -> str:
         **({} if task.kind == "classify" else {"kind": task.kind, "schema": task.schema_}),
         "input_field": task.input_field, "gold_field": task.gold_field,
         "data": task.data.model_dump(exclude={"train"}),
-        "files": [file_signature(task.path(task.data.inputs)), file_signature(task.path(task.data.gold))],
+        "files": [file_signature(data_file(task, "inputs")), file_signature(data_file(task, "gold"))],
     }
     return fingerprint(sig)
 
