@@ -67,6 +67,45 @@ def _fit_static(task: TaskSpec, texts: list[str], P: np.ndarray, hard: np.ndarra
                        idf_texts=idf_texts)
 
 
+# What to change for each reason curate drops a row (curate.REASONS), for train's "too few rows" error.
+_FIXES = {"teacher_failed": "see `protege ledger` for why the teacher's calls failed",
+          "invalid": "the teacher answered outside the label set / schema: check the instruction and labels",
+          "gold_overlap": "inputs copy gold items: use different inputs (or raise curate.gold_overlap)",
+          "length_outlier": "widen curate.min_words / max_words or set curate.length_iqr_k: null",
+          "inconsistent": "lower curate.min_agreement or make the prompt less ambiguous",
+          "low_confidence": "lower curate.min_confidence",
+          "exact_duplicate": "add distinct inputs", "near_duplicate": "add distinct inputs (or raise curate.near_duplicate)",
+          "review_dropped": "the review sheet marked them drop"}
+
+
+def too_few_rows_message(task: TaskSpec, cur_dir: Path, n: int) -> str:
+    """Why curate left fewer than 2 training rows: its drops by reason (from ``stats.json``) and how the input
+    file shrank before the teacher saw it — so the fix named is the real one."""
+    import json
+
+    from .data import describe_pool, input_pool
+
+    msg = f"{cur_dir / 'train.jsonl'} has {n} usable items; need at least 2"
+    stats_file = cur_dir / "stats.json"
+    st = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    dropped = {k: v for k, v in (st.get("dropped") or {}).items() if v}
+    if st:
+        msg += f" — curate kept {st.get('n_kept', n)} of {st.get('n_in', '?')} teacher-labelled inputs"
+        if dropped:
+            top = sorted(dropped.items(), key=lambda kv: -kv[1])
+            msg += ", dropped " + ", ".join(f"{v} {k}" for k, v in top)
+            msg += f" (fix: {_FIXES.get(top[0][0], 'see ' + str(cur_dir / 'dropped.jsonl'))})"
+    try:
+        _, counts = input_pool(task)
+    except Exception:  # the data files may have moved since generate; the curate figures stand alone
+        counts = None
+    if counts is not None and (counts["duplicates"] or counts["in_gold"] or counts["distinct"] < 2):
+        msg += f"; before labelling, {describe_pool(counts)}"
+    if not dropped and counts is not None and counts["distinct"] >= 2:
+        msg += " — label more inputs (data.limit) or add rows to data.inputs"
+    return msg
+
+
 def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     cur_dir, stage_dir = Path(out) / "curate", Path(out) / "train"
     cur_cfg = require(cur_dir, "curate")
@@ -76,8 +115,7 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         return stage_dir
     rows = read_jsonl(cur_dir / "train.jsonl")
     if len(rows) < 2:
-        raise ValueError(f"{cur_dir / 'train.jsonl'} has {len(rows)} usable items; need at least 2 — lower "
-                         f"curate.min_confidence or label more inputs")
+        raise ValueError(too_few_rows_message(task, cur_dir, len(rows)))
     if task.kind != "classify":
         return _train_text(task, Path(out), stage_dir, fp, rows)
     labels = task.labels
