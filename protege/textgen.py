@@ -22,7 +22,7 @@ import math
 from collections import Counter
 
 from .task import TaskSpec
-from .teachers.base import Answer, Teacher, truncate_words
+from .teachers.base import Answer, Teacher, preclip, truncate_words
 
 
 def system_text(task: TaskSpec) -> str:
@@ -57,7 +57,7 @@ class TextTeacher:
         tok = getattr(self.inner, "tok", None)
         if tok is None:
             return truncate_words(text, self.cfg.max_input_tokens)
-        ids = tok(text.strip(), add_special_tokens=False).input_ids
+        ids = tok(preclip(text, self.cfg.max_input_tokens).strip(), add_special_tokens=False).input_ids
         return tok.decode(ids[: self.cfg.max_input_tokens]) if len(ids) > self.cfg.max_input_tokens else text.strip()
 
     def request(self, text: str, sample: int = 0) -> dict:
@@ -70,6 +70,9 @@ class TextTeacher:
 
     def estimate_cost(self, request: dict) -> float:
         return self.inner.estimate_cost(request)
+
+    def truncated(self, text: str) -> bool:
+        return self.inner.truncated(text)
 
     def close(self) -> None:
         self.inner.close()

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..task import TaskError, TaskSpec, resolve_model_path
-from .base import Answer, Teacher, answers_from_scores, build_messages, register_teacher
+from .base import Answer, Teacher, answers_from_scores, build_messages, preclip, register_teacher
 from .variants import variant_task
 
 _SENTINEL = "\x00PROTEGE_INPUT\x00"
@@ -184,7 +184,8 @@ class HFTeacher(Teacher):
 
     def request(self, text: str, sample: int = 0) -> dict:
         p = self._prompt_for(sample)
-        ids = self.tok(text.strip(), add_special_tokens=False).input_ids[: self.cfg.max_input_tokens]
+        ids = self.tok(preclip(text, self.cfg.max_input_tokens).strip(), add_special_tokens=False).input_ids[
+            : self.cfg.max_input_tokens]  # preclip: a 50 MB line is not tokenized whole
         return {"input_ids": ids, "labels": self.task.labels, "prompt": p.prefix_ids + [-1] + p.suffix_ids,
                 "dtype": self.cfg.dtype, "mode": "first_token" if p.first_token_mode else "sequence"}
 
