@@ -139,7 +139,8 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
         t = load(task)
         r = run_redistill(t, out_of(t, out), min_gain=min_gain, promote=promote)
         c = r["counts"]
-        console.print(f"traffic: {c['teacher_answered']} teacher-answered inputs, {c['reviewed']} reviewed by a person")
+        console.print(f"traffic: {c['teacher_answered']} teacher-answered inputs, {c['reviewed']} reviewed by a person"
+                      + (f"; {c['corrections']} earlier review corrections carried over" if c.get("corrections") else ""))
         if r["status"] == "nothing new":
             console.print(f"redistill: nothing to do ({r['reason']})")
             return

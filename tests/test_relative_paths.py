@@ -132,7 +132,7 @@ def test_redistill_from_the_default_relative_run_folder_keeps_earlier_correction
     capture(task, run, new)
 
     said = " ".join(cli("redistill", task_file, "--no-promote").split())
-    assert "6 teacher-answered inputs" in said and "candidate:" in said, said
+    assert "6 teacher-answered inputs" in said and "2 earlier review corrections carried over" in said, said
     cand = next((run / "redistill").iterdir())
     assert not cand.is_absolute() or cand.is_relative_to(tmp_path)
     assert len(read_jsonl(cand / "generate" / "train.jsonl")) == 30 + len(new)
