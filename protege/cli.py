@@ -62,12 +62,13 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from protege.teachers.calls import TeacherUnreachable
         from protege.teachers.ledger import BudgetExceeded
         from protege.task import TaskError
 
         try:
             return fn(*a, **kw)
-        except (TaskError, FileNotFoundError, BudgetExceeded, ValueError) as e:
+        except (TaskError, FileNotFoundError, BudgetExceeded, ValueError, TeacherUnreachable) as e:
             _fail(str(e))
 
     return wrapper

@@ -78,7 +78,9 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
         t = load(task)
         upd = {k: v for k, v in {"host": host, "port": port, "capture": capture, "threshold": threshold,
                                  "escalate": escalate}.items() if v is not None}
-        settings = t.serve.model_validate({**t.serve.model_dump(), **upd})
+        # exclude_unset: the settings remember which keys the task file set (escalate: none keeps an
+        # explicit shadow_fraction, else turns shadow checks off)
+        settings = t.serve.model_validate({**t.serve.model_dump(exclude_unset=True), **upd})
         cfg = GatewayConfig(t, out_of(t, out), student=student, serve=settings)
         app_ = create_app(cfg)
         eng = app_.state.engine
@@ -93,7 +95,10 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
             if settings.host not in ("127.0.0.1", "localhost", "::1"):
                 fail(f"refusing to listen on {settings.host} without API keys; set {settings.api_keys_env}")
         console.print(f"traffic: {eng.store.path}")
-        uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info", access_log=False)
+        # SIGTERM: 3 s for requests in flight, then the engine drops its shadow backlog (≤ 3 s more); an idle
+        # keep-alive connection is closed after 5 s; a body not received within 30 s gets 408 (limits.Guard)
+        uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=3, timeout_keep_alive=5)
 
     @app.command()
     @guard
@@ -134,7 +139,8 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
         t = load(task)
         r = run_redistill(t, out_of(t, out), min_gain=min_gain, promote=promote)
         c = r["counts"]
-        console.print(f"traffic: {c['teacher_answered']} teacher-answered inputs, {c['reviewed']} reviewed by a person")
+        console.print(f"traffic: {c['teacher_answered']} teacher-answered inputs, {c['reviewed']} reviewed by a person"
+                      + (f"; {c['corrections']} earlier review corrections carried over" if c.get("corrections") else ""))
         if r["status"] == "nothing new":
             console.print(f"redistill: nothing to do ({r['reason']})")
             return

@@ -87,20 +87,58 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def load_inputs(task: TaskSpec) -> list[dict]:
-    """Unlabelled inputs for the teacher, shuffled with the task seed, minus anything that is in gold."""
-    path = task.path(task.data.inputs)
+def data_file(task: TaskSpec, key: str) -> Path:
+    """The task's ``data.<key>`` file, resolved against the task file's folder; a missing file is a
+    :class:`TaskError` naming the key, the path it resolved to and the fix (not a bare ``[Errno 2]``)."""
+    value = getattr(task.data, key)
+    p = task.path(value)
+    if not p.is_file():
+        raise TaskError(f"{p}: data file not found (data.{key}: {value!r} in the task file); fix data.{key} — "
+                        f"relative paths start at the task file's folder ({task.root})")
+    return p
+
+
+# Fewer distinct inputs than this and no student can be trained: refuse before the teacher is paid.
+MIN_INPUTS = 2
+
+
+def input_pool(task: TaskSpec) -> tuple[list[dict], dict]:
+    """(inputs ``{id, text}`` in file order, counts): the input file's rows minus exact duplicates of an
+    earlier row and minus texts that are also gold inputs. ``counts`` = rows / duplicates / in_gold / distinct."""
+    path = data_file(task, "inputs")
     rows = read_rows(path)
     check_rows(rows, path, task.input_field)
-    gold_keys = {text_key(r[task.input_field]) for r in load_gold(task)}
+    gold_keys = {r["id"] for r in load_gold(task)}  # gold rows are already {id, text, label}
     seen: set[str] = set()
-    out = []
+    out, dup, in_gold = [], 0, 0
     for r in rows:
         k = text_key(r[task.input_field])
-        if k in gold_keys or k in seen:  # never let a gold item (or a duplicate) into training
+        if k in seen:
+            dup += 1
             continue
         seen.add(k)
+        if k in gold_keys:  # never let a gold item into training
+            in_gold += 1
+            continue
         out.append({"id": k, "text": r[task.input_field]})
+    return out, {"file": str(path), "rows": len(rows), "duplicates": dup, "in_gold": in_gold, "distinct": len(out)}
+
+
+def describe_pool(c: dict) -> str:
+    """One clause: how the input file's rows became the inputs to label."""
+    return (f"{c['file']}: {c['rows']} rows, {c['duplicates']} exact duplicates of an earlier row and "
+            f"{c['in_gold']} also in the gold file removed, {c['distinct']} distinct inputs left")
+
+
+def load_inputs(task: TaskSpec, *, min_inputs: int = MIN_INPUTS) -> list[dict]:
+    """Unlabelled inputs for the teacher, shuffled with the task seed, minus anything that is in gold.
+
+    Fewer than ``min_inputs`` distinct inputs is a :class:`TaskError` that says what was removed: checked
+    before any teacher call, because no student can be trained from them."""
+    out, counts = input_pool(task)
+    if len(out) < min_inputs:
+        raise TaskError(f"{describe_pool(counts)}; need at least {min_inputs} distinct inputs that are not in "
+                        f"the gold file to train a student — add more varied rows to data.inputs")
     random.Random(task.data.seed).shuffle(out)
     if task.data.limit:
         out = out[: task.data.limit]
@@ -144,13 +182,13 @@ def _labelled(task: TaskSpec, path) -> list[dict]:
 
 def load_gold(task: TaskSpec) -> list[dict]:
     """Held-out gold rows ``{id, text, label}``; ``label`` is the gold answer as text (see :func:`gold_value`)."""
-    return _labelled(task, task.path(task.data.gold))
+    return _labelled(task, data_file(task, "gold"))
 
 
 def load_real_train(task: TaskSpec) -> list[dict]:
     if not task.data.train:
         return []
-    return _labelled(task, task.path(task.data.train))
+    return _labelled(task, data_file(task, "train"))
 
 
 @contextlib.contextmanager

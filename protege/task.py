@@ -457,6 +457,51 @@ def parse_task(raw: Any, file: str = "<task>", root: Path | None = None) -> Task
     return spec
 
 
+MAX_YAML_VALUES = 100_000  # values a task file may hold once its aliases are expanded
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Values under ``node`` with every alias expanded (aliases share node objects; ``memo`` keeps this linear)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise TaskError("recursive")
+    active.add(key)
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded_size(c, memo, active) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n += sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value)
+    active.discard(key)
+    memo[key] = n
+    return n
+
+
+def _safe_load(text: str, p: Path) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs ("billion laughs") before building any Python object.
+
+    PyYAML composes an alias as a second reference to the anchored node, so a few hundred bytes of nested
+    aliases stand for billions of values; validating, printing or hashing them then exhausts memory.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except (TaskError, RecursionError):
+            raise TaskError(f"{p}: a YAML alias refers to itself (or nests too deeply); write the values out "
+                            f"instead of the alias") from None
+        if size > MAX_YAML_VALUES:
+            raise TaskError(f"{p}: YAML aliases expand to {size:,} values (more than {MAX_YAML_VALUES:,}): an alias "
+                            f"bomb? write the values out instead of repeating anchors (*name)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_task(path: str | Path) -> TaskSpec:
     """Read and validate a task file. Raises TaskError with a message that names the fix."""
     p = Path(path)
@@ -467,7 +512,7 @@ def load_task(path: str | Path) -> TaskSpec:
     except UnicodeDecodeError as e:
         raise TaskError(f"{p}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text, p)
     except yaml.YAMLError as e:
         # one line: PyYAML's own message spans several (with source excerpts and carets)
         mark = getattr(e, "problem_mark", None)

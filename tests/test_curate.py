@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from protege.artifacts import stage_writer
-from protege.stages.curate import (apply_corrections, curate, filter_rows, json_schema_reason, length_bounds, mix,
-                            validity_reason)
+from protege.stages.curate import apply_corrections, curate, filter_rows, length_bounds, mix, validity_reason
+from protege.schema import json_schema_reason
 from protege.data import read_jsonl, text_key, write_jsonl
 from protege.stages.dedup import exact_duplicates, jaccard, near_duplicates, overlaps, shingles
 from protege.stages.review import export_review, read_corrections, store_corrections, systematic_errors

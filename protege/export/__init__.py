@@ -34,8 +34,8 @@ def export(run: Path, fmt: str, *, task=None, out: Path | None = None, **kw) -> 
     """Export a run in ``fmt`` (one of :data:`FORMATS`); returns a summary dict (also the CLI's table)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    run = Path(run)
-    dest = Path(out) if out else run / "export" / fmt
+    run = Path(run).resolve()  # relative run / --out folders work whatever directory a tool runs in
+    dest = Path(out).resolve() if out else run / "export" / fmt
     if fmt == "hf":
         return export_hf(run, dest, task)
     if fmt == "jsonl":

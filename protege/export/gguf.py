@@ -112,6 +112,8 @@ def convert(hf_dir: Path, out_file: Path, outtype: str = "f16", timeout_s: float
     if importlib.util.find_spec("sentencepiece") is None:
         raise ValueError("llama.cpp's converter imports sentencepiece: pip install sentencepiece (or 'protege[export]')")
     script = converter_dir() / "convert_hf_to_gguf.py"
+    # absolute: the converter runs in its own folder (cwd=), where a relative run folder does not exist
+    hf_dir, out_file = Path(hf_dir).resolve(), Path(out_file).resolve()
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out_file), "--outtype", outtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("NO_LOCAL_GGUF", None)  # run with the gguf-py that ships with this converter, not the installed one

@@ -13,6 +13,12 @@
    a cache hit when ``protege redistill`` labels the same input later), or into the human review queue
    (the student's answer is returned, marked provisional, with the review id). A teacher that fails or
    is over budget leaves the student's answer in place (``answered_by: student-fallback``).
+
+Shadow checks go through a bounded queue (:class:`~protege.serve.background.BoundedPool`): when the
+teacher cannot keep up, new checks are dropped and counted (``protege_shadow_dropped_total``), and
+``close()`` drops the backlog rather than working it off. With ``escalate: none`` shadow checks are off
+unless ``shadow_fraction`` is set explicitly: "none" means the gateway does not call the teacher (a local
+teacher would otherwise be loaded into the gateway for a 5% sample).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 from protege import progress
 from protege.task import ServeConfig, TaskSpec
+from protege.serve.background import BoundedPool
 from protege.serve.drift import DriftMonitor, Reference
 from protege.serve.predictor import Prediction, load_predictor
 from protege.serve.store import TrafficStore
@@ -55,6 +62,9 @@ class GatewayConfig:
     data_dir: Path | None = None  # traffic.sqlite, reference.json; default <run>/serve
     predictor: object | None = None  # an already loaded predictor (benchmarks, embedding)
     quiet: bool = True  # no progress bar per escalated request; scoped to the engine's calls, not the process
+    read_timeout_s: float = 30.0  # a request body not fully received this long after its headers: 408
+    shadow_queue: int = 256  # shadow checks waiting for the teacher; beyond, new ones are dropped (and counted)
+    infer_workers: int = 2  # threads that run big batches off the event loop
 
     @property
     def settings(self) -> ServeConfig:
@@ -118,7 +128,11 @@ class Engine:
         self._ledgers: list = []
         self.reference = self._reference()
         self.monitor = DriftMonitor(self.reference, self.s.drift_window)
-        self.shadow_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-shadow")
+        explicit = "shadow_fraction" in self.s.model_fields_set
+        self.shadow_fraction = 0.0 if self.s.escalate == "none" and not explicit else float(self.s.shadow_fraction)
+        self.shadow = BoundedPool(2, cfg.shadow_queue, "protege-shadow", on_drop=self._shadow_dropped)
+        self.shadow_pool = self.shadow  # the old name: shutdown(wait=True) still works off the queue
+        self.infer_pool = ThreadPoolExecutor(max_workers=cfg.infer_workers, thread_name_prefix="protege-infer")
         self.rng = random.Random()
         cost = (self.report or {}).get("cost") or {}
         self.teacher_usd_per_call = cost.get("teacher_usd_per_call")
@@ -238,8 +252,8 @@ class Engine:
         self.monitor.observe(p.confidence, None if emb is None else emb[0])
         base = self.student_outcome(p)
         if p.confidence >= self.threshold or self.s.escalate == "none":
-            if self.s.shadow_fraction and self.rng.random() < self.s.shadow_fraction:
-                self.shadow_pool.submit(self._shadow, text, p)
+            if self.shadow_fraction and self.rng.random() < self.shadow_fraction:
+                self.shadow.submit(self._shadow, text, p)
             return base
         if self.s.escalate == "review":
             base.answered_by = "review"
@@ -268,6 +282,10 @@ class Engine:
         out = self.student_outcome(p)
         out.answered_by, out.error = "student-fallback", ans.error
         return out
+
+    def _shadow_dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.shadow_dropped.inc()
 
     def _shadow(self, text: str, p: Prediction) -> None:
         try:
@@ -317,8 +335,10 @@ class Engine:
             return None
         return max(0.0, float(self.teacher_usd_per_call) - float(self.student_usd_per_call))
 
-    def close(self) -> None:
-        self.shadow_pool.shutdown(wait=True)
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Stop in bounded time: queued shadow checks are dropped, running ones get ``timeout_s``."""
+        self.infer_pool.shutdown(wait=False, cancel_futures=True)
+        self.shadow.shutdown(wait=True, cancel_pending=True, timeout=timeout_s)
         if self.monitor.conf:
             self.write_snapshot()
         self.store.flush()

@@ -13,15 +13,24 @@ Endpoints (every one but ``/healthz`` behind the API key when keys are configure
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text).
 
 Request bodies and keys are never logged; one line per request says who answered and how fast. The
-decisions live in :mod:`protege.serve.cascade`, the front door (keys, size, rate) in
-:mod:`protege.serve.limits`.
+decisions live in :mod:`protege.serve.cascade`, the front door (keys, rate, content type, size, slow
+bodies) in :mod:`protege.serve.limits`.
+
+Bad input is a 400 in the OpenAI error shape, never a 500: JSON nested past the parser's depth, lone UTF-16
+surrogates (``"\\ud800"``: valid JSON, not text), content parts whose ``text`` is not a string. A small
+request (up to ``INLINE_CHARS`` of input) is answered on the event loop — a static student takes ~0.1 ms,
+less than a thread hop; a bigger one runs on the engine's worker threads, so ``/healthz`` and small
+requests are answered while a 1,024-input batch is in flight. Any other error still answers in the
+OpenAI shape (500, ``api_error``), without the traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from typing import Any
@@ -35,6 +44,8 @@ from protege.serve.local_lm import ChatRequest
 from protege.serve.predictor import stream_text
 
 log = logging.getLogger("protege.serve")
+INLINE_CHARS = 16_384  # inputs up to this many characters in all are answered on the event loop
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 __all__ = ["create_app", "GatewayConfig"]
 
@@ -77,10 +88,31 @@ def _logprobs(o: Outcome, tok, k: int) -> dict | None:
 
 
 def _text_of(body: ChatBody) -> str:
-    for m in reversed(body.messages):
-        if m.role == "user":
-            return m.text()
+    """The last user message's text; ValueError for content parts that are not ``{"text": "..."}`` objects."""
+    for i in range(len(body.messages) - 1, -1, -1):
+        m = body.messages[i]
+        if m.role != "user":
+            continue
+        if not isinstance(m.content, list):
+            return m.content or ""
+        out = []
+        for j, part in enumerate(m.content):
+            if part.get("type", "text") != "text":
+                continue
+            t = part.get("text", "")
+            if not isinstance(t, str):
+                raise ValueError(f"messages.{i}.content.{j}.text: expected a string, got {type(t).__name__}")
+            out.append(t)
+        return "".join(out)
     return ""
+
+
+def _bad_text(texts: list[str]) -> str | None:
+    """Why these inputs cannot be answered (None when they can)."""
+    for t in texts:
+        if not t.isascii() and _SURROGATE.search(t):
+            return "invalid request: input text contains a lone UTF-16 surrogate (e.g. '\\ud800'), which is not a character"
+    return None
 
 
 def create_app(config: GatewayConfig):
@@ -159,14 +191,28 @@ def create_app(config: GatewayConfig):
         yield chunk(cid, {}, "stop", o.info())
         yield "data: [DONE]\n\n"
 
+    def unsure(preds) -> bool:
+        return s.escalate == "teacher" and any(x.confidence < engine.threshold for x in preds)
+
+    def predict_and_route(texts: list[str], endpoint: str):
+        """On a worker thread: the student's answers, routed and recorded unless the teacher is needed."""
+        preds = engine.predictor.predict(texts)
+        return preds, (None if unsure(preds) else engine.answer_many(texts, endpoint, preds))
+
     async def answer(texts: list[str], endpoint: str, **lm) -> list[Outcome]:
-        """A classifier's answer costs ~0.1 ms: computed on the event loop, no thread hop. Work that can
-        block — a causal LM decoding, a call to the teacher — goes to the thread pool."""
+        """A classifier's answer to a small request costs ~0.1 ms: computed on the event loop, no thread
+        hop. A big batch goes to the engine's inference threads (numpy and the tokenizer's Rust code do the
+        work; the event loop keeps answering). Work that can block — a causal LM decoding, a call to the
+        teacher — goes to the thread pool."""
         p = engine.predictor
         if s.capture or p is None or p.is_lm:
             return await run_in_threadpool(engine.answer_many, texts, endpoint, **lm)
+        if sum(len(t) for t in texts) > INLINE_CHARS:
+            preds, outs = await asyncio.get_running_loop().run_in_executor(engine.infer_pool, predict_and_route,
+                                                                           texts, endpoint)
+            return outs if outs is not None else await run_in_threadpool(engine.answer_many, texts, endpoint, preds)
         preds = p.predict(texts)
-        if s.escalate == "teacher" and any(x.confidence < engine.threshold for x in preds):
+        if unsure(preds):
             return await run_in_threadpool(engine.answer_many, texts, endpoint, preds)
         return engine.answer_many(texts, endpoint, preds)
 
@@ -176,6 +222,9 @@ def create_app(config: GatewayConfig):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             metrics.rejected.labels("invalid").inc()
             return _err(400, f"request body is not valid JSON: {e}")
+        except RecursionError:
+            metrics.rejected.labels("invalid").inc()
+            return _err(400, "request body is JSON nested too deeply")
         try:
             return model.model_validate(raw)
         except ValidationError as e:
@@ -204,7 +253,15 @@ def create_app(config: GatewayConfig):
         body = await parse(request, ChatBody)
         if isinstance(body, Response):
             return body
-        text = _text_of(body)
+        try:
+            text = _text_of(body)
+        except ValueError as e:
+            metrics.rejected.labels("invalid").inc()
+            return _err(400, f"invalid request: {e}")
+        bad = _bad_text([text])
+        if bad:
+            metrics.rejected.labels("invalid").inc()
+            return _err(400, bad)
         if not text.strip():
             metrics.rejected.labels("invalid").inc()
             return _err(400, "invalid request: messages: no user message with text content")
@@ -237,6 +294,10 @@ def create_app(config: GatewayConfig):
         if any(not t.strip() for t in texts):
             metrics.rejected.labels("invalid").inc()
             return _err(400, "invalid request: empty input text")
+        bad = _bad_text(texts)
+        if bad:
+            metrics.rejected.labels("invalid").inc()
+            return _err(400, bad)
         t0 = time.perf_counter()
         try:
             outs = await answer(texts, "classify")
@@ -255,8 +316,13 @@ def create_app(config: GatewayConfig):
             return _err(404, f"review item {item_id} not found", "not_found_error")
         return {k: item[k] for k in ("id", "status", "answer", "student_label", "student_confidence", "answered_at")}
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):  # the OpenAI error shape even for a bug; no traceback
+        log.error("internal error: %s", type(exc).__name__)
+        return _err(500, "The gateway failed to answer this request (internal error).", "api_error")
+
     guarded = Guard(app, api_keys=config.keys(), max_bytes=s.max_request_bytes, per_minute=s.rate_limit_per_minute,
-                    on_reject=lambda reason: metrics.rejected.labels(reason).inc())
+                    on_reject=lambda reason: metrics.rejected.labels(reason).inc(), read_timeout_s=config.read_timeout_s)
     guarded.state = app.state  # tests and the CLI reach the engine as app.state.engine either way
     return guarded
 

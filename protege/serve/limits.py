@@ -1,14 +1,18 @@
-"""The gateway's front door, as one pure ASGI middleware: API keys, request size, rate limits.
+"""The gateway's front door, as one pure ASGI middleware: API keys, rate limits, content type, size, slow bodies.
 
 Order matters and is cheapest-first: a request without a valid key is refused (401) before its body is
-read; then the per-caller rate limit (429, ``Retry-After``); then the body is read — at most
-``max_bytes`` of it, whether or not the client sent ``Content-Length`` — and refused with 413 beyond.
+read; then the per-caller rate limit (429, ``Retry-After``); then a body that does not say it is
+``application/json`` (415: a web page can post ``text/plain`` or a form to a loopback gateway without
+keys, it cannot post JSON without a CORS preflight); then the body is read — at most ``max_bytes`` of
+it, whether or not the client sent ``Content-Length`` — and refused with 413 beyond, or with 408 when it
+is not complete ``read_timeout_s`` after the headers (a slow client holds a connection, not a worker).
 The body is then replayed to the app. Keys are compared in constant time and never logged; callers
 are identified to the rate limiter by a hash of their key (or by their address when no keys are set).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -55,8 +59,10 @@ class Guard:
     """ASGI middleware: Bearer keys (401), rate limit (429), body size (413), then the app."""
 
     def __init__(self, app, *, api_keys: Iterable[str] = (), max_bytes: int = 1_000_000,
-                 per_minute: int | None = None, on_reject=None):
+                 per_minute: int | None = None, on_reject=None, read_timeout_s: float | None = 30.0,
+                 require_json: bool = True):
         self.app = app
+        self.read_timeout_s, self.require_json = read_timeout_s, require_json
         self.keys = [k.encode() for k in api_keys if k]
         self.max_bytes = max_bytes
         self.buckets = TokenBuckets(per_minute) if per_minute else None
@@ -92,6 +98,10 @@ class Guard:
                                                       {"retry-after": str(max(1, round(wait)))}))
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        if self.require_json and not _is_json(headers.get(b"content-type", b"")):
+            self.on_reject("content_type")
+            return await self._send(send, *_error(415, "Unsupported Media Type: send the request body as JSON with "
+                                                        "'Content-Type: application/json'.", "invalid_request_error"))
         too_big = _error(413, f"Request body larger than {self.max_bytes} bytes.", "invalid_request_error")
         try:
             declared = int(headers.get(b"content-length", b"-1"))
@@ -101,8 +111,16 @@ class Guard:
             self.on_reject("size")
             return await self._send(send, *too_big)
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = None if self.read_timeout_s is None else loop.time() + self.read_timeout_s
         while True:
-            msg = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):  # no task per chunk, unlike wait_for
+                    msg = await receive()
+            except TimeoutError:
+                self.on_reject("timeout")
+                return await self._send(send, *_error(408, f"Request body not received within {self.read_timeout_s:g} "
+                                                           "s.", "invalid_request_error", {"connection": "close"}))
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")
@@ -128,3 +146,9 @@ class Guard:
     async def _send(send, status: int, headers: list, body: bytes) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _is_json(content_type: bytes) -> bool:
+    """``application/json`` or ``application/<x>+json``, with any parameters (``; charset=utf-8``)."""
+    mime = content_type.split(b";", 1)[0].strip().lower()
+    return mime == b"application/json" or (mime.startswith(b"application/") and mime.endswith(b"+json"))

@@ -33,6 +33,8 @@ class Metrics:
                                  "(student answers x (teacher - student) $ per call, from report.json)", registry=r)
         self.shadow = Counter("protege_shadow_checks", "Background teacher checks of student answers, by result",
                               ["result"], registry=r)
+        self.shadow_dropped = Counter("protege_shadow_dropped", "Shadow checks dropped because the queue to the "
+                                      "teacher was full (or the gateway was stopping)", registry=r)
         self.g_threshold = Gauge("protege_cascade_threshold", "Student confidence needed to answer without the "
                                  "teacher", registry=r)
         self.g_agreement = Gauge("protege_shadow_agreement", "Live student-teacher agreement on shadow checks "

@@ -6,7 +6,9 @@ What the gateway recorded becomes training data:
   They were asked through the ledger with the task's own prompt, and the candidate round starts from a
   copy of the run's ledger, so labelling them again is a cache hit: no new teacher cost;
 - inputs a **person** answered in the review queue join the real labelled data (``data.train``),
-  which curate mixes in with ``curate.real_weight`` and never second-guesses.
+  which curate mixes in with ``curate.real_weight`` and never second-guesses;
+- corrections stored by ``curate --apply-review`` (``<run>/review/corrections.csv``) are copied into the
+  candidate, so it is trained on them just as the current student was.
 
 The candidate runs generate → curate → train → evaluate in ``<run>/redistill/<stamp>/`` with a derived
 task file there (same gold file: the comparison is on the same held-out items). It replaces the run's
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from protege.data import read_jsonl, read_rows, write_jsonl
+from protege.data import data_file, load_real_train, read_jsonl, read_rows, write_jsonl
 from protege.task import TaskSpec, load_task
 
 STAGES = ("generate", "curate", "train", "evaluate", "report.json", "report.html")
@@ -76,28 +78,45 @@ def _merge_ledger(src: Path, dst: Path) -> int:
 
 
 def derived_task(task: TaskSpec, run: Path, folder: Path, texts: list[str], human: list[dict]) -> Path:
-    """Task file for the candidate: the inputs labelled last time + traffic, real data + reviewed rows."""
+    """Task file for the candidate: the inputs labelled last time + traffic, real data + reviewed rows.
+
+    Its data files sit beside it and are named relative to it (``load_task`` resolves them against the task
+    file's folder, whatever the current directory); the gold file is the run's own, by absolute path."""
     f_in, f_gold = task.input_field, task.gold_field
     labelled = [r["text"] for r in read_jsonl(run / "generate" / "train.jsonl")] \
-        if (run / "generate" / "train.jsonl").is_file() else [r[f_in] for r in read_rows(task.path(task.data.inputs))]
+        if (run / "generate" / "train.jsonl").is_file() else [r[f_in] for r in read_rows(data_file(task, "inputs"))]
     seen, inputs = set(), []
     for t in labelled + texts:
         if t not in seen:
             seen.add(t)
             inputs.append({f_in: t})
     write_jsonl(folder / "inputs.jsonl", inputs)
-    real = [{f_in: r[f_in], f_gold: str(r[f_gold])} for r in read_rows(task.path(task.data.train))] if task.data.train else []
+    # load_real_train gives {text, label} with the answer as text (labels, or compact JSON for extract)
+    real = [{f_in: r["text"], f_gold: r["label"]} for r in load_real_train(task)]
     real += [{f_in: h["text"], f_gold: h["label"]} for h in human]
     spec = task.model_dump(mode="json", exclude={"root"}, by_alias=True)
-    spec["data"].update(inputs=str(folder / "inputs.jsonl"), gold=str(task.path(task.data.gold).resolve()), limit=None)
+    spec["data"].update(inputs="inputs.jsonl", gold=str(data_file(task, "gold").resolve()), limit=None)
     if real:
         write_jsonl(folder / "train.jsonl", real)
-        spec["data"]["train"] = str(folder / "train.jsonl")
+        spec["data"]["train"] = "train.jsonl"
     if task.curate.review_file:
         spec["curate"]["review_file"] = str(task.path(task.curate.review_file).resolve())
     path = folder / "task.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def carry_corrections(run: Path, cand: Path) -> int:
+    """Copy the corrections ``curate --apply-review`` stored in the run into the candidate (ids are text
+    hashes, so they still name the same inputs): the new round trains on them, as the current student did."""
+    from protege.stages.review import corrections_path
+
+    src, dst = corrections_path(run), corrections_path(cand)
+    if not src.is_file():
+        return 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+    return max(0, len(src.read_text(encoding="utf-8").splitlines()) - 1)
 
 
 def better(new: dict, old: dict | None, min_gain: float = 0.0) -> tuple[bool, str]:
@@ -117,8 +136,8 @@ def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool
               store: Path | None = None) -> dict:
     from protege.pipeline import run as run_pipeline
 
-    run = Path(run)
-    store = Path(store) if store else run / "serve" / "traffic.sqlite"
+    run = Path(run).resolve()  # a relative run folder (the default runs/<task>) must not depend on the cwd later
+    store = Path(store).resolve() if store else run / "serve" / "traffic.sqlite"
     texts, human, counts = collect(store, task.labels)
     if not texts and not human:
         return {"status": "nothing new", "counts": counts, "promoted": False,
@@ -127,6 +146,7 @@ def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool
     cand = run / "redistill" / stamp
     (cand / "task").mkdir(parents=True, exist_ok=True)
     task_file = derived_task(task, run, cand / "task", texts, human)
+    counts["corrections"] = carry_corrections(run, cand)
     new_task = load_task(task_file)
     _copy_ledger(run / "ledger.sqlite", cand / "ledger.sqlite")
     report = run_pipeline(new_task, cand).report.to_dict()

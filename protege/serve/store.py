@@ -7,6 +7,8 @@
   when capture mode is on: those are the rows ``protege redistill`` learns from. Student-only answers
   keep no text.
 - ``review`` — the human review queue; ``protege review --queue`` lists it and ``--answer`` fills it.
+  One item per text (``text_key``, a SHA-256 of the text): the same text sent again gets the id of the
+  item already there — pending or answered — instead of a second item for a person to answer twice.
 - ``shadow`` — student vs teacher on a sample of student-answered traffic (live agreement).
 - ``drift`` — periodic snapshots of the live drift figures (``protege drift`` reads the latest).
 
@@ -16,6 +18,7 @@ ids callers get back, is written synchronously.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import sqlite3
@@ -74,6 +77,12 @@ MIGRATIONS = [
         snapshot TEXT NOT NULL
     );
     """,
+    # 2: one review item per text
+    """
+    ALTER TABLE review ADD COLUMN text_key TEXT;
+    UPDATE review SET text_key = protege_text_key(text);
+    CREATE INDEX review_text_key ON review(text_key);
+    """,
 ]
 
 _COLUMNS = {
@@ -84,8 +93,13 @@ _COLUMNS = {
 }
 
 
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db.create_function("protege_text_key", 1, text_key, deterministic=True)  # migration 2 backfills with it
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     return db
@@ -188,10 +202,23 @@ class TrafficStore:
 
     # -- the review queue --------------------------------------------------------------------
     def enqueue_review(self, text: str, student_label: str | None, confidence: float | None) -> int:
+        """The id of the review item for ``text``: the existing one (any status), else a new pending one.
+        Looked up and inserted in one write transaction, so gateways sharing the store agree too."""
+        key = text_key(text)
         with self.lock:
-            cur = self.db.execute("INSERT INTO review (ts, text, student_label, student_confidence) VALUES (?,?,?,?)",
-                                  (time.time(), text, student_label, confidence))
-            return int(cur.lastrowid)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute("SELECT id FROM review WHERE text_key = ? AND text = ? ORDER BY id LIMIT 1",
+                                      (key, text)).fetchone()
+                if row is None:
+                    row = (self.db.execute("INSERT INTO review (ts, text, student_label, student_confidence, text_key) "
+                                           "VALUES (?,?,?,?,?)", (time.time(), text, student_label, confidence, key))
+                           .lastrowid,)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return int(row[0])
 
     _REVIEW = ("id", "ts", "text", "student_label", "student_confidence", "status", "answer", "reviewer", "answered_at")
 

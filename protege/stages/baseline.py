@@ -396,7 +396,7 @@ def _cost_view(c: dict) -> dict:
 def cost_case(task: TaskSpec, out: Path, t_cost: dict, student_usd_per_call: float, volume: int) -> dict:
     """One-off (label the pool, train, people) vs monthly (teacher or student calls) → break-even."""
     cfg = task.baseline
-    n_inputs = len(load_inputs(task))
+    n_inputs = len(load_inputs(task, min_inputs=0))  # a forecast: too few inputs is generate's error to give
     labelling = n_inputs * task.teacher.samples * t_cost["labelling_usd_per_call"]
     train_stats = Path(out) / "train" / "stats.json"
     if train_stats.is_file():

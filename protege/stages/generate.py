@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from protege.artifacts import fingerprint, is_fresh, stage_writer
-from protege.data import load_gold, load_inputs, write_json, write_jsonl
+from protege.data import data_file, load_gold, load_inputs, write_json, write_jsonl
 from protege.teachers.ledger import BudgetExceeded, Ledger, request_key
 from protege.progress import bar
 from protege.stages.keys import GENERATE
@@ -48,6 +48,7 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def generate_fingerprint(task: TaskSpec) -> str:
+    data_file(task, "inputs"), data_file(task, "gold")  # a missing file: one line naming the key, before hashing
     return GENERATE.key(task)
 
 
@@ -67,8 +68,14 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
     before each call is sent, counting calls in flight (:mod:`protege.teachers.calls`). When it stops the run,
     every answer received is in the ledger and :class:`BudgetExceeded` says how far the run got.
     Requests are rebuilt when sent rather than held, so a million inputs never sit in memory as prompts.
+
+    Each call is leased in the ledger before it is sent (:mod:`protege.teachers.leases`): processes sharing the
+    ledger never send the same request at once; one left to another process is read back when it lands.
+    A teacher that cannot be reached raises :class:`~protege.teachers.calls.TeacherUnreachable` (stopping early).
+    ``stats["truncated"]`` counts inputs cut to ``teacher.max_input_tokens``.
     """
-    from protege.teachers.calls import BudgetGate, Tally, send_async, send_batched
+    from protege.stages.calls import BudgetGate, Tally, TeacherUnreachable, send_async, send_batched, unreachable_message
+    from protege.stages.leases import Leases
 
     n = len(texts)
     if budget_tokens is None:
@@ -94,10 +101,13 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
             else:
                 todo.append((i, s))
     del cached
+    truncated = getattr(teacher, "truncated", None)
     stats = {"requests": n * samples, "cache_hits": n * samples - len(todo), "calls": 0, "failed": 0, "usd": 0.0,
-             "failed_kept": sum(k in failed for k in flat)}  # unusable answers from an earlier run, not re-sent
+             "failed_kept": sum(k in failed for k in flat),  # unusable answers from an earlier run, not re-sent
+             "truncated": sum(map(truncated, texts)) if truncated else 0}  # inputs cut to max_input_tokens
     gate = BudgetGate(ledger, budget_usd, budget_tokens)
     run_id = ledger.start_run(stage, teacher.name, n * samples, stats["cache_hits"])
+    leases = Leases(ledger)
     with bar(description, n * samples) as advance:
         tally = Tally(n, samples, todo, stats["cache_hits"], gate, advance)
         advance(stats["cache_hits"], **tally.fields())
@@ -105,27 +115,56 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
         def on_answer(i: int, s: int, req: dict, ans: Answer) -> None:
             extra = ans.extra or {}
             ok = ans.status == "ok"
-            ledger.record(keys[i][s], model=teacher.name, stage=stage, request=req,
-                          response=dict(vars(ans)) if ok else None, status=ans.status, error=ans.error, sample=s,
-                          tokens_in=ans.tokens_in, tokens_out=ans.tokens_out, cost_usd=ans.cost_usd,
-                          latency_s=ans.latency_s, reason=None if ok else (extra.get("reason") or "error"),
-                          requests=int(extra.get("requests", 1)), reasks=len(extra.get("reasks", ())))
+            with ledger.transaction():  # the outcome and giving back the lease: one commit
+                ledger.record(keys[i][s], model=teacher.name, stage=stage, request=req,
+                              response=dict(vars(ans)) if ok else None, status=ans.status, error=ans.error, sample=s,
+                              tokens_in=ans.tokens_in, tokens_out=ans.tokens_out, cost_usd=ans.cost_usd,
+                              latency_s=ans.latency_s, reason=None if ok else (extra.get("reason") or "error"),
+                              requests=int(extra.get("requests", 1)), reasks=len(extra.get("reasks", ())))
+                leases.release(keys[i][s])
             out[i][s] = ans
             tally.add(i, ans)
+            down = tally.down()
+            if down:
+                left = n * samples - tally.cache_hits - tally.calls - tally.failures.get("over_budget", 0)
+                raise TeacherUnreachable(unreachable_message(teacher.cfg, down[0], down[1], tally.calls, down[2],
+                                                             not_sent=left))
+
+        class _Claims:  # lease each call before it is sent; take answers other processes recorded meanwhile
+            def claim(self, i: int, s: int, since: float | None) -> str:
+                got, payload = leases.claim(keys[i][s], since)
+                if got == "ok":
+                    out[i][s] = Answer.from_json(payload)
+                elif got == "failed":
+                    out[i][s] = Answer(label=None, status="error", error=payload["error"],
+                                       extra={"reason": payload["reason"], "from_ledger": True, "requests": 0})
+                else:
+                    return got
+                tally.add_elsewhere(i)
+                return "done"
 
         status = "interrupted"
+        leases.start()
         try:
             if hasattr(teacher, "acall"):
-                stop = send_async(teacher, texts, todo, gate, on_answer, teacher.cfg.concurrency)
+                stop = send_async(teacher, texts, todo, gate, on_answer, teacher.cfg.concurrency, _Claims())
             else:
                 bs = max(1, teacher.cfg.concurrency * 2 if getattr(teacher, "concurrent", False) else teacher.cfg.batch_size)
-                stop = send_batched(teacher, texts, todo, gate, on_answer, bs)
+                stop = send_batched(teacher, texts, todo, gate, on_answer, bs, _Claims())
             status = "budget" if stop else "done"
+        except TeacherUnreachable:
+            status = "unreachable"
+            raise
         finally:
+            leases.stop()
             stats.update(calls=tally.calls, failed=tally.failed, usd=tally.usd, failures=dict(tally.failures),
-                         items_done=tally.items_done)
+                         items_done=tally.items_done, cache_hits=tally.cache_hits, answered_elsewhere=tally.elsewhere,
+                         leases_taken_over=leases.taken_over)
             ledger.finish_run(run_id, status, calls=tally.calls, failed=tally.failed, usd=tally.usd,
                               note=locals().get("stop"))
+    down = tally.down(finished=True)
+    if down and not stop:
+        raise TeacherUnreachable(unreachable_message(teacher.cfg, down[0], down[1], tally.calls, down[2]))
     if stop:
         left = n * samples - stats["cache_hits"] - stats["calls"]
         err = BudgetExceeded(

@@ -26,6 +26,9 @@ Zipf weighting of model2vec with the task's own frequencies.
 from __future__ import annotations
 
 import json
+import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +38,62 @@ from protege import __version__
 from protege.students.ngrams import NgramFeatures
 
 _PROBE = "Hello, world! The cat's naïve résumé costs $3.50 — don't re-run it: e-mail@example.com 東京 x2"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (``"\\ud800"`` in JSON: not a character, and no tokenizer takes
+    them) replaced by U+FFFD; a pair of surrogates becomes the one character it encodes."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class WordCache:
+    """word → token ids, least recently used out first once the entries' estimated size passes ``max_bytes``.
+
+    The size of an entry is estimated as ``ENTRY + len(word) + 40 × len(ids)`` bytes (the dict node, the
+    str and list headers, one int object and pointer per id; within 10% of tracemalloc's count: ~320 bytes
+    for a random 3–10 letter word of ~4 WordPiece ids). Words longer than ``max_word`` characters are not cached: rare in real text,
+    and a cache of them is what an adversary fills. Hits take no lock (single OrderedDict operations are
+    atomic); inserts and evictions take one, so gateway worker threads can share the cache.
+    """
+
+    ENTRY = 150
+
+    def __init__(self, max_bytes: int = 16 << 20, max_word: int = 48):
+        self.max_bytes, self.max_word = int(max_bytes), max_word
+        self.bytes = 0
+        self._d: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._d
+
+    def ids(self, word: str, encode) -> list[int]:
+        d = self._d
+        x = d.get(word)
+        if x is not None:
+            try:
+                d.move_to_end(word)
+            except KeyError:  # evicted by another thread in between
+                pass
+            return x
+        x = encode(word, add_special_tokens=False).ids
+        if len(word) <= self.max_word:
+            with self._lock:
+                if word not in d:
+                    d[word] = x
+                    self.bytes += self.ENTRY + len(word) + 40 * len(x)
+                    while self.bytes > self.max_bytes and d:
+                        k, v = d.popitem(last=False)
+                        self.bytes -= self.ENTRY + len(k) + 40 * len(v)
+        return x
 
 
 def _tokenizes_per_word(tokenizer) -> bool:
@@ -65,7 +124,7 @@ class StaticClassifier(LogitClassifier):
     """sklearn-style ``fit / predict / predict_proba`` plus HF-style ``save_pretrained / from_pretrained``."""
 
     def __init__(self, embeddings: np.ndarray, tokenizer, labels: list[str], max_tokens: int = 2048,
-                 ngrams: NgramFeatures | None = None):
+                 ngrams: NgramFeatures | None = None, word_cache_bytes: int = 16 << 20):
         self.base = embeddings.astype(np.float32)
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
@@ -79,7 +138,7 @@ class StaticClassifier(LogitClassifier):
         self.V = np.zeros((len(ngrams) if ngrams else 0, len(labels)), dtype=np.float32)
         self.b = np.zeros(len(labels), dtype=np.float32)
         self.history: list[dict] = []
-        self._word_cache: dict[str, list[int]] = {}
+        self._word_cache = WordCache(word_cache_bytes)
         self._per_word = _tokenizes_per_word(self.tokenizer)
 
     @classmethod
@@ -100,11 +159,17 @@ class StaticClassifier(LogitClassifier):
         WordPiece tokenizers split on whitespace first and then tokenize each chunk on its own, so
         caching per whitespace-separated chunk gives the same ids at a fraction of the cost: a
         250-token article takes ~40 µs instead of ~1.3 ms through the full tokenizer pipeline.
-        Tokenizers for which that does not hold (checked once, at construction) are run whole.
+        Tokenizers for which that does not hold (checked once, at construction) are run whole. The cache
+        is a bounded LRU (:class:`WordCache`): traffic of ever-new words cannot grow the process.
+        Lone surrogates are replaced first (:func:`clean_text`): the tokenizer refuses them.
         """
         cache, enc, limit = self._word_cache, self.tokenizer.encode, self.max_tokens
+        texts = [clean_text(t) for t in texts]
         if not self._per_word:  # e.g. byte-level BPE: a word's ids depend on the space before it
-            return [e.ids[:limit] for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+            return [e.ids[:limit] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        if not isinstance(cache, WordCache):  # an object borrowing this method (the ONNX runner) with a dict
+            cache = self._word_cache = WordCache()
+        lookup = cache.ids
         out = []
         for t in texts:
             ids: list[int] = []
@@ -115,12 +180,7 @@ class StaticClassifier(LogitClassifier):
                 words = rest.split(maxsplit=need)
                 rest = words.pop() if len(words) > need else ""
                 for w in words:
-                    x = cache.get(w)
-                    if x is None:
-                        if len(cache) > 500_000:
-                            cache.clear()
-                        x = cache[w] = enc(w, add_special_tokens=False).ids
-                    ids += x
+                    ids += lookup(w, enc)
                     if len(ids) >= limit:
                         break
             out.append(ids[:limit])

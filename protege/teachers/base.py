@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from protege.task import TaskSpec
+from protege.teachers.prompts import preclip, truncate_words
 
 
 @dataclass
@@ -105,6 +106,15 @@ class Teacher(ABC):
     def estimate_cost(self, request: dict) -> float:
         """Upper-bound $ of one call, checked against the budget before it is sent."""
         return 0.0
+
+    def truncated(self, text: str) -> bool:
+        """Is ``text`` cut to ``max_input_tokens`` in this teacher's requests? By the teacher's tokenizer
+        (``self.tok``) when it has one, else by the API character budget (:func:`truncate_words`)."""
+        n = self.cfg.max_input_tokens
+        tok = getattr(self, "tok", None)
+        if tok is None:
+            return truncate_words(text, n) != text.strip()
+        return len(tok(preclip(text, n).strip(), add_special_tokens=False).input_ids) > n
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass

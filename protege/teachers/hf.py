@@ -46,7 +46,7 @@ import numpy as np
 
 from protege.task import TaskError, TaskSpec, resolve_model_path
 from protege.teachers.base import Answer, Teacher, answers_from_scores
-from protege.teachers.prompts import build_messages
+from protege.teachers.prompts import build_messages, preclip
 from protege.teachers.variants import variant_task
 
 _SENTINEL = "\x00PROTEGE_INPUT\x00"
@@ -186,7 +186,8 @@ class HFTeacher(Teacher):
 
     def request(self, text: str, sample: int = 0) -> dict:
         p = self._prompt_for(sample)
-        ids = self.tok(text.strip(), add_special_tokens=False).input_ids[: self.cfg.max_input_tokens]
+        ids = self.tok(preclip(text, self.cfg.max_input_tokens).strip(), add_special_tokens=False).input_ids[
+            : self.cfg.max_input_tokens]  # preclip: a 50 MB line is not tokenized whole
         return {"input_ids": ids, "labels": self.task.labels, "prompt": p.prefix_ids + [-1] + p.suffix_ids,
                 "dtype": self.cfg.dtype, "mode": "first_token" if p.first_token_mode else "sequence"}
 

@@ -16,7 +16,8 @@ Per call the ledger keeps: status and, for failures, a ``reason`` code (``rate_l
 ``not_a_label``, ...) and message; ``requests`` (HTTP requests sent for it, over all runs: retries and
 re-asks included), ``attempts`` (runs that tried it), tokens and $ (accumulated over failed runs too:
 money paid is never forgotten), latency and cache ``hits``. ``runs`` logs each labelling pass with
-how far it got.
+how far it got. ``leases`` holds the claims of processes sharing the ledger on requests they are
+sending (:mod:`protege.teachers.leases`), so two processes never send the same request at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from protege.teachers.leases import MIGRATION as _LEASES_MIGRATION
 
 MIGRATIONS: list[str] = [
     # 1: calls
@@ -73,6 +76,8 @@ MIGRATIONS: list[str] = [
         note TEXT
     );
     """,
+    # 3: leases — a request is claimed before it is sent (protege.teachers.leases)
+    _LEASES_MIGRATION,
 ]
 
 

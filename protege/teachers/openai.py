@@ -50,7 +50,7 @@ from protege.schema import schema_error, strip_fence
 from protege.teachers.ratelimit import RateLimiter, backoff_delay, retry_after_s
 from protege.task import TaskError, TaskSpec
 from protege.teachers.base import Answer, Teacher
-from protege.teachers.prompts import build_messages, parse_label, truncate_words
+from protege.teachers.prompts import build_messages, estimate_text_tokens, parse_label, truncate_words
 from protege.teachers.variants import variant_task
 
 Reserve = Callable[[float, int], bool]  # reserve(usd, tokens) -> may this extra call be sent (budget)?
@@ -115,6 +115,9 @@ def classify_error(e: BaseException) -> tuple[str, bool, float | None, str]:
     if isinstance(e, openai.APITimeoutError):
         return "timeout", True, None, msg
     if isinstance(e, openai.APIConnectionError):
+        root = _os_error(e)
+        if root is not None:  # httpx says "All connection attempts failed"; the socket said why
+            return "connection", True, None, f"{msg} ({type(root).__name__}: [Errno {root.errno}] {os.strerror(root.errno)})"
         return "connection", True, None, msg + (f" ({type(cause).__name__}: {cause})" if cause else "")
     if isinstance(e, openai.APIStatusError):
         code = e.status_code
@@ -135,6 +138,16 @@ def classify_error(e: BaseException) -> tuple[str, bool, float | None, str]:
     if isinstance(e, httpx.HTTPError):
         return "connection", True, None, msg
     return "client_error", False, None, msg
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The socket error (with an errno: connection refused, no route, ...) under a client error, if any."""
+    seen = 0
+    while e is not None and seen < 12:
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 REASK_NOT_A_LABEL = "That is not one of the allowed answers. Reply with exactly one of: {labels}. Nothing else."
@@ -226,11 +239,14 @@ class OpenAITeacher(Teacher):
     # -- budget estimates ----------------------------------------------------------------------
     def estimate_tokens(self, request: dict) -> int:
         """Upper-bound tokens of one call: prompt (chars / the smallest chars-per-token seen) + max_tokens."""
-        chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else len(json.dumps(m.get("content")))
-                    for m in request["messages"])
+        texts = [m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
+                 for m in request["messages"]]
+        chars = sum(map(len, texts))
         cpt = self._chars_per_token or 3.0
         extra = len(json.dumps(request["response_format"])) if "response_format" in request else 0
-        return int((chars + extra) / cpt) + 8 * len(request["messages"]) + 8 + int(request.get("max_tokens") or 0)
+        # CJK is ~1 token per character, not 1/3: count at least the character budget's estimate
+        prompt = max((chars + extra) / cpt, sum(map(estimate_text_tokens, texts)) + extra / cpt)
+        return int(prompt) + 8 * len(request["messages"]) + 8 + int(request.get("max_tokens") or 0)
 
     def estimate_cost(self, request: dict) -> float:
         n_out = int(request.get("max_tokens") or 0)

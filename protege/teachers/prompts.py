@@ -53,10 +53,62 @@ def build_messages(task: TaskSpec, text: str) -> list[dict]:
 
 
 def truncate_words(text: str, max_tokens: int) -> str:
-    """Cheap tokenizer-free truncation (~0.75 words per token) for API teachers."""
+    """Tokenizer-free truncation for API teachers: the first ~0.75 words per token, then a character budget
+    (:func:`clip_chars`), so a line without spaces or a CJK text is cut too. Whatever the input, the result
+    holds at most ~``max_tokens`` estimated tokens (:func:`estimate_text_tokens`)."""
+    text = text[: _PRECLIP_CHARS_PER_TOKEN * max_tokens]  # a 50 MB line is never split or scanned whole
     words = text.split()
     limit = max(1, int(max_tokens * 0.75))
-    return " ".join(words[:limit]) if len(words) > limit else text.strip()
+    return clip_chars(" ".join(words[:limit]) if len(words) > limit else text.strip(), max_tokens)
+
+
+# The character budget of API teachers (no tokenizer on this side). Tokens per non-space character, by
+# kind of character: ASCII 0.2 (5 letters per token: on English the word rule above binds first — no BBC
+# article's cut moves, so existing ledgers keep their keys; a space-less ASCII line such as hex or base64,
+# ~3 characters per token, may cost up to ~1.7x max_input_tokens), other alphabetic scripts below U+3000
+# (accented Latin, Greek, Cyrillic, Hebrew, Arabic) 0.5, and everything else — CJK, kana, Hangul, Thai,
+# Indic scripts, emoji — 1 token per character (o200k / Claude / Gemini spend about that on CJK).
+# So max_input_tokens 256 keeps 1,280 characters of a space-less ASCII line and 256 of a Japanese text.
+# The budget gate does not rely on this: its price estimate (OpenAITeacher.estimate_tokens) counts every
+# character at 3 per token or this estimate, whichever is more, and learns the real ratio from usage.
+ASCII_TOKENS_PER_CHAR = 0.2
+ALPHABETIC_TOKENS_PER_CHAR = 0.5
+OTHER_TOKENS_PER_CHAR = 1.0
+_PRECLIP_CHARS_PER_TOKEN = 64  # no tokenizer spends one token on more characters than this on real text
+
+
+def _char_tokens(c: str) -> float:
+    o = ord(c)
+    if o < 128:
+        return 0.0 if c.isspace() else ASCII_TOKENS_PER_CHAR
+    if c.isspace():
+        return 0.0
+    return ALPHABETIC_TOKENS_PER_CHAR if o < 0x3000 else OTHER_TOKENS_PER_CHAR
+
+
+def estimate_text_tokens(text: str) -> float:
+    """Tokens ``text`` would cost under the character budget (an over-estimate on natural text)."""
+    if text.isascii():
+        return ASCII_TOKENS_PER_CHAR * len("".join(text.split()))
+    return sum(map(_char_tokens, text))
+
+
+def clip_chars(text: str, max_tokens: int) -> str:
+    """``text`` cut where its estimated tokens would pass ``max_tokens`` (unchanged when it fits)."""
+    if len(text) * ASCII_TOKENS_PER_CHAR <= max_tokens or estimate_text_tokens(text) <= max_tokens:
+        return text
+    used = 0.0
+    for j, c in enumerate(text):
+        used += _char_tokens(c)
+        if used > max_tokens:
+            return text[:j].rstrip()
+    return text
+
+
+def preclip(text: str, max_tokens: int) -> str:
+    """A prefix long enough for any tokenizer to fill ``max_tokens`` (local teachers tokenize this, not a
+    50 MB line)."""
+    return text[: _PRECLIP_CHARS_PER_TOKEN * max_tokens]
 
 
 _PUNCT = re.compile(r"^[\s\"'`*_.:;,()\[\]-]+|[\s\"'`*_.:;,()\[\]!-]+$")

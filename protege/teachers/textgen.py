@@ -23,7 +23,7 @@ from collections import Counter
 
 from protege.task import TaskSpec
 from protege.teachers.base import Answer, Teacher
-from protege.teachers.prompts import teacher_messages, truncate_words
+from protege.teachers.prompts import preclip, teacher_messages, truncate_words
 
 
 class TextTeacher:
@@ -41,7 +41,7 @@ class TextTeacher:
         tok = getattr(self.inner, "tok", None)
         if tok is None:
             return truncate_words(text, self.cfg.max_input_tokens)
-        ids = tok(text.strip(), add_special_tokens=False).input_ids
+        ids = tok(preclip(text, self.cfg.max_input_tokens).strip(), add_special_tokens=False).input_ids
         return tok.decode(ids[: self.cfg.max_input_tokens]) if len(ids) > self.cfg.max_input_tokens else text.strip()
 
     def request(self, text: str, sample: int = 0) -> dict:
@@ -54,6 +54,9 @@ class TextTeacher:
 
     def estimate_cost(self, request: dict) -> float:
         return self.inner.estimate_cost(request)
+
+    def truncated(self, text: str) -> bool:
+        return self.inner.truncated(text)
 
     def close(self) -> None:
         self.inner.close()

@@ -123,16 +123,40 @@ def finite(x):
 
 
 def write_outputs(out: Path, report: dict, items: list[dict], config: dict) -> dict:
-    """report.json (no NaN: undefined figures are null), report.html (atomic), and evaluate/items.jsonl for
-    --compare. Returns the report as written."""
+    """report.json (no NaN: undefined figures are null), report.html, and evaluate/items.jsonl for --compare,
+    written as one unit. Returns the report as written.
+
+    The pair lives in ``evaluate/`` (swapped in by one folder rename with the stage's config.json); the run
+    root's ``report.json`` / ``report.html`` are relative symlinks into it, so a reader never sees a new
+    report.json beside an old report.html, whenever the writer is killed. Where symlinks are not possible the
+    root gets copies, html first and json last.
+    """
     from protege.reporting.html import render_html
 
     report = finite(report)
     with stage_writer(out / "evaluate", config) as tmp:
         write_jsonl(tmp / "items.jsonl", finite(items))
-    write_json(out / "report.json", report, allow_nan=False)
-    write_text(out / "report.html", render_html(report))
+        write_text(tmp / "report.html", render_html(report))
+        write_json(tmp / "report.json", report, allow_nan=False)
+    for name in ("report.html", "report.json"):  # html first: a reader that finds report.json finds its html
+        _link_or_copy(out / name, Path("evaluate") / name)
     return report
+
+
+def _link_or_copy(path: Path, target: Path) -> None:
+    """Point ``path`` at ``target`` (relative to its folder) with an atomic replace; a copy where links fail."""
+    import os
+
+    if path.is_symlink() and Path(os.readlink(path)) == target:
+        return
+    tmp = path.with_name(f".{path.name}.link-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, path)
+    except OSError:  # no symlinks here (some Windows setups, some network shares)
+        tmp.unlink(missing_ok=True)
+        write_text(path, (path.parent / target).read_text(encoding="utf-8"))
 
 
 def read_json(p: Path) -> dict:

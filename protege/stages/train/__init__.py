@@ -13,7 +13,7 @@ from protege.artifacts import is_fresh, require, stage_writer
 from protege.data import read_jsonl, write_json
 from protege.stages.keys import TRAIN
 from protege.stages.train.classify import train_classify
-from protege.stages.train.common import balanced_class_weights, dev_split, text_dev_split
+from protege.stages.train.common import balanced_class_weights, dev_split, text_dev_split, too_few_rows_message
 from protege.stages.train.text import train_text
 from protege.task import TaskSpec
 
@@ -31,8 +31,7 @@ def train(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         return stage_dir
     rows = read_jsonl(cur_dir / "train.jsonl")
     if len(rows) < 2:
-        raise ValueError(f"{cur_dir / 'train.jsonl'} has {len(rows)} usable items; need at least 2 — lower "
-                         f"curate.min_confidence or label more inputs")
+        raise ValueError(too_few_rows_message(task, cur_dir, len(rows)))
     student, stats = BY_KIND[task.kind](task, Path(out), rows)
     return _write_train(task, stage_dir, fp, student, stats)
 

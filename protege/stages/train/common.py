@@ -3,7 +3,11 @@ this stage), class weights, and the row-source counts in stats.json."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from protege.task import TaskSpec
 
 def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train_idx, dev_idx); every label with ≥2 items gets at least one dev item."""
@@ -52,3 +56,42 @@ def weights_by_source(rows: list[dict]) -> dict:
     """The loss weights in use per row source (teacher 1.0; real / review rows curate.real_weight)."""
     return {src: sorted({float(r.get("weight", 1.0)) for r in rows if r.get("source", "teacher") == src})
             for src in SOURCES}
+
+
+# What to change for each reason curate drops a row (curate.REASONS), for train's "too few rows" error.
+_FIXES = {"teacher_failed": "see `protege ledger` for why the teacher's calls failed",
+          "invalid": "the teacher answered outside the label set / schema: check the instruction and labels",
+          "gold_overlap": "inputs copy gold items: use different inputs (or raise curate.gold_overlap)",
+          "length_outlier": "widen curate.min_words / max_words or set curate.length_iqr_k: null",
+          "inconsistent": "lower curate.min_agreement or make the prompt less ambiguous",
+          "low_confidence": "lower curate.min_confidence",
+          "exact_duplicate": "add distinct inputs", "near_duplicate": "add distinct inputs (or raise curate.near_duplicate)",
+          "review_dropped": "the review sheet marked them drop"}
+
+
+def too_few_rows_message(task: TaskSpec, cur_dir: Path, n: int) -> str:
+    """Why curate left fewer than 2 training rows: its drops by reason (from ``stats.json``) and how the input
+    file shrank before the teacher saw it — so the fix named is the real one."""
+    import json
+
+    from protege.data import describe_pool, input_pool
+
+    msg = f"{cur_dir / 'train.jsonl'} has {n} usable items; need at least 2"
+    stats_file = cur_dir / "stats.json"
+    st = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    dropped = {k: v for k, v in (st.get("dropped") or {}).items() if v}
+    if st:
+        msg += f" — curate kept {st.get('n_kept', n)} of {st.get('n_in', '?')} teacher-labelled inputs"
+        if dropped:
+            top = sorted(dropped.items(), key=lambda kv: -kv[1])
+            msg += ", dropped " + ", ".join(f"{v} {k}" for k, v in top)
+            msg += f" (fix: {_FIXES.get(top[0][0], 'see ' + str(cur_dir / 'dropped.jsonl'))})"
+    try:
+        _, counts = input_pool(task)
+    except Exception:  # the data files may have moved since generate; the curate figures stand alone
+        counts = None
+    if counts is not None and (counts["duplicates"] or counts["in_gold"] or counts["distinct"] < 2):
+        msg += f"; before labelling, {describe_pool(counts)}"
+    if not dropped and counts is not None and counts["distinct"] >= 2:
+        msg += " — label more inputs (data.limit) or add rows to data.inputs"
+    return msg
