@@ -74,8 +74,8 @@ def label_with_ledger(teacher: Teacher, texts: list[str], ledger: Ledger, *, sta
     A teacher that cannot be reached raises :class:`~protege.teachers.calls.TeacherUnreachable` (stopping early).
     ``stats["truncated"]`` counts inputs cut to ``teacher.max_input_tokens``.
     """
-    from protege.stages.calls import BudgetGate, Tally, TeacherUnreachable, send_async, send_batched, unreachable_message
-    from protege.stages.leases import Leases
+    from protege.teachers.calls import BudgetGate, Tally, TeacherUnreachable, send_async, send_batched, unreachable_message
+    from protege.teachers.leases import Leases
 
     n = len(texts)
     if budget_tokens is None:
