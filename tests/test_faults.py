@@ -30,7 +30,7 @@ from protege.teachers.ledger import BudgetExceeded, Ledger
 from protege.teachers.ratelimit import RateLimiter, backoff_delay, retry_after_s
 from protege.task import parse_task
 from protege.registry import make_teacher
-from protege.teachers.openai import label_probs_from_top_logprobs
+from protege.teachers.logprobs import label_probs_from_top_logprobs
 from protege.teachers.topk_store import load_topk, save_topk, unpack
 
 KEY_ENV = "PROTEGE_FAULT_KEY"

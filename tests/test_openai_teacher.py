@@ -18,7 +18,8 @@ from protege.teachers.ledger import Ledger
 from protege.task import TaskError, parse_task
 from protege.registry import make_teacher
 from protege.teachers.prompts import parse_label
-from protege.teachers.openai import OpenAITeacher, label_probs_from_top_logprobs
+from protege.teachers.openai import OpenAITeacher
+from protege.teachers.logprobs import label_probs_from_top_logprobs
 
 KEY_ENV = "PROTEGE_TEST_TEACHER_KEY"
 LABELS = ["sports", "business", "tech"]

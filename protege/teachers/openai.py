@@ -17,16 +17,7 @@ unusable is returned as ``status="error"`` with ``extra["reason"]`` (``not_a_lab
 ``timeout``, ``connection``, ``bad_response``, ``http_4xx``), never dropped. Every HTTP request, retry
 and re-ask is counted in ``extra`` and its tokens and $ are added to the call.
 
-**Soft labels** come from the answer's ``top_logprobs``: at the first generated token that starts a
-label, each label takes the summed probability of the top-k tokens that are a prefix of it and of no
-other label (stripped, case-insensitive: " Sports" and "sports" both count). *Multi-token labels* are
-scored by their first distinguishing token: when the generated token is shared by several labels
-(" ne" for "negative" / "neutral"), its probability is split among those labels by the next
-position's top-k (P(" ne") x P("utral" | " ne") ...), following the generated path; a shared token the
-model did *not* generate cannot be followed and its mass counts as missing. The distribution is
-renormalised over the labels and the mass outside them is kept as ``missing_mass``. Servers that return
-no logprobs, or refuse the parameter, give the parsed hard label with probability 1 (``soft="hard"``,
-the reason in ``extra["soft_fallback"]``).
+**Soft labels** come from the answer's ``top_logprobs`` (:mod:`protege.teachers.logprobs`).
 
 **Extraction** (``kind: extract`` with a ``schema``, or :meth:`OpenAITeacher.extract_request`): the
 request carries ``response_format: {"type": "json_schema", ...}`` and the answer is validated with
@@ -38,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import threading
 import time
@@ -47,107 +37,15 @@ from typing import Any, Callable
 
 from protege.costs import price_for
 from protege.schema import schema_error, strip_fence
-from protege.teachers.ratelimit import RateLimiter, backoff_delay, retry_after_s
+from protege.teachers.ratelimit import RateLimiter, backoff_delay
 from protege.task import TaskError, TaskSpec
 from protege.teachers.base import Answer, Teacher
 from protege.teachers.prompts import build_messages, estimate_text_tokens, parse_label, truncate_words
+from protege.teachers.logprobs import label_probs_from_top_logprobs
+from protege.teachers.transport import classify_error
 from protege.teachers.variants import variant_task
 
 Reserve = Callable[[float, int], bool]  # reserve(usd, tokens) -> may this extra call be sent (budget)?
-
-
-# -- soft labels ---------------------------------------------------------------------------------
-
-def _alternatives(pos: dict) -> list[dict]:
-    cands = list(pos.get("top_logprobs") or [])
-    if all(c["token"] != pos["token"] for c in cands):  # a sampled token may be outside the top-k
-        cands.append({"token": pos["token"], "logprob": pos["logprob"]})
-    return cands
-
-
-def _spread(content: list[dict], j: int, low: list[str], cands: list[int], prefix: str, weight: float,
-            mass: list[float]) -> None:
-    """Share ``weight`` (P of having generated ``prefix``) among labels ``cands`` by position ``j``'s top-k."""
-    pos = content[j]
-    for c in _alternatives(pos):
-        s = (prefix + c["token"]).strip().lower()
-        if not s or s == prefix:
-            continue
-        hit = [k for k in cands if low[k].startswith(s) or (s.startswith(low[k]) and not s[len(low[k]):][:1].isalnum())]
-        p = weight * math.exp(c["logprob"])
-        if len(hit) == 1:
-            mass[hit[0]] += p  # " Sports", "sports" both count
-        elif len(hit) > 1 and c["token"] == pos["token"] and j + 1 < len(content):
-            _spread(content, j + 1, low, hit, s, p, mass)  # shared first token: follow the generated path
-        # else: a shared token the model did not generate, or no label: missing mass
-
-
-def label_probs_from_top_logprobs(content: list[dict], labels: list[str], answer_prefix: str = "") -> tuple[list[float] | None, float]:
-    """Label distribution from a chat completion's logprobs.content list (dicts with token/top_logprobs).
-
-    The distribution is read at the first position whose *generated* token starts a label. Positions
-    of an answer prefix ("Topic", ":") are skipped even when their top-k alternatives happen to hold a
-    label-like token ("Business" at 0.0003 behind "Topic"): scoring there would return a confident
-    distribution built from almost no mass.
-    """
-    low = [lab.lower() for lab in labels]
-    for j, pos in enumerate(content):
-        chosen = pos["token"].strip().lower()
-        if not chosen or not any(lab.startswith(chosen) for lab in low):
-            continue  # answer prefix, punctuation or whitespace: the answer starts later
-        mass = [0.0] * len(labels)
-        _spread(content, j, low, list(range(len(labels))), "", 1.0, mass)
-        total = sum(mass)
-        if total <= 0:  # only tokens shared by several labels, and no later position to tell them apart
-            return None, 1.0
-        return [m / total for m in mass], max(0.0, 1.0 - total)
-    return None, 1.0
-
-
-# -- error classification ------------------------------------------------------------------------
-
-def classify_error(e: BaseException) -> tuple[str, bool, float | None, str]:
-    """(reason, retryable, retry_after_s, message) for an exception raised by one HTTP request."""
-    import openai
-
-    msg = f"{type(e).__name__}: {e}"
-    cause = e.__cause__ or e.__context__
-    if isinstance(e, openai.APITimeoutError):
-        return "timeout", True, None, msg
-    if isinstance(e, openai.APIConnectionError):
-        root = _os_error(e)
-        if root is not None:  # httpx says "All connection attempts failed"; the socket said why
-            return "connection", True, None, f"{msg} ({type(root).__name__}: [Errno {root.errno}] {os.strerror(root.errno)})"
-        return "connection", True, None, msg + (f" ({type(cause).__name__}: {cause})" if cause else "")
-    if isinstance(e, openai.APIStatusError):
-        code = e.status_code
-        ra = retry_after_s(e.response.headers if e.response is not None else None)
-        if code == 429:
-            return "rate_limited", True, ra, msg
-        if code >= 500:
-            return "server_error", True, ra, msg
-        if code in (408, 409):
-            return ("timeout" if code == 408 else "conflict"), True, ra, msg
-        if code == 400 and "logprob" in str(e).lower():
-            return "logprobs_refused", False, None, msg
-        return f"http_{code}", False, None, msg
-    if isinstance(e, (ValueError, openai.APIResponseValidationError)):  # JSONDecodeError, a body that is no completion
-        return "bad_response", True, None, msg
-    import httpx
-
-    if isinstance(e, httpx.HTTPError):
-        return "connection", True, None, msg
-    return "client_error", False, None, msg
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The socket error (with an errno: connection refused, no route, ...) under a client error, if any."""
-    seen = 0
-    while e is not None and seen < 12:
-        if isinstance(e, OSError) and e.errno:
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
 
 
 REASK_NOT_A_LABEL = "That is not one of the allowed answers. Reply with exactly one of: {labels}. Nothing else."

