@@ -171,6 +171,7 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
            apply_review: Path = typer.Option(None, "--apply-review", help="Review CSV with corrected_label filled "
                                              "(from `protege review`); kept in the run folder for later runs")):
     """Filter teacher labels (failed, invalid, leaks, length, inconsistent, unsure, duplicates); mix real data."""
+    from protege.kinds import kind_of
     from protege.stages.curate import curate as run_curate
     import json
 
@@ -180,7 +181,7 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
         from protege.stages.review import store_corrections
         from protege.task import TaskError
 
-        if t.kind != "classify":
+        if not kind_of(t).labelled:
             raise TaskError(f"--apply-review reads label corrections: classify tasks only (this task is kind: {t.kind})")
 
         dest, new = store_corrections(apply_review, o, t.labels)

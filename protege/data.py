@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from protege.kinds import kind_of
 from protege.task import TaskError, TaskSpec
 
 
@@ -151,30 +152,12 @@ def gold_value(task: TaskSpec, row: dict, path, i: int) -> str:
     field = task.gold_field
     if field not in row or row[field] is None:
         raise TaskError(f"{path}: row {i}: gold field '{field}' is missing; add it or set gold_field in the task file")
-    v = row[field]
-    if task.kind == "classify":
-        return str(v)
-    if task.kind == "extract":
-        obj = v
-        if isinstance(v, str):
-            try:
-                obj = json.loads(v)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}: row {i}: gold field '{field}' is not JSON ({e.msg}); a kind: extract gold "
-                                f"answer is a JSON object, or a string holding one") from None
-        if not isinstance(obj, dict):
-            raise TaskError(f"{path}: row {i}: gold field '{field}' is a {type(obj).__name__}, not a JSON object; "
-                            f"a kind: extract gold answer is an object like {{\"total\": \"12.00\"}}")
-        return json.dumps(obj, ensure_ascii=False)
-    if not isinstance(v, str) or not v.strip():
-        raise TaskError(f"{path}: row {i}: gold field '{field}' is empty or not text ({type(v).__name__}); a kind: "
-                        f"generate gold answer is the reference text")
-    return v
+    return kind_of(task).gold_value(row[field], f"{path}: row {i}: gold field '{field}'")
 
 
 def _labelled(task: TaskSpec, path) -> list[dict]:
     rows = read_rows(path)
-    classify = task.kind == "classify"
+    classify = kind_of(task).labelled
     check_rows(rows, path, task.input_field, task.labels if classify else None, task.gold_field if classify else None)
     return [{"id": text_key(r[task.input_field]), "text": r[task.input_field], "label": gold_value(task, r, path, i)}
             for i, r in enumerate(rows, 1)]

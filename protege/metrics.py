@@ -191,24 +191,6 @@ def score_classify(gold: Sequence[str], pred: Sequence[str | None], labels: list
                 "invalid_answers": int(sum(p not in labels for p in pred))}
 
 
-PRIMARY = {"classify": "accuracy", "extract": "field_f1", "generate": "rougeL"}
-
-
-def score_items(kind: str, golds: Sequence[Any], preds: Sequence[Any], *, labels: list[str] | None = None,
-                schema: dict | None = None) -> tuple[np.ndarray, dict]:
-    """(per-item primary scores, metrics dict incl. the primary and its CI) for a task kind."""
-    if kind == "classify":
-        items, m = score_classify(golds, preds, labels or sorted(set(golds)))
-    elif kind == "extract":
-        items, m = score_extract(golds, preds, schema)
-    elif kind == "generate":
-        items, m = score_generate(golds, preds)
-    else:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {sorted(PRIMARY)}")
-    m[f"{PRIMARY[kind]}_ci"] = list(bootstrap_ci(items))
-    return items, m
-
-
 # -- fidelity and calibration ------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from protege.artifacts import stage_writer
-from protege.stages.curate import apply_corrections, curate, filter_rows, length_bounds, mix, validity_reason
+from protege.kinds import KINDS
+from protege.stages.curate import apply_corrections, curate, filter_rows, length_bounds, mix
 from protege.schema import json_schema_reason
 from protege.data import read_jsonl, text_key, write_jsonl
 from protege.stages.dedup import exact_duplicates, jaccard, near_duplicates, overlaps, shingles
@@ -57,9 +58,9 @@ def test_validity_json_schema():
     assert "schema: total" in json_schema_reason('{"total": "twelve"}', schema)
     assert "'total' is a required property" in json_schema_reason('{"currency": "EUR"}', schema)
     r = {"output": '{"currency": "EUR"}'}
-    assert validity_reason(r, kind="extract", schema=schema) is not None
-    assert validity_reason({"output": '{"total": 2}'}, kind="extract", schema=schema) is None
-    assert validity_reason({"label": "red"}, kind="classify", labels=LABELS) is None
+    assert KINDS["extract"].validity(r, schema=schema) is not None
+    assert KINDS["extract"].validity({"output": '{"total": 2}'}, schema=schema) is None
+    assert KINDS["classify"].validity({"label": "red"}, LABELS) is None
 
 
 def test_consistency_needs_samples():

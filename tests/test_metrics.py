@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from protege.kinds import score_items
 from protege import metrics as M
 
 # -- classification ----------------------------------------------------------------------------
@@ -23,7 +24,7 @@ def test_classification_by_hand():
     assert prf["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "predicted": 0}
     assert M.macro_f1(G, P, ["a", "b", "c"]) == pytest.approx((2 / 3 + 0.8 + 0) / 3)
     assert M.confusion(G, P, ["a", "b", "c"]) == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]]
-    items, m = M.score_items("classify", G, P, labels=["a", "b", "c"])
+    items, m = score_items("classify", G, P, labels=["a", "b", "c"])
     assert items.tolist() == [1, 0, 1, 1, 0] and m["invalid_answers"] == 1 and m["accuracy"] == pytest.approx(0.6)
 
 
@@ -147,7 +148,7 @@ def test_extract_fields_by_hand():
     assert M.json_valid(PRED) and not M.json_valid("not json") and not M.json_valid("[1, 2]")
     schema = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
     assert M.json_valid('{"name": "x"}', schema) and not M.json_valid('{"total": 1}', schema)
-    items, m = M.score_items("extract", [GOLD, GOLD], [PRED, "not json"])
+    items, m = score_items("extract", [GOLD, GOLD], [PRED, "not json"])
     assert items.tolist() == pytest.approx([4 / 7, 0.0])
     assert m["json_validity"] == 0.5 and m["exact_match"] == 0.0
     assert (m["field_precision_micro"], m["field_recall_micro"]) == pytest.approx((0.5, 2 / 6))
@@ -166,10 +167,10 @@ def test_generate_metrics_by_hand():
 
     refs, hyps = ["a quick brown fox", "jumps over"], ["a quick brown dog", "jumped over"]
     assert M.chrf_corpus(refs, hyps) == pytest.approx(CHRF().corpus_score(hyps, [refs]).score / 100)
-    items, m = M.score_items("generate", refs, hyps)
+    items, m = score_items("generate", refs, hyps)
     assert m["rougeL"] == pytest.approx(items.mean()) and 0 < m["chrf"] < 1 and len(m["rougeL_ci"]) == 2
     with pytest.raises(ValueError, match="unknown task kind"):
-        M.score_items("translate", [], [])
+        score_items("translate", [], [])
 
 
 def test_latency_summary():

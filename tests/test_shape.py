@@ -109,3 +109,33 @@ def test_ruff_is_clean():
     root = PKG.parent
     r = subprocess.run([ruff, "check", "protege", "tests", "bench", "examples"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+TASK_KINDS = {"classify", "extract", "generate"}
+KIND_DISPATCH = {"protege.kinds", "protege.task"}  # the kinds themselves, and the task file's validation
+
+
+def _kind_comparisons(tree: ast.AST) -> list[int]:
+    """Lines comparing something to a task-kind name ("classify" / "extract" / "generate")."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set)) for e in c.elts
+                       if isinstance(e, ast.Constant)]
+            if any(c.value in TASK_KINDS for c in consts):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_kind_comparisons_are_found():
+    assert _kind_comparisons(ast.parse('if task.kind == "extract" or k in ("generate", "x"): pass')) == [1, 1]
+    assert _kind_comparisons(ast.parse('if s.kind == "static": pass')) == []
+
+
+def test_task_kind_is_compared_only_where_kinds_dispatch():
+    """Stages ask the kind (protege.kinds) what differs; only kinds.py and the task file's validation name kinds,
+    and stage packages dispatch with a BY_KIND table."""
+    found = {m: ln for m, p in _modules().items() if m not in KIND_DISPATCH
+             and (ln := _kind_comparisons(ast.parse(p.read_text(encoding="utf-8"))))}
+    assert not found, f"task-kind comparisons outside protege.kinds: {found}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from protege.kinds import kind_of
 from protege.artifacts import atomic_dir
 from protege.data import read_jsonl, write_json, write_jsonl
 from protege.export.common import metadata_light
@@ -41,7 +42,7 @@ def export_jsonl(run: Path, dest: Path, task) -> dict:
     rows = read_jsonl(Path(run) / "curate" / "train.jsonl") if (Path(run) / "curate" / "train.jsonl").is_file() else None
     if not rows:
         raise FileNotFoundError(f"{Path(run) / 'curate' / 'train.jsonl'} not found or empty; run `protege curate` first")
-    if task.kind == "classify":
+    if kind_of(task).labelled:
         tr, dv = dev_split([r["label"] for r in rows], task.train.dev_fraction, task.train.seed)
     else:  # text rows carry their answer as `label` too; the same split the train stage uses
         tr, dv = text_dev_split(len(rows), task.train.dev_fraction, task.train.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 
+from protege.kinds import KINDS
 from protege.reporting import plots
 from protege.costs import format_months
 
@@ -70,12 +71,12 @@ def _kpis(r: dict) -> str:
 
 def _third_tile(r: dict, cas: dict) -> tuple[str, str]:
     """classify: cascade coverage; extract: the student's valid-JSON rate; generate: judge win rate or chrF."""
-    kind = r.get("kind", "classify")
-    if kind == "extract":
+    kind = KINDS.get(r.get("kind", "classify"), KINDS["classify"])
+    if kind.json:
         s = (r.get("metrics") or {}).get("student") or {}
         return f"{_f(s.get('json_validity'), '.0%')}", (f"of the student's answers are valid JSON for the schema<br>"
                                                        f"95% CI {_ci(s.get('json_validity_ci'), '.0%')}")
-    if kind == "generate":
+    if kind.judged:
         j = r.get("judge")
         if j:
             return f"{_f(j.get('student_win_rate'), '.0%')}", (f"student win rate vs teacher, judged by "
@@ -273,7 +274,7 @@ def render_html(r: dict) -> str:
                      f"<span class=note>Basis: {_e(c.get('basis', ''))}.</span></p>"]
     else:
         sections.append("</div>")
-    sections += ["<h2>Worst student errors</h2>", _errors(r) if r.get("kind", "classify") == "classify" else _text_errors(r)]
+    sections += ["<h2>Worst student errors</h2>", _errors(r) if KINDS.get(r.get("kind"), KINDS["classify"]).labelled else _text_errors(r)]
     d = r.get("data") or {}
     if d:
         cur = d.get("curated") or {}

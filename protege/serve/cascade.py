@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protege import progress
+from protege.kinds import kind_of
 from protege.task import ServeConfig, TaskSpec
 from protege.serve.background import BoundedPool
 from protege.serve.drift import DriftMonitor, Reference
@@ -180,7 +181,7 @@ class Engine:
                 from protege.teachers.textgen import text_teacher
 
                 # extract / generate: the teacher answers in text (as in `protege generate`), not with a label
-                self._teacher = make_teacher(self.task) if self.task.kind == "classify" else text_teacher(self.task)
+                self._teacher = make_teacher(self.task) if kind_of(self.task).labelled else text_teacher(self.task)
             return self._teacher
 
     def _ledger(self):

@@ -34,7 +34,7 @@ import numpy as np
 from protege.artifacts import is_fresh, require, stage_writer
 from protege.data import load_gold, load_real_train, read_jsonl, write_json, write_jsonl
 from protege.stages.dedup import exact_duplicates, near_duplicates, overlaps
-from protege.schema import json_schema_reason
+from protege.kinds import KINDS, kind_of
 from protege.stages.review import corrections_path, read_corrections
 from protege.stages.keys import CURATE, file_hash
 from protege.task import CurateConfig, TaskSpec
@@ -46,16 +46,6 @@ HUMAN = ("review", "real")  # sources whose labels a person gave
 
 
 # -- single-row checks (pure) ------------------------------------------------------------------
-
-def validity_reason(row: dict, *, kind: str = "classify", labels: Sequence[str] = (), schema: dict | None = None) -> str | None:
-    """Why the teacher's answer is unusable for this task kind, or None when it is valid."""
-    if kind == "classify":
-        return None if row.get("label") in labels else f"label {row.get('label')!r} not in the label set"
-    value = row.get("output", row.get("label"))
-    if kind == "extract":
-        return json_schema_reason(value, schema)
-    return None if isinstance(value, str) and value.strip() else "empty output"
-
 
 def word_count(text: str) -> int:
     return len(text.split())
@@ -110,7 +100,7 @@ def filter_rows(rows: list[dict], cfg: CurateConfig, *, labels: Sequence[str], k
             if r.get("status") != "ok":
                 flag(i, "teacher_failed", r.get("error"))
                 continue  # nothing else can be judged about a missing answer
-            why = validity_reason(r, kind=kind, labels=labels, schema=schema)
+            why = KINDS[kind].validity(r, labels, schema)
             if why:
                 flag(i, "invalid", why)
         if gold_hits[i] is not None:
@@ -281,7 +271,7 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
         return stage_dir
     pool = read_jsonl(gen_dir / "train.jsonl")
     gold = load_gold(task)
-    classify = task.kind == "classify"
+    classify = kind_of(task).labelled
     corrections: dict[str, str] = {}
     for p in reviews if classify else []:  # later files win; review sheets are label corrections (classify)
         corrections.update(read_corrections(p, task.labels))

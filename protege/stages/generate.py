@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protege.kinds import kind_of
 from protege.artifacts import fingerprint, is_fresh, stage_writer
 from protege.data import data_file, load_gold, load_inputs, write_json, write_jsonl
 from protege.teachers.ledger import BudgetExceeded, Ledger, request_key
@@ -212,7 +213,7 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
     if shard is not None:
         inputs = [r for r in inputs if shard_of(r["id"], shard[1]) == shard[0]]
         gold = [r for r in gold if shard_of(r["id"], shard[1]) == shard[0]]
-    text = task.kind != "classify"
+    text = not kind_of(task).labelled
     if text:
         from protege.teachers.textgen import TextTeacher
 

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from protege.kinds import kind_of
 from protege.artifacts import require
 from protege.data import load_gold, read_jsonl, write_json, write_text
 from protege.task import TaskError, TaskSpec
@@ -232,7 +233,7 @@ def export_review(task: TaskSpec, out: Path) -> dict:
     runs is left alone and its labels are pre-filled into the new sheet.
     """
 
-    if task.kind != "classify":
+    if not kind_of(task).labelled:
         raise TaskError(f"protege review exports label corrections, so it covers classify tasks; this task is "
                         f"kind: {task.kind}. Its teacher-vs-gold errors are in report.html (worst errors: gold, "
                         f"teacher and student output side by side) and evaluate/items.jsonl")

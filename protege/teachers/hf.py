@@ -129,6 +129,9 @@ class _Prompt:
     cache: object
 
 
+GENERATION = "generate"  # request mode of free-text requests (part of their ledger key)
+
+
 class HFTeacher(Teacher):
     local, logits, logprobs, generation, concurrent = True, True, True, True, False  # registry.Capabilities
 
@@ -243,10 +246,10 @@ class HFTeacher(Teacher):
         out: list[Answer | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for j, r in enumerate(requests):
-            groups.setdefault(("generate",) if r.get("mode") == "generate" else tuple(r["prompt"]), []).append(j)
+            groups.setdefault((GENERATION,) if r.get("mode") == GENERATION else tuple(r["prompt"]), []).append(j)
         for key, idx in groups.items():
             batch = [requests[j] for j in idx]
-            got = self._generate(batch) if key == ("generate",) else self._answer_labels(batch)
+            got = self._generate(batch) if key == (GENERATION,) else self._answer_labels(batch)
             for j, a in zip(idx, got):
                 out[j] = a
         return out  # type: ignore[return-value]
@@ -276,7 +279,7 @@ class HFTeacher(Teacher):
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         else:
             ids = self.tok("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=False).input_ids
-        return {"input_ids": ids, "mode": "generate", "top_k": self.cfg.top_logprobs if top_k is None else top_k,
+        return {"input_ids": ids, "mode": GENERATION, "top_k": self.cfg.top_logprobs if top_k is None else top_k,
                 "max_new_tokens": max_new_tokens or self.cfg.max_tokens, "dtype": self.cfg.dtype}
 
     def _generate(self, requests: list[dict]) -> list[Answer]:

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+from protege.kinds import kind_of
 from protege.costs import price_for
 from protege.schema import schema_error, strip_fence
 from protege.teachers.ratelimit import RateLimiter, backoff_delay
@@ -81,10 +82,10 @@ class OpenAITeacher(Teacher):
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, text: str, sample: int = 0) -> dict:
-        kind = getattr(self.task, "kind", "classify")
-        if kind == "extract" and getattr(self.task, "schema_", None):
+        kind = kind_of(self.task)
+        if kind.json and self.task.schema_:
             return self.extract_request(text, self.task.schema_, sample)
-        if kind in ("extract", "generate"):
+        if not kind.labelled:
             from protege.teachers.prompts import teacher_messages
 
             return self.generation_request(teacher_messages(self.task, truncate_words(text, self.cfg.max_input_tokens)),

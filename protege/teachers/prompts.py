@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 
+from protege.kinds import kind_of
 from protege.task import TaskSpec
 
 
 def system_text(task: TaskSpec) -> str:
     """The instruction, plus the schema for extraction: what teacher and student are both told."""
     s = task.instruction.strip()
-    if task.kind == "extract" and task.schema_:
+    if kind_of(task).json and task.schema_:
         s += ("\nReply with one JSON object that follows this JSON schema, and nothing else:\n"
               + json.dumps(task.schema_, ensure_ascii=False))
     return s
@@ -33,7 +34,7 @@ def teacher_messages(task: TaskSpec, text: str) -> list[dict]:
 def system_prompt(task: TaskSpec) -> str:
     """The system turn a model answers the task under: the instruction plus the label list (classify) or
     the JSON schema (extract)."""
-    if task.kind != "classify":
+    if not kind_of(task).labelled:
         return system_text(task)
     return f"{task.instruction.strip()}\nAnswer with exactly one of: {', '.join(task.labels)}."
 

@@ -17,10 +17,10 @@ examples (:func:`system_text`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 
+from protege.kinds import KINDS, kind_of
 from protege.task import TaskSpec
 from protege.teachers.base import Answer, Teacher
 from protege.teachers.prompts import preclip, teacher_messages, truncate_words
@@ -45,7 +45,7 @@ class TextTeacher:
         return tok.decode(ids[: self.cfg.max_input_tokens]) if len(ids) > self.cfg.max_input_tokens else text.strip()
 
     def request(self, text: str, sample: int = 0) -> dict:
-        if self.task.kind == "extract" and hasattr(self.inner, "extract_request"):
+        if kind_of(self.task).json and hasattr(self.inner, "extract_request"):
             return self.inner.extract_request(text, self.task.schema_, sample)
         return self.inner.generation_request(teacher_messages(self.task, self._clip(text)), sample)
 
@@ -99,13 +99,7 @@ def summarise_text(answers: list[Answer], kind: str) -> dict:
                 "confidence": 0.0, "soft": "none"}
 
     def key(a: Answer) -> str:
-        if kind == "extract":
-            from protege.schema import parse_json_object
-
-            obj = parse_json_object(_output(a))
-            if obj is not None:
-                return json.dumps(obj, sort_keys=True)
-        return " ".join(_output(a).split())
+        return KINDS[kind].answer_key(_output(a))
 
     votes = Counter(key(a) for a in ok)
     top, n_top = votes.most_common(1)[0]
@@ -126,19 +120,3 @@ def best_topk(answers: list[Answer], output: str | None) -> dict | None:
         if a.status == "ok" and _output(a) == output and (a.extra or {}).get("topk"):
             return a.extra["topk"]
     return None
-
-
-def same_answer(kind: str, a: str | None, b: str | None) -> bool:
-    """Do two answers say the same thing? extract: the same fields and values; generate: the same text
-    (whitespace aside)."""
-    if a is None or b is None:
-        return False
-    if kind == "extract":
-        from protege.metrics import flatten_fields
-        from protege.schema import parse_json_object
-
-        pa, pb = parse_json_object(a), parse_json_object(b)
-        if pa is None or pb is None:
-            return False
-        return flatten_fields(pa) == flatten_fields(pb)
-    return " ".join(a.split()) == " ".join(b.split())

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from protege.kinds import kind_of
 from protege.registry import capabilities
 from protege.artifacts import fingerprint, stage_writer
 from protege.costs import compute_usd_per_call
@@ -110,7 +111,7 @@ def _labels_of(answers: list[list[Answer]], labels: list[str], calib, sample: in
 
 def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | None = None) -> dict:
     """Run the weekend experiment on ``n`` gold items; write ``<out>/baseline``; return baseline.json."""
-    if task.kind != "classify":
+    if not kind_of(task).labelled:
         raise TaskError(f"protege baseline compares label answers, so it covers classify tasks; this task is kind: "
                         f"{task.kind}. For a first read on it, run `protege run` with a small data.limit: the report "
                         f"scores teacher and student against gold with CIs, and its cost section gives break-even")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from protege import metrics as M
+from protege.kinds import kind_of
 from protege.artifacts import fingerprint
 from protege.stages.evaluate.common import (
     cost_block,
@@ -68,14 +69,13 @@ def time_student(student, texts: list[str], n_single: int = 200, repeats: int = 
 def quality(task: TaskSpec, gold: list[str], t_pred: list, s_pred: list, s_proba: np.ndarray | None,
             t_probs: list | None) -> dict:
     """Everything about quality: metrics by kind, paired test, fidelity, calibration, cascade."""
-    kind, labels = task.kind, task.labels
-    schema = getattr(task, "schema_", None) or getattr(task, "json_schema", None)
-    t_items, t_m = M.score_items(kind, gold, t_pred, labels=labels, schema=schema)
-    s_items, s_m = M.score_items(kind, gold, s_pred, labels=labels, schema=schema)
-    binary = kind == "classify"
+    kind, labels = kind_of(task), task.labels
+    t_items, t_m = kind.score(gold, t_pred, labels=labels)
+    s_items, s_m = kind.score(gold, s_pred, labels=labels)
+    binary = True  # right / wrong items: McNemar
     agree = np.array([a == b for a, b in zip(s_pred, t_pred)], dtype=float)
     fidelity: dict = {"agreement": float(agree.mean()), "agreement_ci": list(M.bootstrap_ci(agree))}
-    if kind == "classify" and s_proba is not None and t_probs is not None:
+    if s_proba is not None and t_probs is not None:
         have = [i for i, p in enumerate(t_probs) if p is not None]
         if have:
             fidelity.update(M.divergences(np.array([t_probs[i] for i in have]), s_proba[have]))
@@ -95,7 +95,7 @@ def quality(task: TaskSpec, gold: list[str], t_pred: list, s_pred: list, s_proba
         q["cascade"] = {"threshold": pick["threshold"], "target": CASCADE_TARGET, "coverage": pick["coverage"],
                         "quality": pick["cascade"], "quality_ci": list(M.bootstrap_ci(system)),
                         "student_quality_on_covered": pick["selective"], "teacher_quality": pick["teacher_quality"],
-                        "needed": pick["needed"], "metric": M.PRIMARY[kind], "confidence": "student max probability",
+                        "needed": pick["needed"], "metric": kind.metric, "confidence": "student max probability",
                         "selected_on": f"{len(gold)} gold items (re-check on shadow traffic)",
                         "curve": M.thin_curve(curve)}
     return q
@@ -145,7 +145,7 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
     q = quality(task, gold, t_pred, s_pred, s_proba, t_probs)
     t_items, s_items = q.pop("t_items"), q.pop("s_items")
     q.pop("agree")
-    primary = M.PRIMARY[task.kind]
+    primary = kind_of(task).metric
     t_score, s_score = float(t_items.mean()), float(s_items.mean())
 
     st = time_student(student, texts)

@@ -70,12 +70,12 @@ def pairwise_judge(judge, ledger, instruction: str, texts: Sequence[str], output
     to the first position (order bias), the call / cache / $ counts, and per-item verdicts.
     """
     from protege.stages.generate import label_with_ledger
-    from protege.teachers.textgen import same_answer
+    from protege.kinds import KINDS
 
     n = len(texts)
     refs = list(references) if references is not None else [None] * n
     # the same answer twice (whitespace aside) is a tie by definition: no judge call is paid for it
-    same = [same_answer("generate", str(a), str(b)) for a, b in zip(outputs_a, outputs_b)]
+    same = [KINDS["generate"].same_answer(str(a), str(b)) for a, b in zip(outputs_a, outputs_b)]
     ask = [i for i in range(n) if not same[i]]
     ab = [judge_prompt(instruction, texts[i], outputs_a[i], outputs_b[i], refs[i]) for i in ask]
     ba = [judge_prompt(instruction, texts[i], outputs_b[i], outputs_a[i], refs[i]) for i in ask]

@@ -1,7 +1,7 @@
 """Stage 5 for extract / generate tasks: teacher and student answer the same held-out gold inputs.
 
 The teacher's answers were produced in the generate stage through the ledger (stage ``gold``); the
-student answers here. Both are scored against gold by :func:`protege.metrics.score_items` — extract:
+student answers here. Both are scored against gold by :meth:`protege.kinds.Kind.score` — extract:
 per-item field F1 (primary), JSON validity, exact match; generate: per-item ROUGE-L (primary) and chrF —
 with bootstrap CIs on the same resamples and a paired bootstrap test. Latency is single-item greedy
 generation for both (the teacher's timed in the generate stage for a local model, or per-call wall time
@@ -34,7 +34,7 @@ from protege.stages.evaluate.common import (
 from protege.stages.keys import EVALUATE
 from protege.task import TaskSpec
 from protege.teachers.ledger import Ledger
-from protege.teachers.textgen import same_answer
+from protege.kinds import Kind, kind_of
 
 
 def time_text_student(student, texts: list[str], n_single: int) -> dict:
@@ -46,14 +46,14 @@ def time_text_student(student, texts: list[str], n_single: int) -> dict:
     return M.latency_summary(time_each(texts, lambda t: student.generate([t], batch_size=1)))
 
 
-def _fidelity(kind: str, t_out: list, s_out: list) -> dict:
-    agree = np.array([same_answer(kind, s, t) for s, t in zip(s_out, t_out)], dtype=float)
+def _fidelity(kind: Kind, t_out: list, s_out: list) -> dict:
+    agree = np.array([kind.same_answer(s, t) for s, t in zip(s_out, t_out)], dtype=float)
     f = {"agreement": float(agree.mean()), "agreement_ci": list(M.bootstrap_ci(agree)),
-         "agreement_rule": "same fields and values" if kind == "extract" else "same text (whitespace aside)"}
+         "agreement_rule": "same fields and values" if kind.json else "same text (whitespace aside)"}
     # how close the student is to its teacher, scored like gold (teacher answer as the reference)
-    items, _ = M.score_items(kind, [t or "" for t in t_out], s_out)
-    f[f"{M.PRIMARY[kind]}_vs_teacher"] = float(items.mean())
-    f[f"{M.PRIMARY[kind]}_vs_teacher_ci"] = list(M.bootstrap_ci(items))
+    items, _ = kind.score([t or "" for t in t_out], s_out)
+    f[f"{kind.metric}_vs_teacher"] = float(items.mean())
+    f[f"{kind.metric}_vs_teacher_ci"] = list(M.bootstrap_ci(items))
     return f
 
 
@@ -104,7 +104,7 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
 
     out = Path(out)
     train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
-    kind, schema = task.kind, task.schema_
+    kind, schema = kind_of(task), task.schema_
     texts, gold = [g["text"] for g in gold_rows], [g["label"] for g in gold_rows]
     t_out = [r.get("output") if r.get("status") == "ok" else None for r in trows]
 
@@ -112,9 +112,9 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     s_gen = student.generate(texts, batch_size=max(1, task.student.batch_size), description="student: gold inputs")
     batched_s = (time.perf_counter() - t0) / max(1, len(texts))
     s_out = [d["text"] for d in s_gen]
-    t_items, t_m = M.score_items(kind, gold, [t or "" for t in t_out], schema=schema)
-    s_items, s_m = M.score_items(kind, gold, s_out, schema=schema)
-    primary = M.PRIMARY[kind]
+    t_items, t_m = kind.score(gold, [t or "" for t in t_out], schema=schema)
+    s_items, s_m = kind.score(gold, s_out, schema=schema)
+    primary = kind.metric
     t_score, s_score = float(t_items.mean()), float(s_items.mean())
 
     st = {**time_text_student(student, texts, task.evaluate.n_single), "batched_ms_per_item": batched_s * 1000,
@@ -130,20 +130,20 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     speedup = t_ms / s_ms if (t_ms and s_ms) else None
     tb = tt.get("batched_ms_per_item")
     report = {
-        "task": task.name, "kind": kind, "metric": primary, "n_eval": len(gold),
+        "task": task.name, "kind": task.kind, "metric": primary, "n_eval": len(gold),
         "teacher": {"name": gen_stats["teacher"], "score": t_score, "score_ci": t_m[f"{primary}_ci"],
                     "ms_per_item": t_ms, "ms_per_item_p95": tt["p95_ms"], "ms_per_item_batched": tb,
                     "items_per_s_batched": tt["items_per_s_batched"], "usd_per_1k": cost["teacher_usd_per_1k"],
                     "usd_per_month": cost["teacher_usd_per_month"], "timing_source": tt["source"],
                     "failed_answers": int(sum(t is None for t in t_out)),
-                    **({"json_validity": t_m["json_validity"]} if kind == "extract" else {})},
+                    **({"json_validity": t_m["json_validity"]} if kind.json else {})},
         "student": {"name": student_name(student, task), "score": s_score, "score_ci": s_m[f"{primary}_ci"],
                     "agreement": None, "ms_per_item": s_ms, "ms_per_item_p95": st["p95_ms"],
                     "ms_per_item_batched": st["batched_ms_per_item"], "items_per_s_batched": st["items_per_s_batched"],
                     "usd_per_1k": cost["student_usd_per_1k"], "usd_per_month": cost["student_usd_per_month"],
                     "params": student.n_params,
                     "n_train": train_stats["n_train"],
-                    **({"json_validity": s_m["json_validity"]} if kind == "extract" else {})},
+                    **({"json_validity": s_m["json_validity"]} if kind.json else {})},
         "retained": retained, "retained_ci": retained_ci, "speedup": speedup,
         "speedup_batched": (tb / st["batched_ms_per_item"]) if (tb and st["batched_ms_per_item"]) else None,
         "metrics": {"teacher": t_m, "student": s_m},
@@ -163,7 +163,7 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
     notes = null_notes(report)
     if notes:
         report["notes"] = notes
-    if task.evaluate.judge and kind == "generate":
+    if task.evaluate.judge and kind.judged:
         report["judge"] = run_judge(task, out, texts, t_out, s_out, gold)
     report["verdict"] = text_verdict(report)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),

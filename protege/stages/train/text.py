@@ -10,7 +10,7 @@ import numpy as np
 from protege.stages.train.common import sources, text_dev_split, weights_by_source
 from protege.stages.train.neural import fit_text_student
 from protege.task import TaskSpec
-from protege.teachers.textgen import same_answer
+from protege.kinds import kind_of
 
 
 def train_text(task: TaskSpec, out: Path, rows: list[dict]) -> tuple[object, dict]:
@@ -36,7 +36,7 @@ def train_text(task: TaskSpec, out: Path, rows: list[dict]) -> tuple[object, dic
     dev_agreement = None
     if dv:
         pred = student.predict([rows[i]["text"] for i in dv])
-        dev_agreement = float(np.mean([same_answer(task.kind, p, rows[i]["output"]) for p, i in zip(pred, dv)]))
+        dev_agreement = float(np.mean([kind_of(task).same_answer(p, rows[i]["output"]) for p, i in zip(pred, dv)]))
     stats = {"n_train": len(tr), "n_dev": len(dv), "dev_agreement_with_teacher": dev_agreement,
              "train_seconds": seconds, "params": student.n_params, "kd": kd,
              "with_topk": int(sum(topk[i] is not None for i in tr)), "dropped_rows": getattr(student, "data_stats", None),
