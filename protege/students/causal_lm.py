@@ -231,6 +231,32 @@ def qlora_problem() -> str | None:
     return None
 
 
+def plain_float(model):
+    """Unmark a model loaded from a GGUF file as quantized; returns it.
+
+    transformers de-quantizes GGUF weights into ordinary float tensors on load but keeps the model marked
+    as quantized (``hf_quantizer``, ``is_quantized``, ``config.quantization_config``), and the Trainer
+    then refuses it ("cannot perform fine-tuning on purely quantized models"; with LoRA "quantized with
+    QuantizationMethod.GGUF but that quantization method do not support training"). The weights are
+    plain floats: drop the marks, as transformers itself does for ``dequantize=True`` configs.
+    """
+    from transformers.modeling_utils import PreTrainedModel
+
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None:
+        q.remove_quantization_config(model)
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            for obj, attr in ((m, "hf_quantizer"), (m, "quantization_method"), (m.config, "quantization_config")):
+                if attr in vars(obj):
+                    delattr(obj, attr)
+            if getattr(m, "is_quantized", False):
+                m.is_quantized = False
+            if getattr(m.config, "_is_quantized", False):
+                m.config._is_quantized = False
+    return model
+
+
 class CausalLMStudent:
     """``fit / predict / save_pretrained / from_pretrained`` for a chat model answering one task."""
 
@@ -267,6 +293,8 @@ class CausalLMStudent:
         tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **tok_kw)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **kw)
+        if gguf_file:  # de-quantized on load: train it as the float model it now is
+            model = plain_float(model)
         return cls(model, tok, system_prompt, max_new_tokens, base={"ref": ref, "gguf_file": gguf_file, "qlora": qlora})
 
     @classmethod
