@@ -207,7 +207,35 @@ def parse_task(raw: Any, file: str = "<task>", root: Path | None = None) -> Task
     except ValidationError as e:
         raise TaskError(_format_pydantic(e, file)) from None
     spec.root = root or Path(".")
+    _check_student_source(spec, file)
     return spec
+
+
+def _check_student_source(spec: TaskSpec, file: str) -> None:
+    """Where a causal-LM / GGUF student's weights come from: checked at load, before any teacher is paid."""
+    s, t = spec.student, spec.teacher
+    if s.gguf_file and s.kind != "causal_lm":
+        raise TaskError(f"{file}: key 'student.gguf_file' is for student.kind: causal_lm (got {s.kind!r}); remove it")
+    if s.kind != "causal_lm":
+        return
+    if s.init_from_teacher:  # the teacher's own weights (checked by TaskSpec._student_rules)
+        return
+    ref, gguf = (s.model, s.gguf_file) if s.model else (t.model, s.gguf_file or t.gguf_file)
+    if not gguf:
+        return
+    if s.lora is not None and s.lora.qlora:
+        raise TaskError(f"{file}: key 'student.lora.qlora': a GGUF student is de-quantized to float weights on load and "
+                        f"cannot be re-quantized to 4-bit; set qlora: false (plain LoRA trains on the float weights)")
+    if importlib.util.find_spec("gguf") is None:
+        raise TaskError(f"{file}: key 'student.gguf_file': reading GGUF weights needs the gguf package (pip install gguf)")
+    try:
+        folder = Path(resolve_model_path(ref))
+    except TaskError as e:
+        raise TaskError(f"{file}: key 'student.model': {e}") from None
+    if not (folder / gguf).is_file():
+        have = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
+        raise TaskError(f"{file}: key 'student.gguf_file': {gguf!r} not found in {folder}"
+                        + (f" (it holds {', '.join(have)})" if have else "") + "; fix the file name or student.model")
 
 
 MAX_YAML_VALUES = 100_000  # values a task file may hold once its aliases are expanded

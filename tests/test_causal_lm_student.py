@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from protege.students.kd_trainer import TokenKDCollator, token_kd_loss
-from protege.students.causal_lm import (CausalLMStudent, TokenizerMismatch, decode, encode_example,
-                                        init_from_teacher, render, topk_from_openai, vocab_map)
+from protege.students.causal_lm import CausalLMStudent
+from protege.students.lm_weights import init_from_teacher
+from protege.students.lm_tokens import TokenizerMismatch, decode, encode_example, render, topk_from_openai, vocab_map
 from protege.task import TaskError
 from tiny import smollm2_tokenizer, tiny_llama
 
@@ -56,7 +57,7 @@ def test_init_from_teacher_keeps_every_other_layer_and_shares_the_rest(tok):
 
 
 def test_kept_layers_interleaved_and_middle_block():
-    from protege.students.causal_lm import kept_layers
+    from protege.students.lm_weights import kept_layers
 
     assert kept_layers(30, 2) == list(range(0, 30, 2))
     assert kept_layers(30, 2, "middle") == list(range(8)) + list(range(23, 30))

@@ -212,7 +212,8 @@ def tiny_spm_chat_lm(folder: Path):
 def test_gguf_and_ollama_export_load_back_and_answer_the_same(tmp_path):
     pytest.importorskip("sentencepiece", reason="llama.cpp's converter needs sentencepiece (pip install sentencepiece)")
     from protege.export.gguf import ConverterUnavailable, converter_dir, render_modelfile_template
-    from protege.students.causal_lm import CausalLMStudent, render
+    from protege.students.causal_lm import CausalLMStudent
+    from protege.students.lm_tokens import render
 
     try:
         converter_dir()

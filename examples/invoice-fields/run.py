@@ -42,7 +42,8 @@ from make_data import FIELDS, N_TRAIN, make  # noqa: E402
 from protege.artifacts import fingerprint  # noqa: E402
 from protege.metrics import bootstrap_ci, paired_ratio_ci  # noqa: E402
 from protege.progress import bar  # noqa: E402
-from protege.students.causal_lm import CausalLMStudent, decode, render  # noqa: E402
+from protege.students.causal_lm import CausalLMStudent  # noqa: E402
+from protege.students.lm_tokens import decode, render
 from protege.teachers.hf import load_causal_lm  # noqa: E402
 
 SYSTEM = ("Extract four fields from the invoice as one line of JSON: vendor (the seller's name), invoice_number, "

@@ -138,7 +138,8 @@ def verify(hf_dir: Path, gguf_path: Path, texts: Sequence[str], max_new_tokens: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from protege.students.causal_lm import CausalLMStudent, render
+    from protege.students.causal_lm import CausalLMStudent
+    from protege.students.lm_tokens import render
 
     hf = CausalLMStudent.from_pretrained(hf_dir)
     folder, name = str(Path(gguf_path).parent), Path(gguf_path).name

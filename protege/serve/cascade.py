@@ -151,26 +151,32 @@ class Engine:
         return float(self.s.default_threshold), "serve.default_threshold"
 
     def _reference(self) -> Reference | None:
-        """Student confidences (+ embedding centroid) on the training inputs, cached per student version."""
-        if self.predictor is None or self.run is None or not (self.run / "curate" / "train.jsonl").is_file():
+        """Student confidences (+ embedding centroid) on held-out inputs, cached per student version.
+
+        The gold inputs: the student never trained on them, so in-distribution traffic looks like them (its
+        own training inputs would not: it is more confident there, and every PSI would read as drift).
+        """
+        if self.predictor is None or self.run is None:
             return None
         agreement = ((self.report or {}).get("student") or {}).get("agreement")
         sp = self.student_path
         version = max((f.stat().st_mtime_ns for f in sp.iterdir()), default=0) if sp and sp.is_dir() else 0
         path = self.data_dir / "reference.json"
         cached = _read_json(path)
-        if cached and cached.get("student_version") == version:
+        if cached and cached.get("student_version") == version and cached.get("source") == "gold":
             ref = Reference.from_json(cached)
             ref.agreement = agreement
             return ref
-        from protege.data import read_jsonl
+        from protege.data import load_gold, write_json
 
-        rows = read_jsonl(self.run / "curate" / "train.jsonl")
+        try:
+            rows = load_gold(self.task)
+        except (OSError, ValueError) as e:  # TaskError is a ValueError
+            log.warning("no drift reference: the gold inputs could not be read (%s)", e)
+            return None
         n = 32 if self.predictor.is_lm else 1000
         texts = [r["text"] for r in random.Random(0).sample(rows, min(n, len(rows)))]
-        ref = Reference.build(self.predictor, texts, agreement)
-        from protege.data import write_json
-
+        ref = Reference.build(self.predictor, texts, agreement, source="gold")
         write_json(path, {**ref.to_json(), "student_version": version})
         return ref
 

@@ -1,16 +1,19 @@
 """Is the student still the model it was when it was evaluated? Live agreement and input drift.
 
-Three signals, each compared with the same quantity on the training data / evaluation:
+Three signals, each compared with the same quantity on held-out gold inputs / the evaluation:
 
 - **shadow agreement** — on a random sample of student-answered requests the teacher is asked too (in the
   background); the share where both agree, with a Wilson interval, against the agreement ``evaluate``
   measured on gold. The direct measure of what matters, but it costs teacher calls.
-- **confidence PSI** — population stability index between the student's confidence on the training
-  inputs and on recent traffic (10 quantile bins of the reference). Free; rule of thumb: < 0.1 stable,
-  0.1–0.25 moderate shift, > 0.25 a different population.
-- **embedding-centroid distance** — cosine distance between the mean input embedding of the training
+- **confidence PSI** — population stability index between the student's confidence on held-out inputs
+  (the gold set: inputs it never trained on, so they look like the traffic it will see) and on recent
+  traffic (quantile bins of the reference, fewer for a small reference). Free; rule of thumb: < 0.1 stable,
+  0.1–0.25 moderate shift, > 0.25 a different population. A reference of *training* inputs would not do:
+  a student is more confident on what it was fitted on, so ordinary traffic would always look shifted.
+- **embedding-centroid distance** — cosine distance between the mean input embedding of the reference
   inputs and of recent traffic (students that embed their input: the static one). Catches new topics
-  before the confidence moves.
+  before the confidence moves. Each stored snapshot carries its session's running embedding sum, so
+  ``protege drift`` recomputes the distance over the stored traffic window, across gateway sessions.
 
 :func:`assess` turns them into ``ok`` / ``watch`` / ``re-distill`` with the reasons; the gateway's
 ``/metrics`` and ``protege drift`` show the same figures.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +33,12 @@ import numpy as np
 
 MIN_LIVE = 100  # recent requests needed before PSI / centroid distance mean anything
 MIN_SHADOW = 30
+
+
+def psi_bins(n_reference: int) -> int:
+    """Quantile bins for a reference of n values: 10, fewer below 200 values (~20 a bin, at least 4), so the
+    sampling noise of a small gold set (E[PSI] ~ (bins - 1)(1/n + 1/m) for equal populations) stays < 0.1."""
+    return int(max(4, min(10, n_reference // 20)))
 
 
 def psi(reference: Sequence[float], live: Sequence[float], bins: int = 10, eps: float = 1e-4) -> float:
@@ -64,30 +74,34 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 class Reference:
-    """The training-time side of every comparison."""
+    """The side every live figure is compared with: the student on held-out inputs (``source``), and the
+    agreement ``evaluate`` measured."""
 
     def __init__(self, confidences: Sequence[float], centroid: np.ndarray | None = None,
-                 agreement: float | None = None, n_texts: int = 0):
+                 agreement: float | None = None, n_texts: int = 0, source: str | None = None):
         self.confidences = np.asarray(confidences, dtype=float)
         self.centroid = None if centroid is None else np.asarray(centroid, dtype=float)
-        self.agreement, self.n_texts = agreement, n_texts
+        self.agreement, self.n_texts, self.source = agreement, n_texts, source
 
     @classmethod
-    def build(cls, predictor, texts: Sequence[str], agreement: float | None = None) -> "Reference":
+    def build(cls, predictor, texts: Sequence[str], agreement: float | None = None,
+              source: str | None = None) -> "Reference":
+        """The student's confidences and mean embedding on ``texts``: held-out inputs it never trained on."""
         texts = list(texts)
         conf = [p.confidence for p in predictor.predict(texts)] if texts else []
         emb = predictor.embed(texts) if texts else None
-        return cls(conf, unit_mean(emb) if emb is not None and len(emb) else None, agreement, len(texts))
+        return cls(conf, unit_mean(emb) if emb is not None and len(emb) else None, agreement, len(texts), source)
 
     def to_json(self) -> dict:
         return {"confidences": [round(float(x), 6) for x in self.confidences],
                 "centroid": None if self.centroid is None else [float(x) for x in self.centroid],
-                "agreement": self.agreement, "n_texts": self.n_texts}
+                "agreement": self.agreement, "n_texts": self.n_texts, "source": self.source}
 
     @classmethod
     def from_json(cls, d: dict) -> "Reference":
         c = d.get("centroid")
-        return cls(d.get("confidences") or [], None if c is None else np.array(c), d.get("agreement"), d.get("n_texts", 0))
+        return cls(d.get("confidences") or [], None if c is None else np.array(c), d.get("agreement"),
+                   d.get("n_texts", 0), d.get("source"))
 
     def save(self, path: Path) -> None:
         from protege.data import write_json
@@ -112,7 +126,7 @@ def snapshot(ref: Reference | None, confidences: Sequence[float], shadow: Sequen
            "reference_agreement": None if ref is None else ref.agreement,
            "reference_mean_confidence": None if ref is None or not len(ref.confidences) else float(ref.confidences.mean())}
     if ref is not None and len(ref.confidences) and len(conf):
-        out["psi"] = psi(ref.confidences, conf)
+        out["psi"] = psi(ref.confidences, conf, bins=psi_bins(len(ref.confidences)))
     return out
 
 
@@ -168,13 +182,19 @@ class DriftMonitor:
         self.emb: deque = deque(maxlen=window)
         self.shadow: deque = deque(maxlen=window)
         self.lock = threading.Lock()
+        # running sum of every embedding this session observed: stored with each snapshot, so the distance
+        # over any window of stored traffic can be recomputed later (see window_centroid_distance)
+        self.session, self.emb_sum, self.emb_n = uuid.uuid4().hex[:12], None, 0
 
     def observe(self, confidence: float | None, embedding: np.ndarray | None = None) -> None:
         with self.lock:
             if confidence is not None:
                 self.conf.append(float(confidence))
             if embedding is not None:
-                self.emb.append(np.asarray(embedding, dtype=np.float32))
+                e = np.asarray(embedding, dtype=np.float32)
+                self.emb.append(e)
+                self.emb_sum = e.astype(np.float64) if self.emb_sum is None else self.emb_sum + e
+                self.emb_n += 1
 
     def observe_shadow(self, agree: bool) -> None:
         with self.lock:
@@ -190,14 +210,47 @@ class DriftMonitor:
     def snapshot(self) -> dict:
         with self.lock:
             conf, shadow = list(self.conf), list(self.shadow)
-        return snapshot(self.ref, conf, shadow, self.centroid_distance())
+            emb = None if self.emb_sum is None else {"session": self.session, "n": self.emb_n,
+                                                     "sum": [float(x) for x in self.emb_sum]}
+        out = snapshot(self.ref, conf, shadow, self.centroid_distance())
+        out["embedding_sum"] = emb
+        return out
+
+
+def window_centroid(snapshots: Sequence[dict], window: int) -> tuple[np.ndarray | None, int]:
+    """(unit mean embedding, n) of about the last ``window`` requests, from stored snapshots (oldest first).
+
+    Each snapshot holds its session's running ``embedding_sum``; the difference between two snapshots of one
+    session is the traffic between them, and a session's first snapshot covers everything before it. Whole
+    steps (up to 100 requests between snapshots) are taken, newest first, until the window is covered.
+    """
+    steps, last = [], {}  # last: session -> (n, sum) of its latest snapshot so far
+    for snap in snapshots:
+        e = snap.get("embedding_sum")
+        if not e:
+            continue
+        cur = np.asarray(e["sum"], dtype=np.float64)
+        n0, s0 = last.get(e["session"], (0, 0.0))
+        if e["n"] > n0:
+            steps.append((e["n"] - n0, cur - s0))
+        last[e["session"]] = (e["n"], cur)
+    total, n = None, 0
+    for k, v in reversed(steps):
+        total, n = (v if total is None else total + v), n + k
+        if n >= window:
+            break
+    return (None if total is None else unit_mean(total[None, :] / n)), n
 
 
 def drift_report(store, ref: Reference | None, *, window: int = 1000, **thresholds) -> dict:
-    """``protege drift``: the figures recomputed from the traffic store (the centroid from the last snapshot)."""
+    """``protege drift``: the figures recomputed from the traffic store's last ``window`` requests."""
     last = store.latest_drift()
-    snap = snapshot(ref, store.recent_confidences(window), store.recent_shadow(window),
-                    None if last is None else last.get("centroid_distance"))
+    dist = None
+    if ref is not None and ref.centroid is not None:
+        rows = store.query("SELECT snapshot FROM drift ORDER BY id DESC LIMIT ?", (window // 10 + 100,))
+        live, _ = window_centroid([json.loads(r[0]) for r in rows[::-1]], window)
+        dist = None if live is None else cosine_distance(ref.centroid, live)
+    snap = snapshot(ref, store.recent_confidences(window), store.recent_shadow(window), dist)
     snap["counts"] = store.counts()
     snap["last_snapshot_ts"] = None if last is None else last["ts"]
     return {**snap, **assess(snap, **thresholds)}

@@ -66,7 +66,7 @@ class LMPredictor:
                          if isinstance(i, int) and i != self.tok.unk_token_id}
 
     def prompt_ids(self, text: str) -> list[int]:
-        from protege.students.causal_lm import render
+        from protege.students.lm_tokens import render
 
         return self.tok(render(self.tok, self.student.messages(text)), add_special_tokens=False).input_ids
 

@@ -24,211 +24,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
+from protege.students.lm_tokens import (TokenizerMismatch, decode, encode_example, render,
+                                         topk_from_openai, vocab_map)
+from protege.students.lm_weights import init_from_teacher, plain_float, qlora_problem
 from protege.task import TaskError, resolve_model_path
-
-
-class TokenizerMismatch(ValueError):
-    """Teacher and student tokenizers disagree and no token mapping exists: token-level KD is impossible."""
-
-
-# -- tokenizers ----------------------------------------------------------------------------------
-
-def vocab_map(student_tok, teacher_tok):
-    """``None`` when both tokenizers share one vocabulary; else a LongTensor ``[V_student]`` of teacher ids.
-
-    The mapping exists when every student token string is also a teacher token (a teacher with extra
-    added tokens, a re-ordered vocabulary); the teacher's logits are then read in the student's order.
-    """
-    import torch
-
-    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s == t:
-        return None
-    missing = [tok for tok in s if tok not in t]
-    if missing:
-        raise TokenizerMismatch(
-            f"token-level KD needs the teacher's tokens to mean the same to the student, but {len(missing)} of the "
-            f"student's {len(s)} tokens are not in the teacher's vocabulary (e.g. {missing[:3]}) and no mapping "
-            f"exists. Use a student from the teacher's family (student.init_from_teacher: true), or train with "
-            f"student.kd: none (SFT on the teacher's outputs only).")
-    inv = {i: tok for tok, i in s.items()}
-    return torch.tensor([t[inv[i]] for i in range(len(s))], dtype=torch.long)
-
-
-def render(tok, messages: list[dict], completion: str | None = None) -> str:
-    """Chat-template text of ``messages`` (+ the assistant ``completion``); a plain layout for base models."""
-    if tok.chat_template:
-        if completion is None:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
-    text = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant") + "\n\nAnswer:"
-    return text if completion is None else f"{text} {completion}{tok.eos_token or ''}"
-
-
-def encode_example(tok, messages: list[dict], completion: str) -> tuple[list[int], list[int]]:
-    """(input_ids, completion_mask) the way TRL's SFTTrainer builds them for prompt-completion data.
-
-    The completion starts where the tokenised prompt and prompt + completion first differ, so template
-    tokens after the answer (end-of-turn) are trained too: the student learns to stop.
-    """
-    p = tok(render(tok, messages), add_special_tokens=False).input_ids
-    f = tok(render(tok, messages, completion), add_special_tokens=False).input_ids
-    n = 0
-    while n < min(len(p), len(f)) and p[n] == f[n]:
-        n += 1
-    return f, [0] * n + [1] * (len(f) - n)
-
-
-def topk_from_openai(tok, content: list[dict]) -> dict | None:
-    """OpenAI ``logprobs.content`` (token strings + ``top_logprobs``) → student token ids, or None.
-
-    A candidate whose string is not exactly one student token is dropped (its mass falls into the
-    rest bucket of ``topk_kl``); a *chosen* token that is not one student token means the sequences
-    cannot be aligned, and the item gets no KD (None).
-    """
-    def one_id(s: str):
-        ids = tok(s, add_special_tokens=False).input_ids
-        return ids[0] if len(ids) == 1 else None
-
-    token_ids, ids, lps = [], [], []
-    for step in content:
-        chosen = one_id(step["token"])
-        if chosen is None:
-            return None
-        token_ids.append(chosen)
-        row: dict[int, float] = {}
-        for c in step.get("top_logprobs") or [{"token": step["token"], "logprob": step["logprob"]}]:
-            i = one_id(c["token"])
-            if i is not None and i not in row:
-                row[i] = float(c["logprob"])
-        ids.append(list(row))
-        lps.append(list(row.values()))
-    return {"token_ids": token_ids, "ids": ids, "logprobs": lps}
-
-
-# -- layer dropping ------------------------------------------------------------------------------
-
-_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|layer|h|blocks))\.(?P<i>\d+)\.(?P<rest>.+)$")
-
-
-def kept_layers(n: int, keep_every: float = 2, drop: str = "interleaved") -> list[int]:
-    """Which of ``n`` teacher layers a student keeps: ``ceil(n / keep_every)`` of them (1.5: 20 of 30).
-
-    ``interleaved``: ``0, k, 2k, ...`` (DistilBERT). ``middle``: the first and last layers, dropping one
-    contiguous block from the middle — deep models tolerate losing a middle block far better than losing
-    every other layer (Gromov et al. 2024; Men et al. 2024, "ShortGPT"). Measured on SmolLM2-135M (30
-    layers) answering invoice prompts, cross-entropy of the teacher's own answers before any training:
-    teacher 0.31; 15 layers interleaved 12.96, middle dropped 8.16; 20 layers middle dropped 4.69.
-    """
-    m = min(n, max(1, math.ceil(n / keep_every)))
-    if drop == "interleaved":
-        return sorted({min(n - 1, round(i * keep_every)) for i in range(m)})
-    if drop == "middle":
-        head = -(-m // 2)
-        return list(range(head)) + list(range(n - (m - head), n))
-    raise ValueError(f"drop must be 'interleaved' or 'middle', got {drop!r}")
-
-
-def init_from_teacher(teacher, keep_every: float = 2, keep: Sequence[int] | None = None, drop: str = "interleaved"):
-    """A shallower copy of ``teacher``: the layers :func:`kept_layers` picks (or ``keep``), the rest shared.
-
-    DistilBERT's initialisation (Sanh et al. 2019): a student that starts as "every other layer of the
-    teacher" keeps its embeddings, output head and part of its function, and recovers with far less
-    training than a random init. Works for any HF model whose blocks live in ``*.layers.N`` /
-    ``*.layer.N`` / ``*.h.N`` / ``*.blocks.N`` and whose config has ``num_hidden_layers``.
-    """
-    cfg = copy.deepcopy(teacher.config)
-    n = cfg.num_hidden_layers
-    keep = kept_layers(n, keep_every, drop) if keep is None else sorted(set(int(i) for i in keep))
-    if not keep or keep[0] < 0 or keep[-1] >= n:
-        raise ValueError(f"layers to keep {keep} must lie in 0..{n - 1}")
-    cfg.num_hidden_layers = len(keep)
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    pos = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for k, v in teacher.state_dict().items():
-        m = _LAYER.match(k)
-        if m is None:
-            state[k] = v
-        elif int(m["i"]) in pos:
-            state[f"{m['pre']}.{pos[int(m['i'])]}.{m['rest']}"] = v
-    student = type(teacher)(cfg)
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"layer-dropped copy of {type(teacher).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (unsupported layer naming?)")
-    student = student.to(next(teacher.parameters()).dtype)
-    student.generation_config = copy.deepcopy(teacher.generation_config)
-    student.config.protege_kept_layers = keep
-    return student.eval()
-
-
-# -- decoding ------------------------------------------------------------------------------------
-
-def decode(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64, top_k: int = 0, batch_size: int = 8,
-           description: str | None = None) -> list[dict]:
-    """Greedy decoding of rendered ``prompts``: ``{"text", "token_ids", "ids", "logprobs", "seconds"}`` each.
-
-    With ``top_k`` the k most likely next tokens and their log-probs (``log_softmax`` of the raw logits,
-    T = 1) are kept for every generated token, end-of-turn included: the stored form of a teacher's
-    soft outputs that ``kd="topk"`` trains on.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    from protege.progress import bar
-
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                               output_logits=bool(top_k), return_dict_in_generate=True)
-    dev = next(model.parameters()).device
-    out: list[dict] = []
-    model.eval()
-    with bar(description or "decode", len(prompts) if description else 0) as advance, torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            enc = [tok(p, add_special_tokens=False).input_ids for p in prompts[i : i + batch_size]]
-            L = max(len(e) for e in enc)
-            ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc], device=dev)
-            att = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
-            t0 = time.perf_counter()
-            g = model.generate(input_ids=ids, attention_mask=att, generation_config=gen_cfg)
-            dt = (time.perf_counter() - t0) / len(enc)
-            new = g.sequences[:, L:].tolist()
-            for b, seq in enumerate(new):
-                n = seq.index(eos) + 1 if eos in seq else len(seq)
-                item = {"text": tok.decode([t for t in seq[:n] if t != eos], skip_special_tokens=True),
-                        "token_ids": seq[:n], "finished": eos in seq[:n], "seconds": dt}
-                if top_k:
-                    lp = torch.log_softmax(torch.stack([s[b] for s in g.logits[:n]]).float(), -1)
-                    v, j = lp.topk(top_k, dim=-1)
-                    item.update(ids=j.tolist(), logprobs=v.tolist())
-                out.append(item)
-            advance(len(enc))
-    return out
-
-
-# -- the student ---------------------------------------------------------------------------------
-
-def qlora_problem() -> str | None:
-    """Why QLoRA cannot run here (None when it can)."""
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return "QLoRA needs a CUDA GPU (4-bit bitsandbytes kernels) and this machine has none"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "QLoRA needs bitsandbytes (pip install bitsandbytes)"
-    return None
 
 
 class CausalLMStudent:
@@ -267,6 +70,8 @@ class CausalLMStudent:
         tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **tok_kw)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **kw)
+        if gguf_file:  # de-quantized on load: train it as the float model it now is
+            model = plain_float(model)
         return cls(model, tok, system_prompt, max_new_tokens, base={"ref": ref, "gguf_file": gguf_file, "qlora": qlora})
 
     @classmethod
