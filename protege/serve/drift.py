@@ -63,6 +63,13 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
+def _interp(null: Sequence[tuple], n: int) -> float | None:
+    if not null or n <= 0:
+        return None
+    ms, qs = zip(*null)
+    return float(np.interp(math.log(n), np.log(ms), qs))
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (float("nan"), float("nan"))
@@ -78,10 +85,23 @@ class Reference:
     agreement ``evaluate`` measured."""
 
     def __init__(self, confidences: Sequence[float], centroid: np.ndarray | None = None,
-                 agreement: float | None = None, n_texts: int = 0, source: str | None = None):
+                 agreement: float | None = None, n_texts: int = 0, source: str | None = None,
+                 centroid_null: Sequence[Sequence[float]] | None = None,
+                 psi_null: Sequence[Sequence[float]] | None = None):
         self.confidences = np.asarray(confidences, dtype=float)
         self.centroid = None if centroid is None else np.asarray(centroid, dtype=float)
         self.agreement, self.n_texts, self.source = agreement, n_texts, source
+        self.centroid_null = [tuple(x) for x in (centroid_null or [])]  # (live n, 99th percentile distance)
+        self.psi_null = [tuple(x) for x in (psi_null or [])]  # (live n, 99th percentile PSI)
+
+    def centroid_noise(self, n: int) -> float | None:
+        """The centroid distance that ``n`` in-distribution requests reach by chance (99th percentile), from
+        the reference's own resampling; log-interpolated between the sizes it was measured at."""
+        return _interp(self.centroid_null, n)
+
+    def psi_noise(self, n: int) -> float | None:
+        """The confidence PSI that ``n`` in-distribution requests reach by chance (99th percentile)."""
+        return _interp(self.psi_null, n)
 
     @classmethod
     def build(cls, predictor, texts: Sequence[str], agreement: float | None = None,
@@ -90,18 +110,22 @@ class Reference:
         texts = list(texts)
         conf = [p.confidence for p in predictor.predict(texts)] if texts else []
         emb = predictor.embed(texts) if texts else None
-        return cls(conf, unit_mean(emb) if emb is not None and len(emb) else None, agreement, len(texts), source)
+        have = emb is not None and len(emb) > 1
+        return cls(conf, unit_mean(emb) if have else None, agreement, len(texts), source,
+                   centroid_null(np.asarray(emb)) if have else None, psi_null(np.asarray(conf)) if len(conf) > 1 else None)
 
     def to_json(self) -> dict:
         return {"confidences": [round(float(x), 6) for x in self.confidences],
                 "centroid": None if self.centroid is None else [float(x) for x in self.centroid],
-                "agreement": self.agreement, "n_texts": self.n_texts, "source": self.source}
+                "agreement": self.agreement, "n_texts": self.n_texts, "source": self.source,
+                "centroid_null": [[int(m), round(float(q), 6)] for m, q in self.centroid_null],
+                "psi_null": [[int(m), round(float(q), 6)] for m, q in self.psi_null]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Reference":
         c = d.get("centroid")
         return cls(d.get("confidences") or [], None if c is None else np.array(c), d.get("agreement"),
-                   d.get("n_texts", 0), d.get("source"))
+                   d.get("n_texts", 0), d.get("source"), d.get("centroid_null"), d.get("psi_null"))
 
     def save(self, path: Path) -> None:
         from protege.data import write_json
@@ -114,19 +138,51 @@ class Reference:
         return cls.from_json(json.loads(p.read_text(encoding="utf-8"))) if p.is_file() else None
 
 
+NULL_SIZES = (25, 50, 100, 200, 400, 1000, 4000)
+
+
+def psi_null(conf: np.ndarray, sizes: Sequence[int] = NULL_SIZES, draws: int = 200, seed: int = 0) -> list:
+    """The PSI that in-distribution traffic reaches by chance against this reference: for each live size m,
+    the 99th percentile of PSI between a resampled reference (its own size) and a resampled live window of m.
+    A small gold set has a large chance PSI; the fixed 0.1 / 0.25 rules of thumb assume large samples."""
+    rng = np.random.default_rng(seed)
+    c = np.asarray(conf, dtype=float)
+    n, bins = len(c), psi_bins(len(c))
+    return [(m, float(np.quantile([psi(c[rng.integers(0, n, n)], c[rng.integers(0, n, m)], bins=bins)
+                                   for _ in range(draws)], 0.99))) for m in sizes]
+
+
+def centroid_null(emb: np.ndarray, sizes: Sequence[int] = NULL_SIZES, draws: int = 200, seed: int = 0) -> list:
+    """How far apart the centroids of two in-distribution samples land by chance: for each live size m, the
+    99th percentile of the cosine distance between the unit means of a resampled reference (its own size) and
+    a resampled live window of m, both drawn from the held-out inputs. A student whose embeddings are spread
+    out (or a small reference) has a large chance distance; a fixed threshold alone would cry wolf there."""
+    rng = np.random.default_rng(seed)
+    X = np.asarray(emb, dtype=np.float64)
+    n = len(X)
+    out = []
+    for m in sizes:
+        d = [cosine_distance(X[rng.integers(0, n, n)].mean(0), X[rng.integers(0, n, m)].mean(0)) for _ in range(draws)]
+        out.append((m, float(np.quantile(d, 0.99))))
+    return out
+
+
 def snapshot(ref: Reference | None, confidences: Sequence[float], shadow: Sequence[int],
-             centroid_distance: float | None = None) -> dict:
+             centroid_distance: float | None = None, centroid_n: int | None = None) -> dict:
     """The drift figures for one window of traffic (JSON-able; NaN-free: unknown is None)."""
     conf = np.asarray(confidences, dtype=float)
     k, n = int(np.sum(shadow)), len(shadow)
     lo, hi = wilson(k, n)
     out = {"n": int(len(conf)), "mean_confidence": float(conf.mean()) if len(conf) else None,
            "psi": None, "centroid_distance": centroid_distance, "shadow_n": n,
+           "centroid_noise": None if ref is None or centroid_distance is None else
+           ref.centroid_noise(centroid_n if centroid_n is not None else len(conf)),
            "agreement": k / n if n else None, "agreement_ci": [lo, hi] if n else None,
            "reference_agreement": None if ref is None else ref.agreement,
            "reference_mean_confidence": None if ref is None or not len(ref.confidences) else float(ref.confidences.mean())}
     if ref is not None and len(ref.confidences) and len(conf):
         out["psi"] = psi(ref.confidences, conf, bins=psi_bins(len(ref.confidences)))
+        out["psi_noise"] = ref.psi_noise(len(conf))
     return out
 
 
@@ -135,19 +191,22 @@ def assess(snap: dict, *, psi_alert: float = 0.25, centroid_alert: float = 0.15,
     reasons, watch, act = [], False, False
     enough = snap["n"] >= MIN_LIVE
     if enough and snap.get("psi") is not None:
-        v = snap["psi"]
-        if v > psi_alert:
+        v, noise = snap["psi"], snap.get("psi_noise") or 0.0  # beyond what this window reaches by chance
+        if v > max(psi_alert, noise):
             act = True
-            reasons.append(f"confidence PSI {v:.3f} > {psi_alert}: the student's inputs look unlike its training data")
-        elif v > 0.1:
+            reasons.append(f"confidence PSI {v:.3f} > {max(psi_alert, noise):.3f}: the student's inputs look unlike "
+                           f"its held-out inputs")
+        elif v > max(0.1, noise):
             watch = True
-            reasons.append(f"confidence PSI {v:.3f}: moderate shift (> 0.1)")
+            reasons.append(f"confidence PSI {v:.3f}: moderate shift (> {max(0.1, noise):.3f})")
     if enough and snap.get("centroid_distance") is not None:
-        v = snap["centroid_distance"]
-        if v > centroid_alert:
+        v, noise = snap["centroid_distance"], snap.get("centroid_noise")
+        alert = max(centroid_alert, noise or 0.0)  # beyond what this many in-distribution requests reach by chance
+        if v > alert:
             act = True
-            reasons.append(f"input centroid moved {v:.3f} (cosine) > {centroid_alert}: new kinds of input")
-        elif v > centroid_alert / 2:
+            reasons.append(f"input centroid moved {v:.3f} (cosine) > {alert:.3f}: new kinds of input"
+                           + (f" (chance level for this window: {noise:.3f})" if noise else ""))
+        elif v > centroid_alert / 2 and v > (noise or 0.0):
             watch = True
             reasons.append(f"input centroid moved {v:.3f} (cosine)")
     ref_a, a = snap.get("reference_agreement"), snap.get("agreement")
@@ -212,7 +271,7 @@ class DriftMonitor:
             conf, shadow = list(self.conf), list(self.shadow)
             emb = None if self.emb_sum is None else {"session": self.session, "n": self.emb_n,
                                                      "sum": [float(x) for x in self.emb_sum]}
-        out = snapshot(self.ref, conf, shadow, self.centroid_distance())
+        out = snapshot(self.ref, conf, shadow, self.centroid_distance(), len(self.emb))
         out["embedding_sum"] = emb
         return out
 
@@ -248,9 +307,10 @@ def drift_report(store, ref: Reference | None, *, window: int = 1000, **threshol
     dist = None
     if ref is not None and ref.centroid is not None:
         rows = store.query("SELECT snapshot FROM drift ORDER BY id DESC LIMIT ?", (window // 10 + 100,))
-        live, _ = window_centroid([json.loads(r[0]) for r in rows[::-1]], window)
+        live, n_live = window_centroid([json.loads(r[0]) for r in rows[::-1]], window)
         dist = None if live is None else cosine_distance(ref.centroid, live)
-    snap = snapshot(ref, store.recent_confidences(window), store.recent_shadow(window), dist)
+    snap = snapshot(ref, store.recent_confidences(window), store.recent_shadow(window), dist,
+                    locals().get("n_live"))
     snap["counts"] = store.counts()
     snap["last_snapshot_ts"] = None if last is None else last["ts"]
     return {**snap, **assess(snap, **thresholds)}
