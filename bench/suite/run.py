@@ -231,10 +231,14 @@ def score_row(task: str, budget: int, name: str, pred: Sequence[str], gold: Sequ
             "_ok": ok, **extra}
 
 
+def sample_order(task: SuiteTask, seed: int = 0) -> np.ndarray:
+    """The pool's labelling order: budget b takes the first b (nested samples)."""
+    return np.random.default_rng(seed).permutation(len(task.pool))
+
+
 def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers: list[Maker], seed: int = 0,
              log=print) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(task.pool))
+    order = sample_order(task, seed)
     gx, gy = [g["text"] for g in task.gold], [g["label"] for g in task.gold]
     t_gold, _ = sim.label(gx)
     t_acc = float(np.mean([a == b for a, b in zip(t_gold, gy)]))
@@ -268,13 +272,19 @@ def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers:
     return rows
 
 
-def run_e2e(task: SuiteTask, sim: SimulatedTeacher, budget: int, ref_ok: np.ndarray | None, base_url: str,
+def run_e2e(task: SuiteTask, sim: SimulatedTeacher, sample: list[str], ref_ok: np.ndarray | None, base_url: str,
             out: Path, log=print) -> dict:
-    """``protege run`` on the task, in a subprocess, against the simulated teacher served over HTTP."""
+    """``protege run`` on the task (inputs: ``sample``, the same texts the direct rows were trained on), in a
+    subprocess, against the simulated teacher served over HTTP. The run folder (and its ledger) is removed
+    first: a ledger kept from an earlier run would answer from a differently configured teacher."""
+    import shutil
+
     from protege.data import read_jsonl, text_key
 
+    budget = len(sample)
     folder = out / "e2e" / task.name
-    path = write_task_folder(task, folder / "task", base_url=base_url, n_inputs=min(budget, len(task.pool)))
+    shutil.rmtree(folder, ignore_errors=True)
+    path = write_task_folder(task, folder / "task", base_url=base_url, inputs=sample)
     exe = Path(sys.executable).with_name("protege")
     cmd = [str(exe) if exe.exists() else "protege", "run", str(path), "--out", str(folder / "run"), "--force"]
     t0 = time.perf_counter()
@@ -325,11 +335,12 @@ def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] 
         rows += task_rows
         if e2e == name:
             budget = min(min(budgets), len(task.pool))
+            sample = [task.pool[i]["text"] for i in sample_order(task, seed)[:budget]]
             ref = next((r["_ok"] for r in task_rows if r.get("budget") == budget and r.get("model") == makers[0].name
                         and "_ok" in r), None)
             base_url, stop = serve({name: sim})
             try:
-                e2e_row = run_e2e(task, sim, budget, ref, base_url, out, log=log)
+                e2e_row = run_e2e(task, sim, sample, ref, base_url, out, log=log)
             finally:
                 stop()
             rows.append(e2e_row)
