@@ -296,9 +296,11 @@ def available() -> dict[str, str | None]:
 # -- a task folder for `protege run` -----------------------------------------------------------
 
 def write_task_folder(task: SuiteTask, folder: str | Path, *, base_url: str, n_inputs: int | None = None,
-                      seed: int = 0, api_key_env: str = "SUITE_TEACHER_KEY", extra: dict | None = None) -> Path:
-    """Write ``inputs.jsonl`` (a seeded sample of the pool, text only), ``gold.jsonl`` and ``task.yaml`` whose
-    teacher is the simulated one at ``base_url`` (model = the task name). Returns the task.yaml path.
+                      seed: int = 0, api_key_env: str = "SUITE_TEACHER_KEY", extra: dict | None = None,
+                      inputs: list[str] | None = None) -> Path:
+    """Write ``inputs.jsonl`` (``inputs``, or a seeded sample of the pool of ``n_inputs``; text only),
+    ``gold.jsonl`` and ``task.yaml`` whose teacher is the simulated one at ``base_url`` (model = the task
+    name). Returns the task.yaml path.
 
     ``extra``: top-level task keys merged in (e.g. ``{"student": {...}}``)."""
     import random
@@ -307,10 +309,11 @@ def write_task_folder(task: SuiteTask, folder: str | Path, *, base_url: str, n_i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pool = list(task.pool)
-    random.Random(seed).shuffle(pool)
-    pool = pool[: n_inputs or len(pool)]
-    _write_jsonl(folder / "inputs.jsonl", [{"text": r["text"]} for r in pool])
+    if inputs is None:
+        pool = list(task.pool)
+        random.Random(seed).shuffle(pool)
+        inputs = [r["text"] for r in pool[: n_inputs or len(pool)]]
+    _write_jsonl(folder / "inputs.jsonl", [{"text": t} for t in inputs])
     _write_jsonl(folder / "gold.jsonl", task.gold)
     spec = {"name": task.name, "kind": "classify", "instruction": task.instruction, "labels": task.labels,
             "input_field": "text", "gold_field": "label",
