@@ -293,3 +293,22 @@ def test_sigterm_stops_protege_serve_within_seconds_despite_a_shadow_backlog(tmp
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_big_batch_is_answered_by_the_worker_process_like_the_student(big, world):  # noqa: F811
+    """Over INLINE_CHARS of input, a student served from its folder is run in a worker process (the gateway
+    process keeps its GIL for /healthz); the answers are the student's own."""
+    from protege.serve.gateway import INLINE_CHARS
+
+    texts = [r["text"] + " " + "filler " * 20 for r in synthetic_rows(200, start=3000)]
+    assert sum(map(len, texts)) > INLINE_CHARS
+    r = httpx.post(f"{big.url}/classify", json={"inputs": texts}, headers=H, timeout=120)
+    assert r.status_code == 200, r.text
+    got = [x["label"] for x in r.json()["results"]]
+    want = world["student"].predict(texts)
+    engine = big.app.state.engine
+    assert engine._infer_proc is not None  # the worker process answered
+    assert [x["answered_by"] for x in r.json()["results"]].count("student") + \
+        [x["answered_by"] for x in r.json()["results"]].count("teacher") == len(texts)
+    student_rows = [(g, w) for g, w, x in zip(got, want, r.json()["results"]) if x["answered_by"] == "student"]
+    assert student_rows and all(g == w for g, w in student_rows)

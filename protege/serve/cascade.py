@@ -66,6 +66,7 @@ class GatewayConfig:
     read_timeout_s: float = 30.0  # a request body not fully received this long after its headers: 408
     shadow_queue: int = 256  # shadow checks waiting for the teacher; beyond, new ones are dropped (and counted)
     infer_workers: int = 2  # threads that run big batches off the event loop
+    infer_process: bool = True  # big classify batches in a worker process (a student loaded from a folder)
 
     @property
     def settings(self) -> ServeConfig:
@@ -134,6 +135,7 @@ class Engine:
         self.shadow = BoundedPool(2, cfg.shadow_queue, "protege-shadow", on_drop=self._shadow_dropped)
         self.shadow_pool = self.shadow  # the old name: shutdown(wait=True) still works off the queue
         self.infer_pool = ThreadPoolExecutor(max_workers=cfg.infer_workers, thread_name_prefix="protege-infer")
+        self._infer_proc, self._infer_proc_lock = None, threading.Lock()
         self.rng = random.Random()
         cost = (self.report or {}).get("cost") or {}
         self.teacher_usd_per_call = cost.get("teacher_usd_per_call")
@@ -238,13 +240,33 @@ class Engine:
     def answer(self, text: str, endpoint: str, **lm) -> Outcome:
         return self.answer_many([text], endpoint, **lm)[0]
 
-    def answer_many(self, texts: list[str], endpoint: str, preds: list[Prediction] | None = None, **lm) -> list[Outcome]:
+    @property
+    def infer_proc(self):
+        """The worker process for big classify batches (started on the first one), or None: an LM student, or a
+        predictor object handed in rather than a student folder."""
+        if not (self.cfg.infer_process and self.cfg.predictor is None and self.predictor is not None
+                and not self.predictor.is_lm):
+            return None
+        with self._infer_proc_lock:
+            if self._infer_proc is None:
+                from protege.serve.workers import InferenceProcess
+
+                self._infer_proc = InferenceProcess(self.student_path, self.model_name)
+        return self._infer_proc
+
+    def wants_embedding(self) -> bool:
+        return self.reference is not None and self.reference.centroid is not None
+
+    def answer_many(self, texts: list[str], endpoint: str, preds: list[Prediction] | None = None, embs=None,
+                    **lm) -> list[Outcome]:
         t0 = time.perf_counter()
         if self.s.capture:
             outs = [self._capture(t, lm) for t in texts]
         else:
             preds = preds if preds is not None else self.predict(texts, **lm)
-            outs = [self.route(t, p) for t, p in zip(texts, preds)]
+            if embs is None and self.wants_embedding() and not self.predictor.is_lm:
+                embs = self.predictor.embed(texts)  # one batched call, not one per input
+            outs = [self.route(t, p, None if embs is None else embs[i]) for i, (t, p) in enumerate(zip(texts, preds))]
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         for t, o in zip(texts, outs):
             self.record(endpoint, t, o, ms)
@@ -254,9 +276,11 @@ class Engine:
         return Outcome(p.content, p.label, "student", p.confidence, p.confidence, p.probs, threshold=self.threshold,
                        tokens=p.tokens, prompt_tokens=p.prompt_tokens, student_label=p.label)
 
-    def route(self, text: str, p: Prediction) -> Outcome:
-        emb = self.predictor.embed([text]) if self.reference is not None and self.reference.centroid is not None else None
-        self.monitor.observe(p.confidence, None if emb is None else emb[0])
+    def route(self, text: str, p: Prediction, emb=None) -> Outcome:
+        if emb is None and self.wants_embedding():
+            e = self.predictor.embed([text])
+            emb = None if e is None else e[0]
+        self.monitor.observe(p.confidence, emb)
         base = self.student_outcome(p)
         if p.confidence >= self.threshold or self.s.escalate == "none":
             if self.shadow_fraction and self.rng.random() < self.shadow_fraction:
@@ -345,6 +369,8 @@ class Engine:
     def close(self, timeout_s: float = 3.0) -> None:
         """Stop in bounded time: queued shadow checks are dropped, running ones get ``timeout_s``."""
         self.infer_pool.shutdown(wait=False, cancel_futures=True)
+        if self._infer_proc is not None:
+            self._infer_proc.close()
         self.shadow.shutdown(wait=True, cancel_pending=True, timeout=timeout_s)
         if self.monitor.conf:
             self.write_snapshot()

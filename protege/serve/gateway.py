@@ -194,10 +194,10 @@ def create_app(config: GatewayConfig):
     def unsure(preds) -> bool:
         return s.escalate == "teacher" and any(x.confidence < engine.threshold for x in preds)
 
-    def predict_and_route(texts: list[str], endpoint: str):
+    def predict_and_route(texts: list[str], endpoint: str, preds=None, embs=None):
         """On a worker thread: the student's answers, routed and recorded unless the teacher is needed."""
-        preds = engine.predictor.predict(texts)
-        return preds, (None if unsure(preds) else engine.answer_many(texts, endpoint, preds))
+        preds = preds if preds is not None else engine.predictor.predict(texts)
+        return preds, (None if unsure(preds) else engine.answer_many(texts, endpoint, preds, embs))
 
     async def answer(texts: list[str], endpoint: str, **lm) -> list[Outcome]:
         """A classifier's answer to a small request costs ~0.1 ms: computed on the event loop, no thread
@@ -208,8 +208,10 @@ def create_app(config: GatewayConfig):
         if s.capture or p is None or p.is_lm:
             return await run_in_threadpool(engine.answer_many, texts, endpoint, **lm)
         if sum(len(t) for t in texts) > INLINE_CHARS:
-            preds, outs = await asyncio.get_running_loop().run_in_executor(engine.infer_pool, predict_and_route,
-                                                                           texts, endpoint)
+            loop, preds, embs = asyncio.get_running_loop(), None, None
+            if engine.infer_proc is not None:  # featurised in the worker process: this one keeps its GIL
+                preds, embs = await asyncio.wrap_future(engine.infer_proc.submit(texts, engine.wants_embedding()))
+            preds, outs = await loop.run_in_executor(engine.infer_pool, predict_and_route, texts, endpoint, preds, embs)
             return outs if outs is not None else await run_in_threadpool(engine.answer_many, texts, endpoint, preds)
         preds = p.predict(texts)
         if unsure(preds):
