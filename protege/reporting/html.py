@@ -8,12 +8,11 @@ Plots are PNG data URIs (:mod:`protege.reporting.plots`), so the file has no ext
 
 from __future__ import annotations
 
-import html
-import math
-
+from protege.costs import format_months
 from protege.kinds import KINDS
 from protege.reporting import plots
-from protege.costs import format_months
+from protege.reporting.fmt import _ci, _e, _f, _money
+from protege.reporting.ladder_html import labels_section, ladder_section, per_label_flags
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}
@@ -27,32 +26,9 @@ th{background:#f5f5f5;text-align:left}td.num{text-align:right;font-variant-numer
 .kpi b{display:block;font-size:1.45em}.kpi span{color:#666;font-size:.85em}
 .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}.row>div{flex:1;min-width:300px}
 img{max-width:100%}.note{color:#666;font-size:.9em}.bad{color:#c0392b}.ok{color:#2e7d32}
+tr.flag td,tr.flag th{background:#fbeaea}tr.chosen td,tr.chosen th{background:#eaf6ee;font-weight:600}
 td.text{max-width:460px;font-size:12px;color:#333;overflow-wrap:anywhere}
 """
-
-
-def _f(x, spec: str = ".3f", dash: str = "—") -> str:
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return dash
-    return format(x, spec)
-
-
-def _ci(ci, spec: str = ".3f") -> str:
-    return f"[{_f(ci[0], spec)}, {_f(ci[1], spec)}]" if ci else ""
-
-
-def _e(s) -> str:
-    return html.escape(str(s))
-
-
-def _money(x) -> str:
-    """Dollars readable at any scale: $1,234.50, $0.0060, $0.0000035 (never 3.5e-06)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if x == 0 or abs(x) >= 1:
-        return f"${x:,.2f}"
-    digits = max(2, 1 - math.floor(math.log10(abs(x))))  # two significant digits
-    return f"${x:.{digits}f}"
 
 
 def _kpis(r: dict) -> str:
@@ -134,15 +110,28 @@ def _score_series(r: dict) -> list:
 
 
 def _per_label(r: dict) -> str:
+    """Precision / recall / F1 per label for both models; labels where the student's recall falls far below
+    the teacher's are flagged (a student that learned the label prior loses the rare labels first)."""
     m = r.get("metrics") or {}
     t, s = (m.get("teacher") or {}).get("per_label"), (m.get("student") or {}).get("per_label")
     if not t or not s:
         return ""
-    rows = "".join(f"<tr><th>{_e(lab)}</th><td class=num>{t[lab]['support']}</td>"
-                   + "".join(f"<td class=num>{_f(d[lab][k], '.2f')}</td>" for d in (t, s) for k in ("precision", "recall", "f1"))
-                   + "</tr>" for lab in r["labels"])
-    return ("<table><tr><th rowspan=2>label</th><th rowspan=2>gold items</th><th colspan=3>teacher</th><th colspan=3>student</th></tr>"
-            "<tr>" + "<th>precision</th><th>recall</th><th>F1</th>" * 2 + f"</tr>{rows}</table>")
+    rec = (r.get("per_label_recall") or {}).get("labels") or {}
+    cv = any(x.get("student_cv_vs_teacher") is not None for x in rec.values())
+    rows = []
+    for lab in r["labels"]:
+        x = rec.get(lab) or {}
+        cells = "".join(f"<td class=num>{_f(d[lab][k], '.2f')}</td>" for d in (t, s) for k in ("precision", "recall", "f1"))
+        extra = f"<td class=num>{s[lab].get('predicted', '—')}</td>"
+        if cv:
+            extra += f"<td class=num>{_f(x.get('student_cv_vs_teacher'), '.2f')}</td>"
+        flag = (f"<td class=bad>recall {_f(x.get('gap'), '.0%')} below the teacher</td>" if x.get("flag") else "<td></td>")
+        rows.append(f"<tr{' class=flag' if x.get('flag') else ''}><th>{_e(lab)}</th><td class=num>{t[lab]['support']}</td>"
+                    f"{cells}{extra}{flag}</tr>")
+    cv_head = "<th rowspan=2>student recall<br>CV vs teacher</th>" if cv else ""
+    return (per_label_flags(r) + "<table><tr><th rowspan=2>label</th><th rowspan=2>gold items</th><th colspan=3>teacher</th>"
+            f"<th colspan=3>student</th><th rowspan=2>student<br>predicted</th>{cv_head}<th rowspan=2></th></tr>"
+            "<tr>" + "<th>precision</th><th>recall</th><th>F1</th>" * 2 + f"</tr>{''.join(rows)}</table>")
 
 
 def _errors(r: dict) -> str:
@@ -243,7 +232,7 @@ def render_html(r: dict) -> str:
                 f'<p class="verdict {cls}"><b>{_e(v["decision"].upper())}.</b> {_e(v["text"])}</p>', _kpis(r), _notes(r),
                 _main_table(r),
                 "<h2>Scores</h2>", f'<img alt="scores" src="{plots.score_bars(_score_series(r), "score on gold items (95% bootstrap CI)")}">',
-                _paired(r), _fidelity(r), _judge(r)]
+                _paired(r), _fidelity(r), _judge(r), ladder_section(r), labels_section(r)]
     if r.get("confusion") and labels:
         sections += ["<h2>Where the errors are</h2>", f'<img alt="confusion matrices" src="{plots.confusion_pair(r["confusion"], labels)}">',
                      _per_label(r)]

@@ -186,3 +186,40 @@ def latency(rows: list[tuple[str, float | None, float | None, float | None]]) ->
     ax.set_yticks(ys, [r[0] for r in rows])
     ax.set_xlabel("ms per item (log scale; whisker = p95)")
     return to_data_uri(fig)
+
+
+def learning_curve(curve: dict, buy: list[dict] | None = None) -> str:
+    """Agreement with the teacher vs labels (log x): the CV points with 95% CI bars, the fitted power law
+    (solid over the measured range, dashed where extrapolated) and the labels-to-buy points on it."""
+    plt = _plt()
+    n = np.asarray(curve.get("n") or [], dtype=float)
+    ag = np.asarray(curve.get("agreement") or [], dtype=float)
+    ci = curve.get("agreement_ci") or []
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    if len(ci) == len(n) and all(c and _ok(c[0]) and _ok(c[1]) for c in ci):
+        yerr = [[max(0.0, a - c[0]) for a, c in zip(ag, ci)], [max(0.0, c[1] - a) for a, c in zip(ag, ci)]]
+    else:
+        yerr = None
+    ax.errorbar(n, ag, yerr=yerr, fmt="o", color=STUDENT, capsize=3, zorder=4,
+                label=f"{curve.get('rung', 'student')}: agreement on held-out folds (95% CI)")
+    fit, buy = curve.get("fit") or {}, buy or []
+    top = max([float(x) for x in n] + [float(curve.get("n_now") or 0)] + [float(b["n_total"]) for b in buy])
+    if {"a", "b", "c"} <= set(fit) and len(n):
+        a, b, c = float(fit["a"]), float(fit["b"]), float(fit["c"])
+        xs = np.geomspace(n.min(), n.max(), 60)
+        ax.plot(xs, np.minimum(1.0, a - b * xs ** (-c)), color=GREY, lw=1.5, label=f"fit {fit.get('form', 'a - b·n^-c')}")
+        if top > n.max():
+            xe = np.geomspace(n.max(), top, 40)
+            ax.plot(xe, np.minimum(1.0, a - b * xe ** (-c)), color=GREY, lw=1.5, ls="--", label="extrapolated")
+    if curve.get("n_now") and _ok(curve.get("expected_now")):
+        ax.plot([curve["n_now"]], [curve["expected_now"]], "s", color="black", ms=5, zorder=5, label="trained on (fit)")
+    for r in buy:
+        ax.plot([r["n_total"]], [r["expected_agreement"]], "D", color=CASCADE, ms=5, zorder=5)
+        ax.annotate(f"+{r['more']:,}: {r['gain'] * 100:+.1f} pt", (r["n_total"], r["expected_agreement"]),
+                    xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7.5, color=CASCADE)
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher-labelled inputs (log scale)")
+    ax.set_ylabel("agreement with the teacher")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7.5, frameon=False)
+    return to_data_uri(fig)

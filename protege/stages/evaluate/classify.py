@@ -42,6 +42,13 @@ from protege.stages.evaluate.common import (
     teacher_usd_per_call,
     write_outputs,
 )
+from protege.stages.evaluate.ladder import (
+    labels_sentence,
+    ladder_block,
+    learning_curve_block,
+    per_label_recall,
+    usd_per_label,
+)
 from protege.stages.keys import EVALUATE
 from protege.task import TaskSpec
 from protege.timing import measure
@@ -133,6 +140,22 @@ def verdict(r: dict) -> dict:
             f"{cas.get('coverage', 0):.0%} of traffic. More or better-curated teacher labels first."}
 
 
+def _ladder_keys(task, out, train_stats, texts, gold, t_pred, s_items, s_ms, cost, tt, metrics) -> dict:
+    """per_label_recall always; ladder / learning_curve / labels_to_buy only when train wrote a ladder."""
+    lad = train_stats.get("ladder") or {}
+    keys = {"per_label_recall": per_label_recall(task.labels, metrics, lad.get("rungs"), lad.get("chosen"))}
+    ladder = ladder_block(task, out / "train", train_stats, texts, gold, t_pred, s_items, s_ms)
+    if ladder:
+        keys["ladder"] = ladder
+    usd, basis = usd_per_label(task, cost, tt)
+    curve, buy = learning_curve_block(train_stats, train_stats.get("n_train"), usd, basis)
+    if curve:
+        keys["learning_curve"] = curve
+    if buy:
+        keys["labels_to_buy"] = buy
+    return {k: v for k, v in keys.items() if v is not None}
+
+
 def evaluate_classify(task: TaskSpec, out: Path) -> dict:
     out = Path(out)
     train_cfg, gen, gold_rows, trows, gen_stats, train_stats, student = eval_inputs(task, out)
@@ -183,10 +206,15 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
+    report.update(_ladder_keys(task, out, train_stats, texts, gold, t_pred, s_items, s_ms, cost, tt, q["metrics"]))
+    if report.get("ladder", {}).get("chosen"):
+        report["student"]["name"] += f" (auto: {report['ladder']['chosen']})"
     notes = null_notes(report)
     if notes:
         report["notes"] = notes
     report["verdict"] = verdict(report)
+    if report.get("labels_to_buy"):
+        report["verdict"]["text"] += " " + labels_sentence(report["labels_to_buy"])
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}
              for i, (g, y, tp, sp, ts, ss) in enumerate(zip(gold_rows, gold, t_pred, s_pred, t_items, s_items))]

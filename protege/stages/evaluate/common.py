@@ -27,6 +27,11 @@ from protege.teachers.ledger import Ledger
 def student_name(student, task: TaskSpec) -> str:
     """Short name for tables: what the student is, not where it was saved."""
     kind = task.student.kind
+    if kind == "auto":  # the ladder chose: name what was chosen, by the class that was loaded
+        if isinstance(getattr(student, "base", None), np.ndarray):
+            kind = "static"
+        else:
+            return f"auto:{type(student).__name__}"
     if kind == "static":
         ngrams = getattr(student, "ngrams", None)
         return f"static-{int(student.base.shape[1])}d" + (f"+{ngrams.n}gram" if ngrams is not None else "") + "+linear"
