@@ -216,3 +216,22 @@ def test_ten_thousand_items_through_the_pipeline(tmp_path):
     assert t_first < 60 and t_again < 20, (t_first, t_again)  # ~1 ms / ~0.2 ms per item on a busy 2-core box
     with Ledger(tmp_path / "l.sqlite") as led, pytest.raises(BudgetExceeded, match="stopped cleanly after 0 new calls"):
         label_with_ledger(InstantAsyncTeacher(task), texts + ["one more"], led, stage="generate", budget_usd=0.01)
+
+
+def test_redistill_folds_a_candidate_ledger_with_the_one_merge(tmp_path):
+    """redistill used its own INSERT OR IGNORE, so a failure in the run's ledger shadowed the candidate's later
+    success for the same request; it now goes through Ledger.merge."""
+    from protege.serve.redistill import fold_ledger
+
+    run, cand = tmp_path / "run.sqlite", tmp_path / "cand.sqlite"
+    with Ledger(run) as lr:
+        _rec(lr, "k", status="error", cost=0.1, reason="timeout")
+    with Ledger(cand) as lc:
+        _rec(lc, "k", cost=0.5)
+        _rec(lc, "new", cost=1.0)
+    fold_ledger(cand, run)
+    with Ledger(run) as lr:
+        rows = dict(lr.db.execute("SELECT key, status FROM calls"))
+    assert rows == {"k": "ok", "new": "ok"}
+    fold_ledger(cand, tmp_path / "fresh.sqlite")  # no run ledger yet: a copy
+    assert (tmp_path / "fresh.sqlite").is_file()

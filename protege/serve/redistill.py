@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from protege.teachers.ledger import Ledger
 from protege.data import data_file, load_real_train, read_jsonl, read_rows, write_jsonl
 from protege.task import TaskSpec, load_task
 
@@ -62,19 +63,14 @@ def _copy_ledger(src: Path, dst: Path) -> None:
         b.close()
 
 
-def _merge_ledger(src: Path, dst: Path) -> int:
-    """Add the candidate's new calls to the run's ledger (rows already there win)."""
-    db = sqlite3.connect(str(dst), timeout=30)
-    try:
-        before = db.execute("SELECT count(*) FROM calls").fetchone()[0]
-        db.execute("ATTACH DATABASE ? AS cand", (str(src),))
-        db.execute("INSERT OR IGNORE INTO calls SELECT * FROM cand.calls")
-        db.commit()
-        n = db.execute("SELECT count(*) FROM calls").fetchone()[0] - before
-        db.execute("DETACH DATABASE cand")
-        return n
-    finally:
-        db.close()
+def fold_ledger(src: Path, dst: Path) -> None:
+    """The candidate's calls into the run's ledger with :meth:`Ledger.merge` (the one merge: a success replaces
+    a failure of the same request, two successes keep the earlier)."""
+    if not Path(dst).is_file():
+        shutil.copy2(src, dst)
+        return
+    with Ledger(dst) as led:
+        led.merge(src)
 
 
 def derived_task(task: TaskSpec, run: Path, folder: Path, texts: list[str], human: list[dict]) -> Path:
@@ -161,10 +157,7 @@ def redistill(task: TaskSpec, run: Path, *, min_gain: float = 0.0, promote: bool
                 (run / name).rename(prev / name)
             if (cand / name).exists():
                 (cand / name).rename(run / name)
-        if (run / "ledger.sqlite").is_file():
-            _merge_ledger(cand / "ledger.sqlite", run / "ledger.sqlite")
-        else:
-            shutil.copy2(cand / "ledger.sqlite", run / "ledger.sqlite")
+        fold_ledger(cand / "ledger.sqlite", run / "ledger.sqlite")
         promoted = True
     return {"status": "promoted" if promoted else ("better, not promoted" if ok else "kept current"),
             "promoted": promoted, "reason": why, "counts": counts, "candidate": str(cand), "task_file": str(task_file),
