@@ -212,14 +212,24 @@ def learning_curve(curve: dict, buy: list[dict] | None = None) -> str:
             xe = np.geomspace(n.max(), top, 40)
             ax.plot(xe, np.minimum(1.0, a - b * xe ** (-c)), color=GREY, lw=1.5, ls="--", label="extrapolated")
     if curve.get("n_now") and _ok(curve.get("expected_now")):
-        ax.plot([curve["n_now"]], [curve["expected_now"]], "s", color="black", ms=5, zorder=5, label="trained on (fit)")
-    for r in buy:
-        ax.plot([r["n_total"]], [r["expected_agreement"]], "D", color=CASCADE, ms=5, zorder=5)
-        ax.annotate(f"+{r['more']:,}: {r['gain'] * 100:+.1f} pt", (r["n_total"], r["expected_agreement"]),
-                    xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7.5, color=CASCADE)
+        ax.plot([curve["n_now"]], [curve["expected_now"]], "s", color="black", ms=5, zorder=5,
+                label=f"the student's {int(curve['n_now']):,} labels (fit)")
+    for i, r in enumerate(buy):  # texts stacked in the empty lower right, the largest purchase on top
+        ax.plot([r["n_total"]], [r["expected_agreement"]], "D", color=CASCADE, ms=5, zorder=5,
+                label="labels to buy (extrapolated)" if i == 0 else None)
+        ax.annotate(f"+{r['more']:,} labels: {r['gain'] * 100:+.1f} pt", (r["n_total"], r["expected_agreement"]),
+                    xytext=(0.98, 0.08 + 0.09 * i), textcoords="axes fraction", ha="right", fontsize=7.5,
+                    color=CASCADE, arrowprops={"arrowstyle": "-", "color": CASCADE, "lw": 0.6, "alpha": 0.6})
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted({int(x) for x in n} | {int(r["n_total"]) for r in buy})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks], rotation=40, ha="right")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(min(ticks) / 1.3, top * 1.6)
     ax.set_xlabel("teacher-labelled inputs (log scale)")
     ax.set_ylabel("agreement with the teacher")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7.5, frameon=False)
+    ax.legend(loc="upper left", fontsize=7.5, frameon=False)
     return to_data_uri(fig)

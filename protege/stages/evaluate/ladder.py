@@ -145,7 +145,7 @@ def ladder_block(task: TaskSpec, train_dir: Path, train_stats: dict, texts: list
                "score": None, "score_ci": None, "agreement": None, "p_vs_chosen": None, "ms_p50": None}
         folder = train_dir / rung["folder"] if rung.get("folder") else None
         if folder is None or not (folder / "config.json").is_file():
-            row["note"] = "no saved model for this rung (not trained here)"
+            row["note"] = "no saved model"
             rows.append(row)
             continue
         try:
