@@ -98,6 +98,16 @@ def test_labels_to_buy_prices_and_gains():
     assert s.startswith("Labelling 1,000 more inputs: +") and "$2.00" in s and "not gold accuracy" in s
 
 
+def test_a_plateau_at_one_is_called_optimistic():
+    from protege.stages.evaluate.ladder import fit_note, learning_curve_block
+
+    assert fit_note(FIT) is None and "optimistic" in fit_note({**FIT, "a": 1.0})
+    curve, buy = learning_curve_block({"learning_curve": {**_curve(), "fit": {**FIT, "a": 1.0}}}, 1000, 0.01, "x")
+    assert curve["fit_note"] and "optimistic" in labels_sentence(buy, optimistic=True)
+    assert "optimistic" not in labels_sentence(buy)
+    assert learning_curve_block({"learning_curve": {}}, 1000, 0.01, "x") == (None, None)
+
+
 def test_per_label_recall_flags_only_real_gaps():
     def prf(rec: dict, n: int = 20) -> dict:
         return {lab: {"precision": 1.0, "recall": r, "f1": 0.0, "support": n, "predicted": 5} for lab, r in rec.items()}

@@ -61,6 +61,8 @@ def labels_section(r: dict) -> str:
                  f"<th>teacher $</th><th>beyond the<br>largest point</th></tr>{rows}</table>")
     price = (f" Teacher $ per labelled input: {_money(curve.get('usd_per_label'))} ({_e(curve.get('usd_basis', ''))})."
              if curve.get("usd_per_label") is not None else "")
+    if curve.get("fit_note"):
+        price += f" <b>Caveat:</b> {_e(curve['fit_note'])}."
     return (f"<h2>How many labels to buy</h2><div class=row><div>{img}</div><div>{table}"
             f"<p class=note>This is <b>agreement with the teacher</b> on held-out folds of teacher-labelled inputs, not "
             f"gold {_e(r.get('metric', 'accuracy'))}: more labels make the student a closer copy of the teacher, and "

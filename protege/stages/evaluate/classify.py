@@ -214,7 +214,8 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
         report["notes"] = notes
     report["verdict"] = verdict(report)
     if report.get("labels_to_buy"):
-        report["verdict"]["text"] += " " + labels_sentence(report["labels_to_buy"])
+        optimistic = bool(report["learning_curve"].get("fit_note"))
+        report["verdict"]["text"] += " " + labels_sentence(report["labels_to_buy"], optimistic)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None if s_conf is None else float(s_conf[i])}
              for i, (g, y, tp, sp, ts, ss) in enumerate(zip(gold_rows, gold, t_pred, s_pred, t_items, s_items))]

@@ -74,14 +74,16 @@ def labels_to_buy(curve: dict | None, n_now: int | None, usd_per_label: float | 
     return out or None
 
 
-def labels_sentence(buy: list[dict] | None) -> str:
-    """One verdict sentence for doubling the labels (the row with ``more`` closest to n_now)."""
+def labels_sentence(buy: list[dict] | None, optimistic: bool = False) -> str:
+    """One verdict sentence for doubling the labels (the row with ``more`` closest to n_now); ``optimistic``
+    when the fit's plateau was not identified (:func:`fit_note`)."""
     if not buy:
         return ""
     r = min(buy, key=lambda x: abs(x["n_total"] / max(1, x["n_total"] - x["more"]) - 2.0))
     usd = "" if r["usd"] is None else f", {_money(r['usd'])} of teacher calls"
     return (f"Labelling {r['more']:,} more inputs: {r['gain'] * 100:+.1f} points of agreement with the teacher "
-            f"expected{usd} (extrapolated from a learning-curve fit on held-out folds — agreement, not gold accuracy).")
+            f"expected{usd} (extrapolated from a learning-curve fit on held-out folds — agreement, not gold accuracy"
+            f"{'; optimistic: the curve has not levelled off' if optimistic else ''}).")
 
 
 def _money(x: float) -> str:
@@ -183,13 +185,25 @@ def usd_per_label(task: TaskSpec, cost: dict, teacher_timing: dict) -> tuple[flo
     return usd * samples, basis + (f" × {samples} samples per input" if samples > 1 else "")
 
 
+def fit_note(fit: dict) -> str | None:
+    """A caveat when the fit's plateau ``a`` sits at its bound of 1: the points never bend, so the plateau is not
+    identified and extrapolated gains lean optimistic."""
+    a = fit.get("a")
+    if a is not None and a >= 0.995:
+        return ("the fitted plateau is at 1.0: these points do not show where agreement levels off, so "
+                "extrapolated gains are optimistic")
+    return None
+
+
 def learning_curve_block(train_stats: dict, n_now: int | None, usd_per_label: float | None, basis: str) -> tuple:
     """(``learning_curve`` for report.json or None, ``labels_to_buy`` or None)."""
     curve = train_stats.get("learning_curve")
     if not isinstance(curve, dict) or not curve.get("n"):
         return None, None
+    n_now = curve.get("n_all_rows") or n_now
     buy = labels_to_buy(curve, n_now, usd_per_label)
-    out = {**curve, "n_now": n_now, "expected_now": expected_agreement(curve.get("fit") or {}, n_now or 0),
+    fit = curve.get("fit") or {}
+    out = {**curve, "fit_note": fit_note(fit), "n_now": n_now, "expected_now": expected_agreement(fit, n_now or 0),
            "usd_per_label": usd_per_label, "usd_basis": basis,
            "measures": "agreement with the teacher on held-out folds of teacher labels (not gold accuracy)"}
     return out, buy
