@@ -214,16 +214,20 @@ def learning_curve(curve: dict, buy: list[dict] | None = None) -> str:
     if curve.get("n_now") and _ok(curve.get("expected_now")):
         ax.plot([curve["n_now"]], [curve["expected_now"]], "s", color="black", ms=5, zorder=5,
                 label=f"the student's {int(curve['n_now']):,} labels (fit)")
-    for i, r in enumerate(buy):  # texts stacked in the empty lower right, the largest purchase on top
+    for i, r in enumerate(buy):  # one text row higher per point: close points never share a row
         ax.plot([r["n_total"]], [r["expected_agreement"]], "D", color=CASCADE, ms=5, zorder=5,
-                label="labels to buy (extrapolated)" if i == 0 else None)
-        ax.annotate(f"+{r['more']:,} labels: {r['gain'] * 100:+.1f} pt", (r["n_total"], r["expected_agreement"]),
-                    xytext=(0.98, 0.08 + 0.09 * i), textcoords="axes fraction", ha="right", fontsize=7.5,
-                    color=CASCADE, arrowprops={"arrowstyle": "-", "color": CASCADE, "lw": 0.6, "alpha": 0.6})
+                label="labels to buy (extrapolated; gains in the table)" if i == 0 else None)
+        ax.annotate(f"+{r['more']:,}", (r["n_total"], r["expected_agreement"]), xytext=(0, 8 + 11 * i),
+                    textcoords="offset points", ha="center", fontsize=7.5, color=CASCADE,
+                    arrowprops={"arrowstyle": "-", "color": CASCADE, "lw": 0.5, "alpha": 0.6} if i else None)
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, NullLocator
 
-    ticks = sorted({int(x) for x in n} | {int(r["n_total"]) for r in buy})
+    ticks = []
+    for t in sorted({int(x) for x in n} | {int(r["n_total"]) for r in buy}):
+        if not ticks or t / ticks[-1] >= 1.35:  # closer ticks would print over each other on the log axis
+            ticks.append(t)
+    ax.set_ylim(top=min(1.02, ax.get_ylim()[1] + 0.012 * (len(buy) + 1)))
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks], rotation=40, ha="right")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -231,5 +235,5 @@ def learning_curve(curve: dict, buy: list[dict] | None = None) -> str:
     ax.set_xlabel("teacher-labelled inputs (log scale)")
     ax.set_ylabel("agreement with the teacher")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7.5, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=7.5, frameon=False)
     return to_data_uri(fig)
