@@ -34,7 +34,9 @@ TEACHERS: dict[str, Any] = {
     "hf-seqcls": "protege.teachers.hf_seqcls:HFSeqClsTeacher",
 }
 STUDENTS: dict[str, Any] = {
+    "auto": "protege.students.ladder:AutoStudent",
     "static": "protege.students.classifier:StaticClassifier",
+    "frozen": "protege.students.frozen:FrozenClassifier",
     "encoder": "protege.students.encoder:EncoderClassifier",
     "causal_lm": "protege.students.causal_lm:CausalLMStudent",
 }

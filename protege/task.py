@@ -105,6 +105,8 @@ class TaskSpec(_Strict):
             if self.kind == "extract" and self.schema_ is None:
                 raise ValueError("kind: extract needs key 'schema': a JSON Schema of the answer object, e.g. "
                                  "{type: object, properties: {total: {type: string}}, required: [total]}; add it")
+            if self.student.kind == "auto":  # the ladder is for labels; a text answer needs a causal LM
+                self.student.kind = "causal_lm"
             if self.student.kind != "causal_lm":
                 raise ValueError(f"key 'student.kind': a kind: {self.kind} task needs a causal_lm student (it answers "
                                  f"in text), got {self.student.kind!r}; set student.kind: causal_lm")

@@ -86,7 +86,7 @@ GENERATE = Reads(
 )
 CURATE = Reads("curate", fields=("kind", "labels", "schema_", "curate", "data.seed"), files=("data.train", "data.gold"),
                runtime_only=frozenset({"curate.review_least_confident"}), version=2)
-# 2: static student with n-gram block, convex fit, temperature
-TRAIN = Reads("train", fields=("student", "train"), runtime_only=frozenset({"student.usd_per_hour"}), version=2)
+# 2: static student with n-gram block, convex fit, temperature; 3: the default student is auto (the ladder)
+TRAIN = Reads("train", fields=("student", "train"), runtime_only=frozenset({"student.usd_per_hour"}), version=3)
 EVALUATE = Reads("evaluate", fields=("evaluate", "volume_per_month", "student.usd_per_hour", "teacher.usd_per_hour",
                                      "teacher.price_in_per_1m", "teacher.price_out_per_1m"))

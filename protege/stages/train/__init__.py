@@ -42,6 +42,8 @@ def _write_train(task: TaskSpec, stage_dir: Path, fp: str, student, stats: dict)
     if is_main_process():  # under `accelerate launch` every rank trains; rank 0 writes the artifact
         with stage_writer(stage_dir, {"stage": "train", "fingerprint": fp, "task": task.name}) as tmp:
             student.save_pretrained(tmp / "student")
+            for name, rung in (getattr(student, "ladder_students", None) or {}).items():  # student.kind: auto
+                rung.save_pretrained(tmp / "ladder" / name)
             write_json(tmp / "stats.json", stats)
             write_json(tmp / "history.json", getattr(student, "history", []))
     wait_for_everyone()

@@ -28,6 +28,10 @@ def fit_static(task: TaskSpec, texts: list[str], P: np.ndarray, hard: np.ndarray
 
 def train_classify(task: TaskSpec, out: Path, rows: list[dict]) -> tuple[object, dict]:
     """The trained student and its stats: dev agreement with the teacher, temperature, sizes, timings."""
+    if task.student.kind == "auto":  # the ladder: its own folds instead of one dev split
+        from protege.stages.train.auto import train_auto
+
+        return train_auto(task, out, rows)
     labels = task.labels
     texts = [r["text"] for r in rows]
     P = np.array([r["probs"] for r in rows], dtype=np.float32)

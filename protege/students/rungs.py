@@ -1,0 +1,263 @@
+"""The rungs of the student ladder (:mod:`protege.students.ladder`): each one a way to build a real student, with
+a small grid of settings that cross-validation chooses from.
+
+A rung computes what does not depend on the fold once (``prepare``: the static embedding mean, the frozen
+encoder's embeddings of every text), then per fold only what does (the n-gram vocabulary) and refits only the
+convex head (:func:`protege.students.heads.fit_head`) per setting — so a grid of 8 settings costs 8 head fits
+per fold, not 8 featurisations.
+
+``cv(folds, grid, frac)`` returns out-of-fold logits ``[len(grid), n, k]`` (rows of a fold's held-out part
+filled by a model fitted on its training part, subsampled to ``frac``); ``refit(params)`` returns the student
+fitted on every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from protege.students.heads import fit_head
+from protege.students.ngrams import NgramFeatures
+
+
+@dataclass
+class Data:
+    """The teacher-labelled rows the ladder trains on (gold never reaches here) and the unlabelled pool."""
+
+    texts: list[str]
+    P: np.ndarray                 # teacher probabilities [n, k]
+    hard: np.ndarray              # teacher labels [n]
+    weight: np.ndarray            # per-row loss weight (real rows: curate.real_weight)
+    labels: list[str]
+    pool: list[str] = field(default_factory=list)  # unlabelled inputs (data.inputs, no limit), for static-distilled
+    alpha: float = 0.5
+    temperature: float = 2.0
+    max_iter: int = 200
+    seed: int = 0
+
+
+def _sub(tr: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    if frac >= 1.0:
+        return tr
+    k = max(2, int(round(len(tr) * frac)))
+    return np.sort(np.random.default_rng(seed).permutation(tr)[:k])
+
+
+def _fit(d: Data, X, S, idx, p: dict, P=None, hard=None, weight=None):
+    return fit_head(None if X is None else X[idx], None if S is None else S[idx],
+                    (d.P if P is None else P)[idx], (d.hard if hard is None else hard)[idx],
+                    c=p["c"], dense_weight=p.get("dense_weight", 1.0), balanced=p["balanced"],
+                    sample_weight=(d.weight if weight is None else weight)[idx], alpha=d.alpha,
+                    temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
+
+
+class StaticRung:
+    """The static student (static embedding mean + TF-IDF n-grams): C, dense weight and class balance by CV."""
+
+    name = "static"
+
+    def __init__(self, d: Data, embedder: str, dims: int, ngrams: int, min_df: int, c: float, dense_weight: float):
+        self.d, self.embedder, self.dims, self.n, self.min_df = d, embedder, dims, ngrams, min_df
+        cs = sorted({round(c / 3, 3), round(c * 3, 3)})
+        dws = sorted({dense_weight, 1.0})
+        self.grid = [{"c": cc, "dense_weight": dw, "balanced": bal} for bal in (False, True) for dw in dws for cc in cs]
+
+    def _student(self):
+        from protege.students.classifier import StaticClassifier
+
+        return StaticClassifier.from_encoder(self.embedder, self.d.labels, self.dims, ngrams=self.n,
+                                             ngram_min_df=self.min_df)
+
+    def prepare(self) -> None:
+        self.base = self._student()
+        self.base.fit_idf(self.d.texts)  # unsupervised, all labelled texts (as the static train path does)
+        self.X = self.base.encode(self.d.texts)
+
+    def _S(self, fit_texts: Sequence[str], texts: Sequence[str]):
+        if not self.n:
+            return None, None
+        ng = NgramFeatures(self.n, self.min_df).fit(list(fit_texts))
+        return ng, ng.transform(list(texts))
+
+    def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
+        d = self.d
+        out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
+        for f, (tr, te) in enumerate(folds):
+            tr = _sub(tr, frac, d.seed + f)
+            _, S = self._S([d.texts[i] for i in tr], d.texts)
+            for g, p in enumerate(grid):
+                out[g, te] = _fit(d, self.X, S, tr, p).logits(self.X[te], None if S is None else S[te])
+        return out
+
+    def refit(self, p: dict):
+        d = self.d
+        st = self._student()
+        st.fit_idf(d.texts)
+        ng, S = self._S(d.texts, d.texts)
+        return _assemble(st, ng, _fit(d, st.encode(d.texts), S, np.arange(len(d.texts)), p))
+
+
+def _assemble(st, ng, head):
+    """A :class:`StaticClassifier` with its n-gram block and a head fitted outside it."""
+    st.ngrams = ng
+    st.W, st.b = head.W, head.b
+    st.V = head.V if ng is not None else np.zeros((0, len(head.b)), dtype=np.float32)
+    return st
+
+
+class FrozenRung:
+    """Frozen sentence-encoder embedding (ONNX int8), with or without TF-IDF n-grams, one linear head."""
+
+    name = "frozen"
+
+    def __init__(self, d: Data, encoder: str, min_df: int = 2, max_length: int = 128, threads: int = 1):
+        self.d, self.encoder, self.min_df, self.max_length, self.threads = d, encoder, min_df, max_length, threads
+        self.grid = [{"c": c, "ngrams": n, "balanced": bal} for bal in (False, True) for n in (0, 2) for c in (0.3, 1.0, 10.0)]
+        self._cache: dict[str, np.ndarray] = {}
+
+    def prepare(self) -> None:
+        from protege.students.frozen import FrozenClassifier
+
+        self.proto = FrozenClassifier.from_encoder(self.encoder, self.d.labels, max_length=self.max_length,
+                                                   threads=self.threads)
+        self.X = self.embed(self.d.texts)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if todo:
+            for t, e in zip(todo, self.proto.encoder.encode(todo)):
+                self._cache[t] = e
+        return np.stack([self._cache[t] for t in texts]) if len(texts) else np.zeros((0, 1), np.float32)
+
+    def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
+        d = self.d
+        out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
+        for f, (tr, te) in enumerate(folds):
+            tr = _sub(tr, frac, d.seed + f)
+            S = None
+            if any(p["ngrams"] for p in grid):
+                S = NgramFeatures(2, self.min_df).fit([d.texts[i] for i in tr]).transform(d.texts)
+            for g, p in enumerate(grid):
+                Sg = S if p["ngrams"] else None
+                out[g, te] = _fit(d, self.X, Sg, tr, p).logits(self.X[te], None if Sg is None else Sg[te])
+        return out
+
+    def refit(self, p: dict):
+        from protege.students.frozen import FrozenClassifier
+
+        d = self.d
+        m = FrozenClassifier(self.proto.encoder, d.labels, NgramFeatures(p["ngrams"], self.min_df) if p["ngrams"]
+                             else None, source=self.encoder)
+        return m.fit(d.texts, d.P, hard_labels=d.hard, sample_weight=d.weight, X=self.X, c=p["c"],
+                     balanced=p["balanced"], alpha=d.alpha, temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
+
+
+class DistilledRung:
+    """A static student re-distilled from an encoder-based rung: the labeller (fitted on the fold's teacher labels)
+    labels the unlabelled pool (soft), and the static student trains on those pseudo-labels plus the teacher's.
+
+    Held-out fold texts are never pseudo-labelled for that fold. IDF and the n-gram vocabulary are fitted once on
+    the labelled rows plus the pool (unsupervised: no label of a held-out row is seen)."""
+
+    name = "static-distilled"
+
+    def __init__(self, d: Data, static: StaticRung, labeller: FrozenRung):
+        self.d, self.static, self.lab = d, static, labeller
+        self.sp = self.lp = None
+        self.grid = [{"pseudo_weight": w} for w in (0.5, 1.0)]
+
+    def bind(self, by_name: dict, chosen: dict) -> None:
+        """Take the static and labeller rungs' CV-chosen settings (they run earlier in the ladder)."""
+        if self.lab.name not in chosen or self.static.name not in chosen:
+            raise ValueError(f"static-distilled needs the {self.static.name} and {self.lab.name} rungs trained first")
+        self.sp, self.lp = chosen[self.static.name], chosen[self.lab.name]
+        if not self.d.pool:
+            raise ValueError("no unlabelled pool to re-distil on (data.inputs)")
+
+    def prepare(self) -> None:
+        d = self.d
+        key = set(d.texts)
+        self.extra = [t for t in dict.fromkeys(d.pool) if t not in key]  # pool texts the teacher did not label
+        self.all_texts = d.texts + self.extra
+        self.st = self.static._student()
+        self.st.fit_idf(self.all_texts)
+        self.Xs = self.st.encode(self.all_texts)
+        self.ng = NgramFeatures(self.static.n, self.static.min_df).fit(self.all_texts) if self.static.n else None
+        self.S = self.ng.transform(self.all_texts) if self.ng is not None else None
+        self.Xe = self.lab.embed(self.all_texts)
+        self.Se = NgramFeatures(2, self.lab.min_df).fit(self.all_texts).transform(self.all_texts) if self.lp["ngrams"] \
+            else None
+
+    def _train(self, tr: np.ndarray, exclude: np.ndarray, p: dict):
+        """Head fitted on teacher rows ``tr`` + pseudo-labelled pool rows (all extra rows, minus ``exclude``)."""
+        d, n = self.d, len(self.d.texts)
+        labeller = _fit(d, self.Xe, self.Se, tr, self.lp)
+        keep = np.setdiff1d(np.arange(n, len(self.all_texts)), exclude)
+        Pp = _softmax(labeller.logits(self.Xe[keep], None if self.Se is None else self.Se[keep]))
+        idx = np.concatenate([tr, keep])
+        P = np.concatenate([d.P[tr], Pp]).astype(np.float32)
+        hard = np.concatenate([d.hard[tr], Pp.argmax(1)])
+        w = np.concatenate([d.weight[tr], np.full(len(keep), p["pseudo_weight"], np.float32)])
+        head = fit_head(self.Xs[idx], None if self.S is None else self.S[idx], P, hard, c=self.sp["c"],
+                        dense_weight=self.sp["dense_weight"], balanced=self.sp["balanced"], sample_weight=w,
+                        alpha=d.alpha, temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
+        return head, len(keep)
+
+    def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
+        d = self.d
+        out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
+        for f, (tr, te) in enumerate(folds):
+            tr = _sub(tr, frac, d.seed + f)
+            for g, p in enumerate(grid):
+                head, self.n_pseudo = self._train(tr, np.array([], dtype=np.int64), p)
+                out[g, te] = head.logits(self.Xs[te], None if self.S is None else self.S[te])
+        return out
+
+    def refit(self, p: dict):
+        head, self.n_pseudo = self._train(np.arange(len(self.d.texts)), np.array([], dtype=np.int64), p)
+        st = self.static._student()
+        st.fit_idf(self.all_texts)
+        return _assemble(st, self.ng, head)
+
+
+class EncoderRung:
+    """The fine-tuned encoder with KD (:mod:`protege.students.encoder`). Minutes per fit on CPU, so it is scored on
+    the first fold only (``cv`` leaves the other folds' rows unscored: NaN logits) and is off by default."""
+
+    name = "encoder"
+
+    def __init__(self, d: Data, task):
+        self.d, self.task, self.grid = d, task, [{"balanced": False}, {"balanced": True}][:1]
+
+    def prepare(self) -> None:
+        pass
+
+    def _fit(self, idx, p):
+        from protege.students.encoder import EncoderClassifier
+
+        d, s, t = self.d, self.task.student, self.task.train
+        m = EncoderClassifier.from_base(s.model or s.embedder, d.labels, max_length=min(s.max_length, 128), seed=t.seed)
+        counts = np.bincount(d.hard[idx], minlength=len(d.labels)).astype(np.float32)
+        cw = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(d.labels), 0.0) if p["balanced"] else None
+        return m.fit([d.texts[i] for i in idx], d.P[idx], hard_labels=d.hard[idx], sample_weight=d.weight[idx],
+                     alpha=d.alpha, temperature=d.temperature, epochs=s.epochs, lr=s.lr or 5e-5,
+                     batch_size=s.batch_size, seed=t.seed, class_weights=cw)
+
+    def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
+        d = self.d
+        out = np.full((len(grid), len(d.texts), len(d.labels)), np.nan, dtype=np.float32)
+        tr, te = folds[0]
+        tr = _sub(tr, frac, d.seed)
+        for g, p in enumerate(grid):
+            out[g, te] = self._fit(tr, p).decision_function([d.texts[i] for i in te])
+        return out
+
+    def refit(self, p: dict):
+        return self._fit(np.arange(len(self.d.texts)), p)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
