@@ -29,17 +29,18 @@ EXTRA_FACTORS = (0.5, 1.0, 3.0)  # labels to buy, as multiples of the labels the
 
 
 def expected_agreement(fit: dict, n: float) -> float | None:
-    """The learning curve's fit evaluated at ``n`` labels: ``a - b * n**(-c)`` (None without a usable fit).
+    """The learning curve's fit at ``n`` labels — :func:`protege.students.curve.expected_agreement`, the train
+    side's own formula (``a - b * n**(-c)``, clipped to [0, 1]) — or None for a fit a report cannot use
+    (missing or non-finite parameters, n <= 0), as a stats.json written by another version may hold."""
+    from protege.students.curve import expected_agreement as on_curve
 
-    The train side may expose its own; this local one is the same formula so the report needs no import
-    from the student ladder to read a stats.json."""
     try:
         a, b, c = float(fit["a"]), float(fit["b"]), float(fit["c"])
     except (KeyError, TypeError, ValueError):
         return None
     if n <= 0 or not all(math.isfinite(x) for x in (a, b, c)):
         return None
-    return float(min(1.0, a - b * float(n) ** (-c)))
+    return on_curve({"a": a, "b": b, "c": c}, float(n))
 
 
 def _nice(x: float) -> int:
