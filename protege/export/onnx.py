@@ -194,14 +194,14 @@ class OnnxClassifier(LogitClassifier):
         if self.kind == "static":
             from tokenizers import Tokenizer
 
-            from protege.students.classifier import _tokenizes_per_word
+            from protege.students.words import WordTable, tokenizes_per_word
 
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             self.tokenizer.no_padding()
             self.tokenizer.no_truncation()
             self.max_tokens = int(self.meta.get("max_tokens", 256))
-            self._word_cache: dict[str, list[int]] = {}
-            self._per_word = _tokenizes_per_word(self.tokenizer)
+            self._word_cache = WordTable(self.tokenizer)
+            self._per_word = tokenizes_per_word(self.tokenizer)
             self.ngrams = None
             if (self.folder / "ngrams.json").is_file():
                 from protege.students.ngrams import NgramFeatures
@@ -224,11 +224,11 @@ class OnnxClassifier(LogitClassifier):
         if self.kind == "static":
             from protege.students.classifier import StaticClassifier
 
-            # the student's own tokenization (word cache, early truncation): same ids by construction
-            flat, offsets = flatten_ids(StaticClassifier._ids(self, texts))
-            feeds = {"input_ids": flat, "offsets": offsets}
+            # the student's own tokenization (word table, truncation, n-gram rows): same inputs by construction
+            flat, ptr, ng = StaticClassifier._token_ids(self, texts)
+            feeds = {"input_ids": flat, "offsets": ptr[:-1]}
             if self.ngrams is not None:
-                feeds.update(ngram_inputs(self.ngrams.transform(texts)))
+                feeds.update(ngram_inputs(ng if ng is not None else self.ngrams.transform(texts)))
             return self.session.run(["logits"], feeds)[0]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")

@@ -26,81 +26,25 @@ Zipf weighting of model2vec with the task's own frequencies.
 from __future__ import annotations
 
 import json
-import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from protege import __version__
 from protege.students.ngrams import NgramFeatures
+from protege.students.words import (
+    _NGRAM_TOKEN,
+    WordCache,
+    WordTable,
+    clean_text,
+    indptr_of,
+    tokenizes_per_word,
+)
 
-_PROBE = "Hello, world! The cat's naïve résumé costs $3.50 — don't re-run it: e-mail@example.com 東京 x2"
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> str:
-    """``text`` with lone UTF-16 surrogates (``"\\ud800"`` in JSON: not a character, and no tokenizer takes
-    them) replaced by U+FFFD; a pair of surrogates becomes the one character it encodes."""
-    if text.isascii() or not _SURROGATE.search(text):
-        return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-class WordCache:
-    """word → token ids, least recently used out first once the entries' estimated size passes ``max_bytes``.
-
-    The size of an entry is estimated as ``ENTRY + len(word) + 40 × len(ids)`` bytes (the dict node, the
-    str and list headers, one int object and pointer per id; within 10% of tracemalloc's count: ~320 bytes
-    for a random 3–10 letter word of ~4 WordPiece ids). Words longer than ``max_word`` characters are not cached: rare in real text,
-    and a cache of them is what an adversary fills. Hits take no lock (single OrderedDict operations are
-    atomic); inserts and evictions take one, so gateway worker threads can share the cache.
-    """
-
-    ENTRY = 150
-
-    def __init__(self, max_bytes: int = 16 << 20, max_word: int = 48):
-        self.max_bytes, self.max_word = int(max_bytes), max_word
-        self.bytes = 0
-        self._d: OrderedDict[str, list[int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __contains__(self, word: str) -> bool:
-        return word in self._d
-
-    def ids(self, word: str, encode) -> list[int]:
-        d = self._d
-        x = d.get(word)
-        if x is not None:
-            try:
-                d.move_to_end(word)
-            except KeyError:  # evicted by another thread in between
-                pass
-            return x
-        x = encode(word, add_special_tokens=False).ids
-        if len(word) <= self.max_word:
-            with self._lock:
-                if word not in d:
-                    d[word] = x
-                    self.bytes += self.ENTRY + len(word) + 40 * len(x)
-                    while self.bytes > self.max_bytes and d:
-                        k, v = d.popitem(last=False)
-                        self.bytes -= self.ENTRY + len(k) + 40 * len(v)
-        return x
-
-
-def _tokenizes_per_word(tokenizer) -> bool:
-    """Whether tokenizing whitespace-separated words one by one gives the whole text's ids (WordPiece,
-    whitespace WordLevel: yes; byte-level BPE, which folds the leading space into the token: no)."""
-    whole = tokenizer.encode(_PROBE, add_special_tokens=False).ids
-    return whole == [i for w in _PROBE.split() for i in tokenizer.encode(w, add_special_tokens=False).ids]
+__all__ = ["LogitClassifier", "StaticClassifier", "WordCache", "WordTable", "clean_text"]
+_tokenizes_per_word = tokenizes_per_word  # the name the ONNX runner and older code import
 
 
 class LogitClassifier:
@@ -138,8 +82,8 @@ class StaticClassifier(LogitClassifier):
         self.V = np.zeros((len(ngrams) if ngrams else 0, len(labels)), dtype=np.float32)
         self.b = np.zeros(len(labels), dtype=np.float32)
         self.history: list[dict] = []
-        self._word_cache = WordCache(word_cache_bytes)
-        self._per_word = _tokenizes_per_word(self.tokenizer)
+        self._word_cache = WordTable(self.tokenizer, word_cache_bytes)
+        self._per_word = tokenizes_per_word(self.tokenizer)
 
     @classmethod
     def from_encoder(cls, encoder: str, labels: list[str], dims: int = 256, *, ngrams: int = 2,
@@ -153,52 +97,64 @@ class StaticClassifier(LogitClassifier):
         return cls(emb, Tokenizer.from_file(str(tok_path)), labels, ngrams=feats)
 
     # -- features ------------------------------------------------------------------------------
-    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids, via a word → ids cache in front of the tokenizer.
+    def _token_ids(self, texts: Sequence[str], cells: bool = False) -> tuple[np.ndarray, np.ndarray, object]:
+        """``(ids, indptr, ngram rows)``: each text's first ``max_tokens`` token ids (flat; text ``i`` is
+        ``ids[indptr[i]:indptr[i + 1]]``) and, with an n-gram block, its TF-IDF rows (a CSR matrix, or with
+        ``cells`` the ``(row, column, weight)`` arrays of :meth:`NgramFeatures.cells`), else None.
 
-        WordPiece tokenizers split on whitespace first and then tokenize each chunk on its own, so
-        caching per whitespace-separated chunk gives the same ids at a fraction of the cost: a
-        250-token article takes ~40 µs instead of ~1.3 ms through the full tokenizer pipeline.
-        Tokenizers for which that does not hold (checked once, at construction) are run whole. The cache
-        is a bounded LRU (:class:`WordCache`): traffic of ever-new words cannot grow the process.
-        Lone surrogates are replaced first (:func:`clean_text`): the tokenizer refuses them.
+        WordPiece tokenizers split on whitespace first and then tokenize each chunk on its own, so the ids
+        come from a word table (:class:`~protege.students.words.WordTable`: one C-level dict lookup per
+        word, numpy gathers, each new word tokenized once), which also holds each word's n-gram words — the
+        n-gram regex never runs on a text it has seen the words of. Tokenizers for which per-word does not
+        hold (checked once, at construction) are run whole. The table is bounded: traffic of ever-new words
+        cannot grow the process. Lone surrogates are replaced first (:func:`clean_text`).
         """
-        cache, enc, limit = self._word_cache, self.tokenizer.encode, self.max_tokens
         texts = [clean_text(t) for t in texts]
+        ng = self.ngrams if self.ngrams is not None and len(self.ngrams) else None
         if not self._per_word:  # e.g. byte-level BPE: a word's ids depend on the space before it
-            return [e.ids[:limit] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        if not isinstance(cache, WordCache):  # an object borrowing this method (the ONNX runner) with a dict
-            cache = self._word_cache = WordCache()
-        lookup = cache.ids
-        out = []
-        for t in texts:
-            ids: list[int] = []
-            rest = t
-            while rest and len(ids) < limit:
-                # a word gives ≥ 1 token, so `need` words suffice: split no further into a long document
-                need = limit - len(ids)
-                words = rest.split(maxsplit=need)
-                rest = words.pop() if len(words) > need else ""
-                for w in words:
-                    ids += lookup(w, enc)
-                    if len(ids) >= limit:
-                        break
-            out.append(ids[:limit])
-        return out
+            enc = [e.ids[: self.max_tokens] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+            ids = np.fromiter((i for x in enc for i in x), dtype=np.int64, count=sum(map(len, enc)))
+            ptr = indptr_of(list(map(len, enc)))
+            if ng is None:
+                return ids, ptr, None
+            toks = [_NGRAM_TOKEN.findall(t.lower()) for t in texts]
+            ng_ids, ng_ptr = ng.word_ids([w for x in toks for w in x]), indptr_of(list(map(len, toks)))
+            return ids, ptr, ng.cells(ng_ids, ng_ptr) if cells else ng.from_word_ids(ng_ids, ng_ptr)
+        table = self._word_cache
+        if not isinstance(table, WordTable):  # an object borrowing this method with a dict (older ONNX runner)
+            table = self._word_cache = WordTable(self.tokenizer)
+        ids, ptr, ng_ids, ng_ptr = table.encode(texts, self.max_tokens, ng._index()[0] if ng is not None else None)
+        if ng is None:
+            return ids, ptr, None
+        return ids, ptr, ng.cells(ng_ids, ng_ptr) if cells else ng.from_word_ids(ng_ids, ng_ptr)
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's first ``max_tokens`` token ids, as lists (what the tokenizer alone gives)."""
+        ids, ptr, _ = self._token_ids(texts)
+        return [ids[ptr[i] : ptr[i + 1]].tolist() for i in range(len(ptr) - 1)]
+
+    def _embed(self, ids: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+        """L2-normalised IDF-weighted mean of the texts' token embeddings: one sparse (texts × vocab) count
+        matrix times the IDF-scaled table (the mean's division by the IDF sum cancels in the norm)."""
+        n = len(ptr) - 1
+        if n == 1:  # one text: skip building a sparse matrix
+            u, c = np.unique(ids, return_counts=True)
+            X = (c.astype(np.float32) @ self.table[u])[None, :]
+        else:
+            S = sp.csr_matrix((np.ones(len(ids), dtype=np.float32), ids, ptr), shape=(n, len(self.table)))
+            X = np.asarray(S @ self.table, dtype=np.float32)
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-9)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised IDF-weighted mean of static token embeddings, [n, dims]."""
-        X = np.zeros((len(texts), self.table.shape[1]), dtype=np.float32)
-        for i, x in enumerate(self._ids(texts)):
-            if x:
-                a = np.asarray(x, dtype=np.intp)
-                X[i] = self.table[a].sum(0) / max(float(self.idf[a].sum()), 1e-6)
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-9)
+        ids, ptr, _ = self._token_ids(list(texts))
+        return self._embed(ids, ptr)
 
     def fit_idf(self, texts: Sequence[str]) -> None:
-        df = np.zeros(len(self.base), dtype=np.float64)
-        for x in self._ids(texts):
-            df[np.unique(np.asarray(x, dtype=np.int64))] += 1
+        ids, ptr, _ = self._token_ids(list(texts))
+        doc = np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
+        cells = np.unique(doc * len(self.base) + ids)
+        df = np.bincount(cells % len(self.base), minlength=len(self.base)).astype(np.float64)
         self.idf = (np.log((1 + len(texts)) / (1 + df)) + 1).astype(np.float32)
         self.table = self.base * self.idf[:, None]
 
@@ -265,10 +221,16 @@ class StaticClassifier(LogitClassifier):
 
     # -- inference -----------------------------------------------------------------------------
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        z = self.encode(texts) @ self.W + self.b
-        if self.ngrams is not None and len(self.ngrams):
-            z += self.ngrams.transform(texts) @ self.V
+        ids, ptr, ng = self._token_ids(list(texts), cells=True)
+        z = self._embed(ids, ptr) @ self.W + self.b
+        if ng is not None:  # the n-gram block's logits: each row's sum of weight × V[column]
+            row, col, w = ng
+            part = self.V[col] * w[:, None]
+            if len(ptr) == 2:
+                z[0] += part.sum(0)
+            else:
+                for j in range(z.shape[1]):
+                    z[:, j] += np.bincount(row, weights=part[:, j], minlength=len(z))
         return z
 
     @property
