@@ -100,7 +100,7 @@ class StaticClassifier(LogitClassifier):
     def _token_ids(self, texts: Sequence[str], cells: bool = False) -> tuple[np.ndarray, np.ndarray, object]:
         """``(ids, indptr, ngram rows)``: each text's first ``max_tokens`` token ids (flat; text ``i`` is
         ``ids[indptr[i]:indptr[i + 1]]``) and, with an n-gram block, its TF-IDF rows (a CSR matrix, or with
-        ``cells`` the ``(row, column, weight)`` arrays of :meth:`NgramFeatures.cells`), else None.
+        ``cells`` and one text the ``(row, column, weight)`` arrays of :meth:`NgramFeatures.cells`), else None.
 
         WordPiece tokenizers split on whitespace first and then tokenize each chunk on its own, so the ids
         come from a word table (:class:`~protege.students.words.WordTable`: one C-level dict lookup per
@@ -119,14 +119,18 @@ class StaticClassifier(LogitClassifier):
                 return ids, ptr, None
             toks = [_NGRAM_TOKEN.findall(t.lower()) for t in texts]
             ng_ids, ng_ptr = ng.word_ids([w for x in toks for w in x]), indptr_of(list(map(len, toks)))
-            return ids, ptr, ng.cells(ng_ids, ng_ptr) if cells else ng.from_word_ids(ng_ids, ng_ptr)
+            if cells and len(texts) == 1:
+                return ids, ptr, ng.cells(ng_ids, ng_ptr)
+            return ids, ptr, ng.from_word_ids(ng_ids, ng_ptr)
         table = self._word_cache
         if not isinstance(table, WordTable):  # an object borrowing this method with a dict (older ONNX runner)
             table = self._word_cache = WordTable(self.tokenizer)
         ids, ptr, ng_ids, ng_ptr = table.encode(texts, self.max_tokens, ng._index()[0] if ng is not None else None)
         if ng is None:
             return ids, ptr, None
-        return ids, ptr, ng.cells(ng_ids, ng_ptr) if cells else ng.from_word_ids(ng_ids, ng_ptr)
+        if cells and len(texts) == 1:
+            return ids, ptr, ng.cells(ng_ids, ng_ptr)
+        return ids, ptr, ng.from_word_ids(ng_ids, ng_ptr, separated=True)
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's first ``max_tokens`` token ids, as lists (what the tokenizer alone gives)."""
@@ -223,14 +227,10 @@ class StaticClassifier(LogitClassifier):
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
         ids, ptr, ng = self._token_ids(list(texts), cells=True)
         z = self._embed(ids, ptr) @ self.W + self.b
-        if ng is not None:  # the n-gram block's logits: each row's sum of weight × V[column]
-            row, col, w = ng
-            part = self.V[col] * w[:, None]
-            if len(ptr) == 2:
-                z[0] += part.sum(0)
-            else:
-                for j in range(z.shape[1]):
-                    z[:, j] += np.bincount(row, weights=part[:, j], minlength=len(z))
+        if isinstance(ng, tuple):  # one text: its n-gram cells' weights times their rows of V
+            z[0] += ng[2] @ self.V[ng[1]]
+        elif ng is not None:
+            z += ng @ self.V
         return z
 
     @property

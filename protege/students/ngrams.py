@@ -92,11 +92,14 @@ class NgramFeatures:
         get = self._index()[0].get
         return np.fromiter(map(get, tokens, repeat(-1)), dtype=np.int64, count=len(tokens))
 
-    def cells(self, ids: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def cells(self, ids: np.ndarray, indptr: np.ndarray, separated: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(row, column, weight)`` of the non-zero TF-IDF cells of a batch, sorted by row then column, from
         its texts' n-gram word ids (flat; text ``i`` is ``ids[indptr[i]:indptr[i + 1]]``): every k-gram of
         every text keyed as one integer (its word ids in base W) and looked up in the hash index once per k
-        over the whole batch, then counted per (text, column): sublinear TF × IDF, L2-normalised per row."""
+        over the whole batch, then counted per (text, column): sublinear TF × IDF, L2-normalised per row.
+        ``separated``: every text after the first starts with a -1 (as :class:`WordTable` gives them), so no
+        k-gram can span two texts and that check is skipped."""
         words, index, uni = self._index()
         n_docs, n_cols = len(indptr) - 1, len(self.vocab)
         ids = np.asarray(ids, dtype=np.int64)
@@ -115,7 +118,7 @@ class NgramFeatures:
                 part = ids[j : j + m]
                 ok &= part >= 0
                 key = key * base + part + 1
-            if not one and k > 1:
+            if not one and not separated and k > 1:
                 ok &= doc[:m] == doc[k - 1 : k - 1 + m]  # no k-gram across two texts
             col = uni[key[ok]] if k == 1 else index.get(key[ok])
             hit = col >= 0
@@ -130,9 +133,9 @@ class NgramFeatures:
             w /= np.maximum(norm, 1e-12)[row].astype(np.float32)
         return row, col, w
 
-    def from_word_ids(self, ids: np.ndarray, indptr: np.ndarray) -> sp.csr_matrix:
+    def from_word_ids(self, ids: np.ndarray, indptr: np.ndarray, separated: bool = False) -> sp.csr_matrix:
         """The TF-IDF rows of a batch (CSR [texts, vocab]) from its texts' n-gram word ids: see :meth:`cells`."""
-        row, col, w = self.cells(ids, indptr)
+        row, col, w = self.cells(ids, indptr, separated)
         n_docs = len(indptr) - 1
         return sp.csr_matrix((w, col.astype(np.int32), indptr_of(np.bincount(row, minlength=n_docs))),
                              shape=(n_docs, len(self.vocab)))

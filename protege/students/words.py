@@ -27,6 +27,8 @@ from itertools import repeat
 import numpy as np
 
 _PROBE = "Hello, world! The cat's naïve résumé costs $3.50 — don't re-run it: e-mail@example.com 東京 x2"
+_SEPARATOR = "\ud800"  # a lone surrogate: clean_text has replaced any in a text, so no text has this word
+_SEPARATED = f" {_SEPARATOR} "
 _NGRAM_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # = protege.students.ngrams._TOKEN (scikit-learn's default)
 
 
@@ -126,29 +128,31 @@ class WordTable:
         self._d: dict[str, int] = {}
         self._keys: list[str | None] = []  # row → word (None: a long word, kept for one call only)
         self._rows = np.zeros((0, 6), dtype=np.int64)
-        self._wp = np.zeros(0, dtype=np.int32)
-        self._ng = np.zeros(0, dtype=np.int32)
+        self._wp = np.zeros(0, dtype=np.int64)
+        self._ng = np.zeros(0, dtype=np.int64)
         self._n = self._n_wp = self._n_ng = 0
         self.bytes = self._junk = self._tick = 0
+        self._d[_SEPARATOR] = 0  # row 0: the batch separator, no token ids, one -1 n-gram id; never evicted
+        self._keys.append(_SEPARATOR)
+        self._rows, self._n = _append(self._rows, 0, np.array([[0, 0, 0, 1, 0, 0]]))
+        self._ng, self._n_ng = _append(self._ng, 0, [-1])
 
     def __len__(self) -> int:
-        return len(self._d)
+        return len(self._d) - 1
 
     def __contains__(self, word: str) -> bool:
-        return word in self._d
+        return word in self._d and word != _SEPARATOR
 
     # -- one call ---------------------------------------------------------------------------------------
     def encode(self, texts: list[str], limit: int, ngram_words: dict | None):
         """``(ids, ids_indptr, ngram_ids, ngram_indptr)`` of already-cleaned ``texts``: each text's first
         ``limit`` token ids, and (when ``ngram_words`` is given) its n-gram word ids (-1: not in the n-gram
-        vocabulary), both flat with CSR-style row pointers."""
-        if len(texts) == 1:
-            words = texts[0].split()
-            w_ptr = np.array([0, len(words)], dtype=np.int64)
-        else:
-            split = [t.split() for t in texts]
-            w_ptr = indptr_of(list(map(len, split)))
-            words = [w for s in split for w in s]
+        vocabulary; a -1 also starts every text after the first), both flat with CSR-style row pointers.
+
+        A batch is joined with a separator word that no cleaned text contains (a lone surrogate), split in
+        one call, and looked up in one ``map``; the separator's row has no token ids and one -1 n-gram id,
+        so the texts' boundaries fall out of the cumulative counts at the separators."""
+        words = texts[0].split() if len(texts) == 1 else _SEPARATED.join(texts).split()
         with self._lock:
             if ngram_words is not self._ng_words:
                 self._reset(ngram_words)
@@ -163,18 +167,21 @@ class WordTable:
             ng = ragged_gather(self._ng, meta[:, _NS], meta[:, _NL]) if ngram_words is not None else None
             if self.bytes + self._junk > self.max_bytes:
                 self._compact()
-        per_word = indptr_of(meta[:, _WL])
-        n_ids = per_word[w_ptr[1:]] - per_word[w_ptr[:-1]]
-        ids_ptr = indptr_of(n_ids)
+        if len(texts) == 1:
+            if len(ids) > limit:
+                ids = ids[:limit]
+            return ids, np.array([0, len(ids)]), ng, None if ng is None else np.array([0, len(ng)])
+        ends = np.flatnonzero(rows == 0)
+        ids_ptr = np.concatenate([[0], np.cumsum(meta[:, _WL])[ends], [len(ids)]])
+        n_ids = np.diff(ids_ptr)
         if len(n_ids) and n_ids.max() > limit:  # keep each text's first `limit` ids
             pos = np.arange(len(ids)) - np.repeat(ids_ptr[:-1], n_ids)
             ids = ids[pos < limit]
             ids_ptr = indptr_of(np.minimum(n_ids, limit))
         ng_ptr = None
         if ng is not None:
-            per_word = indptr_of(meta[:, _NL])
-            ng_ptr = indptr_of(per_word[w_ptr[1:]] - per_word[w_ptr[:-1]])
-        return ids.astype(np.int64), ids_ptr, ng, ng_ptr
+            ng_ptr = np.concatenate([[0], np.cumsum(meta[:, _NL])[ends] - 1, [len(ng)]])
+        return ids, ids_ptr.astype(np.int64), ng, ng_ptr
 
     def _add(self, missed: list[str]) -> np.ndarray:
         """Rows for the words of ``missed`` (in order, repeats allowed), tokenizing each distinct one once."""
@@ -208,11 +215,13 @@ class WordTable:
         """Drop one-call rows and, past the bound, the least recently used words; renumber and repack."""
         rows = self._rows[: self._n]
         live = np.flatnonzero(np.fromiter((k is not None for k in self._keys), dtype=bool, count=self._n))
+        live = live[1:]  # row 0, the separator, stays row 0
         if self.bytes > self.max_bytes:
             order = np.lexsort((-live, rows[live, _STAMP]))  # oldest call first; within one, last added first
             excess = self.bytes - (self.max_bytes * 3) // 4
             n_out = int(np.searchsorted(np.cumsum(rows[live[order], _BYTES]), excess)) + 1
             live = np.sort(live[order[n_out:]])
+        live = np.concatenate([[0], live])
         keys = [self._keys[r] for r in live]
         meta = rows[live].copy()
         wp = ragged_gather(self._wp, meta[:, _WS], meta[:, _WL])
