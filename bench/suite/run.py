@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # BLAS on one core, like torch: on a
+    os.environ.setdefault(_v, "1")  # busy 2-core machine multi-threaded BLAS in the LR fits competes with every other process
 import warnings
 
 warnings.filterwarnings("ignore", category=FutureWarning)
