@@ -12,9 +12,8 @@ across whitespace, and lower-casing is per character except for the final-sigma 
 crosses whitespace. So the n-gram words of a text are those of its chunks in order.
 
 The table is bounded like the old :class:`WordCache` (same size estimate per entry): past ``max_bytes`` the
-least recently used words go first (recency is per call: a word used in this call outlives every word that
-was not; among this call's words the ones added last go first), down to 3/4 of the bound, and the pools
-are compacted. Words longer than ``max_word`` characters are tokenized for the call and not kept.
+least recently used words go first (a word's recency: the call, then its last position in the call's
+words), down to 3/4 of the bound, and the pools are compacted. Words longer than ``max_word`` characters are tokenized for the call and not kept.
 """
 
 from __future__ import annotations
@@ -162,7 +161,8 @@ class WordTable:
             if len(miss):
                 rows[miss] = self._add([words[i] for i in miss])
             meta = self._rows[rows]
-            self._rows[rows, _STAMP] = self._tick
+            # recency: the call, then the position of the word's last use in it (numpy assigns in order)
+            self._rows[rows, _STAMP] = (self._tick << 32) + np.arange(len(rows))
             ids = ragged_gather(self._wp, meta[:, _WS], meta[:, _WL])
             ng = ragged_gather(self._ng, meta[:, _NS], meta[:, _NL]) if ngram_words is not None else None
             if self.bytes + self._junk > self.max_bytes:
@@ -196,7 +196,7 @@ class WordTable:
         est = self.ENTRY + np.fromiter(map(len, new), dtype=np.int64, count=len(new)) + 40 * wl
         block = np.zeros((len(new), 6), dtype=np.int64)
         block[:, _WS] = self._n_wp + indptr_of(wl)[:-1]
-        block[:, _WL], block[:, _NL], block[:, _BYTES], block[:, _STAMP] = wl, nl, est, self._tick
+        block[:, _WL], block[:, _NL], block[:, _BYTES] = wl, nl, est
         block[:, _NS] = self._n_ng + indptr_of(nl)[:-1]
         self._wp, self._n_wp = _append(self._wp, self._n_wp, [i for x in wp for i in x])
         self._ng, self._n_ng = _append(self._ng, self._n_ng, [i for x in ng for i in x])
@@ -217,7 +217,7 @@ class WordTable:
         live = np.flatnonzero(np.fromiter((k is not None for k in self._keys), dtype=bool, count=self._n))
         live = live[1:]  # row 0, the separator, stays row 0
         if self.bytes > self.max_bytes:
-            order = np.lexsort((-live, rows[live, _STAMP]))  # oldest call first; within one, last added first
+            order = np.argsort(rows[live, _STAMP], kind="stable")  # least recently used first
             excess = self.bytes - (self.max_bytes * 3) // 4
             n_out = int(np.searchsorted(np.cumsum(rows[live[order], _BYTES]), excess)) + 1
             live = np.sort(live[order[n_out:]])
