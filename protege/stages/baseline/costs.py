@@ -39,7 +39,7 @@ def student_latency(task: TaskSpec, out: Path, texts: Sequence[str], small_s: fl
         n_single = 8 if not hasattr(model, "predict_proba") else 50  # a generating LM is slow to time
         return {**time_calls(fn, texts, n_single), "source": "timed: trained student"}
     twin = "timed: untrained twin (same architecture, same speed)"
-    if s.kind == "static":
+    if s.kind in ("static", "auto"):  # auto: its fastest rung (the ladder may pick a slower one, up to max_ms)
         from protege.students.classifier import StaticClassifier
 
         import numpy as np
