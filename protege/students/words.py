@@ -107,8 +107,8 @@ class WordCache:
         return x
 
 
-# columns of WordTable._rows
-_WS, _WL, _NS, _NL, _STAMP, _BYTES = range(6)
+# columns of WordTable._rows (int32: 20 bytes a word to gather); recency is in WordTable._stamp (int64)
+_WS, _WL, _NS, _NL, _BYTES = range(5)
 
 
 class WordTable:
@@ -126,14 +126,16 @@ class WordTable:
         self._ng_words = ng_words  # the n-gram vocabulary's word → id the rows were built for
         self._d: dict[str, int] = {}
         self._keys: list[str | None] = []  # row → word (None: a long word, kept for one call only)
-        self._rows = np.zeros((0, 6), dtype=np.int64)
+        self._rows = np.zeros((0, 5), dtype=np.int32)
+        self._stamp = np.zeros(0, dtype=np.int64)
         self._wp = np.zeros(0, dtype=np.int64)
         self._ng = np.zeros(0, dtype=np.int64)
         self._n = self._n_wp = self._n_ng = 0
         self.bytes = self._junk = self._tick = 0
         self._d[_SEPARATOR] = 0  # row 0: the batch separator, no token ids, one -1 n-gram id; never evicted
         self._keys.append(_SEPARATOR)
-        self._rows, self._n = _append(self._rows, 0, np.array([[0, 0, 0, 1, 0, 0]]))
+        self._rows, self._n = _append(self._rows, 0, np.array([[0, 0, 0, 1, 0]]))
+        self._stamp, _ = _append(self._stamp, 0, [0])
         self._ng, self._n_ng = _append(self._ng, 0, [-1])
 
     def __len__(self) -> int:
@@ -162,7 +164,7 @@ class WordTable:
                 rows[miss] = self._add([words[i] for i in miss])
             meta = self._rows[rows]
             # recency: the call, then the position of the word's last use in it (numpy assigns in order)
-            self._rows[rows, _STAMP] = (self._tick << 32) + np.arange(len(rows))
+            self._stamp[rows] = (self._tick << 32) + np.arange(len(rows))
             ids = ragged_gather(self._wp, meta[:, _WS], meta[:, _WL])
             ng = ragged_gather(self._ng, meta[:, _NS], meta[:, _NL]) if ngram_words is not None else None
             if self.bytes + self._junk > self.max_bytes:
@@ -194,13 +196,14 @@ class WordTable:
         wl = np.fromiter(map(len, wp), dtype=np.int64, count=len(new))
         nl = np.fromiter(map(len, ng), dtype=np.int64, count=len(new))
         est = self.ENTRY + np.fromiter(map(len, new), dtype=np.int64, count=len(new)) + 40 * wl
-        block = np.zeros((len(new), 6), dtype=np.int64)
+        block = np.zeros((len(new), 5), dtype=np.int64)
         block[:, _WS] = self._n_wp + indptr_of(wl)[:-1]
         block[:, _WL], block[:, _NL], block[:, _BYTES] = wl, nl, est
         block[:, _NS] = self._n_ng + indptr_of(nl)[:-1]
         self._wp, self._n_wp = _append(self._wp, self._n_wp, [i for x in wp for i in x])
         self._ng, self._n_ng = _append(self._ng, self._n_ng, [i for x in ng for i in x])
         first = self._n
+        self._stamp, _ = _append(self._stamp, self._n, np.full(len(new), self._tick << 32))
         self._rows, self._n = _append(self._rows, self._n, block)
         keep = [len(w) <= self.max_word for w in new]
         self._keys += [w if k else None for w, k in zip(new, keep)]
@@ -217,7 +220,7 @@ class WordTable:
         live = np.flatnonzero(np.fromiter((k is not None for k in self._keys), dtype=bool, count=self._n))
         live = live[1:]  # row 0, the separator, stays row 0
         if self.bytes > self.max_bytes:
-            order = np.argsort(rows[live, _STAMP], kind="stable")  # least recently used first
+            order = np.argsort(self._stamp[live], kind="stable")  # least recently used first
             excess = self.bytes - (self.max_bytes * 3) // 4
             n_out = int(np.searchsorted(np.cumsum(rows[live[order], _BYTES]), excess)) + 1
             live = np.sort(live[order[n_out:]])
@@ -227,7 +230,7 @@ class WordTable:
         wp = ragged_gather(self._wp, meta[:, _WS], meta[:, _WL])
         ng = ragged_gather(self._ng, meta[:, _NS], meta[:, _NL])
         meta[:, _WS], meta[:, _NS] = indptr_of(meta[:, _WL])[:-1], indptr_of(meta[:, _NL])[:-1]
-        self._rows, self._wp, self._ng = meta, wp, ng
+        self._rows, self._wp, self._ng, self._stamp = meta, wp, ng, self._stamp[live]
         self._n, self._n_wp, self._n_ng = len(meta), len(wp), len(ng)
         self._keys = keys
         self._d = dict(zip(keys, range(len(keys))))
