@@ -10,7 +10,9 @@ loads that one saved folder twice: with the current ``protege.students`` code an
 give the same probabilities on the 426 gold articles, and times ``predict_proba`` the way the evaluate stage
 does (``protege.timing.measure``: one call per item for p50/p95, the whole gold set in one call for
 items/s), old and new interleaved, ``--repeats`` times; medians are printed with the load average, since
-other processes may share the CPU.
+other processes may share the CPU — and, beside the wall-clock figures, the same calls in this process's
+CPU time (``time.process_time``), which a busy machine distorts less (it still counts the cache misses and
+shared cores that other processes cause).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def old_student_class(ref: str, tmp: Path):
     return mod.StaticClassifier
 
 
+def cpu_time(fn, arg) -> float:
+    """CPU seconds of one call (this process only: less sensitive than wall time to other processes)."""
+    t0 = time.process_time()
+    fn(arg)
+    return time.process_time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old-ref", default=BASELINE, help="git revision of the old implementation")
@@ -118,7 +127,8 @@ def main() -> None:
         diff1 = float(np.abs(p_old - single_new).max())
         same = bool((p_old.argmax(1) == p_new.argmax(1)).all())
         load0 = os.getloadavg()
-        rows: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p95": [], "ips": []} for k in students}
+        rows: dict[str, dict[str, list[float]]] = {k: {m: [] for m in ("p50", "p95", "ips", "cpu_p50", "cpu_ips")}
+                                                   for k in students}
         for _ in range(a.repeats):
             for k, clf in students.items():
                 single, batched = measure(clf.predict_proba, gold, n_single=a.n_single, repeats=3, warmup=4)
@@ -126,6 +136,11 @@ def main() -> None:
                 rows[k]["p50"].append(lat["p50_ms"])
                 rows[k]["p95"].append(lat["p95_ms"])
                 rows[k]["ips"].append(1.0 / batched)
+                cpu_single = [cpu_time(clf.predict_proba, [t]) for t in gold[: a.n_single]]
+                rows[k]["cpu_p50"].append(statistics.median(cpu_single) * 1000)
+                c2 = time.process_time()
+                clf.predict_proba(gold)
+                rows[k]["cpu_ips"].append(len(gold) / max(time.process_time() - c2, 1e-9))
         load1 = os.getloadavg()
 
     med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in rows.items()}
@@ -134,11 +149,13 @@ def main() -> None:
           f"old = git {a.old_ref}, new = working tree; median of {a.repeats} repeats "
           f"(single: {a.n_single} one-item calls; batched: all {len(gold)} in one call, median of 3)")
     print(f"same predictions: {same}; max |p_old - p_new| = {diff:.2e} batched, {diff1:.2e} one item at a time")
-    print(f"{'':6}{'p50 ms':>10}{'p95 ms':>10}{'items/s batched':>18}")
+    print(f"{'':6}{'p50 ms':>10}{'p95 ms':>10}{'items/s batched':>18}   |  CPU time:{'p50 ms':>9}{'items/s':>10}")
     for k in students:
-        print(f"{k:6}{med[k]['p50']:>10.3f}{med[k]['p95']:>10.3f}{med[k]['ips']:>18,.0f}")
+        print(f"{k:6}{med[k]['p50']:>10.3f}{med[k]['p95']:>10.3f}{med[k]['ips']:>18,.0f}   |  "
+              f"{'':9}{med[k]['cpu_p50']:>9.3f}{med[k]['cpu_ips']:>10,.0f}")
     print(f"{'ratio':6}{med['old']['p50'] / med['new']['p50']:>9.1f}x{med['old']['p95'] / med['new']['p95']:>9.1f}x"
-          f"{med['new']['ips'] / med['old']['ips']:>17.1f}x")
+          f"{med['new']['ips'] / med['old']['ips']:>17.1f}x   |  {'':9}"
+          f"{med['old']['cpu_p50'] / med['new']['cpu_p50']:>8.1f}x{med['new']['cpu_ips'] / med['old']['cpu_ips']:>9.1f}x")
     print(f"load average (1/5/15 min) before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "
           f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; cpus: {os.cpu_count()}; nice: {os.nice(0)}")
     print("all runs:", json.dumps({k: {m: [round(x, 4) for x in v] for m, v in r.items()} for k, r in rows.items()}))
