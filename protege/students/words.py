@@ -13,7 +13,9 @@ crosses whitespace. So the n-gram words of a text are those of its chunks in ord
 
 The table is bounded like the old :class:`WordCache` (same size estimate per entry): past ``max_bytes`` the
 least recently used words go first (a word's recency: the call, then its last position in the call's
-words), down to 3/4 of the bound, and the pools are compacted. Words longer than ``max_word`` characters are tokenized for the call and not kept.
+words), down to 3/4 of the bound, and the pools are compacted — at the end of a call, so one call's new
+words may pass the bound for that call. Words longer than ``max_word`` characters are tokenized for the
+call and not kept (a cache of them is what an adversary fills).
 """
 
 from __future__ import annotations
