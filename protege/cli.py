@@ -368,9 +368,10 @@ def _print_report(r: dict, out: Path) -> None:
                    "—" if who == "teacher" else f(d.get("agreement"), ".3f"), f(d["ms_per_item"], ".3f"),
                    f(None if d["usd_per_1k"] is None else d["usd_per_1k"] * 1000, ".4f"))
     console.print(tb)
-    sp = r["speedup"]
-    console.print(f"retained [bold]{f(r['retained'], '.3f')}[/]   speedup [bold]{f(sp, '.0f' if (sp or 0) >= 10 else '.2f')}"
-                  f"x[/] (single item), {f(r.get('speedup_batched'), '.1f')}x batched")
+    from protege.reporting.fmt import speed_words
+
+    single, batched = speed_words(r["speedup"]) or "—", speed_words(r.get("speedup_batched")) or "—"
+    console.print(f"retained [bold]{f(r['retained'], '.3f')}[/]   [bold]{single}[/] (single item), {batched} batched")
     for why in (r.get("notes") or {}).values():
         console.print(f"note: {why}", highlight=False)
     j = r.get("judge")

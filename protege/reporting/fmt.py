@@ -39,3 +39,11 @@ def _bytes(n) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def speed_words(speedup: float | None) -> str:
+    """"230x faster" / "1.8x faster" / "3.2x slower" / "" (unknown)."""
+    if not speedup or speedup <= 0:
+        return ""
+    x, word = (speedup, "faster") if speedup >= 1 else (1 / speedup, "slower")
+    return f"{x:,.0f}x {word}" if x >= 10 else f"{x:.1f}x {word}"

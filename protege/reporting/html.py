@@ -8,6 +8,7 @@ Plots are PNG data URIs (:mod:`protege.reporting.plots`), so the file has no ext
 
 from __future__ import annotations
 
+from protege.reporting.fmt import speed_words
 from protege.costs import format_months
 from protege.kinds import KINDS
 from protege.reporting import plots
@@ -36,7 +37,7 @@ def _kpis(r: dict) -> str:
     be = c.get("break_even_months")
     tiles = [
         (f"{_f(r['retained'], '.1%')}", f"of teacher's {r['metric']} retained<br>95% CI {_ci(r.get('retained_ci'), '.1%')}"),
-        (f"{_f(r['speedup'], ',.0f')}x", f"faster per item (p50)<br>{_f(r.get('speedup_batched'), ',.0f')}x batched"),
+        (_e(speed_words(r["speedup"]) or "—"), f"per item (p50)<br>{_e(speed_words(r.get('speedup_batched')) or '—')} batched"),
         (f"{_f(p.get('p_value'), '.2g')}", f"p-value, {p.get('test', 'paired test')}<br>student vs teacher, same items"),
         _third_tile(r, cas),
         _price_tile(c),

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from protege import metrics as M
+from protege.stages.evaluate.economics import explicit_max_ms, gate, speed_phrase
 from protege.kinds import kind_of
 from protege.artifacts import fingerprint
 from protege.stages.evaluate.common import (
@@ -128,7 +129,7 @@ def verdict(r: dict) -> dict:
     lo = (r.get("retained_ci") or [ret])[0]
     if s["score"] >= t["score"] or (not sig and lo >= 0.95):
         how = "significantly better than" if (sig and s["score"] > t["score"]) else "on par with"
-        fast = f" and {r['speedup']:,.0f}x faster" if r.get("speedup") else ""
+        fast = speed_phrase(r.get("speedup"))
         return {"decision": "ship", "text": f"Ship the student: it is {how} the teacher "
                 f"({ret:.1%} of its {r['metric']}, {p['test']} p = {p['p_value']:.2g}){fast}."}
     if cas.get("coverage", 0) >= 0.5:
@@ -212,7 +213,8 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
     notes = null_notes(report)
     if notes:
         report["notes"] = notes
-    report["verdict"] = verdict(report)
+    report["verdict"] = gate(report, verdict(report), max_ms=explicit_max_ms(task),
+                             usd_per_hour=task.student.usd_per_hour)
     if report.get("labels_to_buy"):
         optimistic = bool(report["learning_curve"].get("fit_note"))
         report["verdict"]["text"] += " " + labels_sentence(report["labels_to_buy"], optimistic)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from protege import metrics as M
+from protege.stages.evaluate.economics import explicit_max_ms, gate, speed_phrase
 from protege.artifacts import fingerprint
 from protege.stages.evaluate.common import (
     cost_block,
@@ -74,7 +75,7 @@ def text_verdict(r: dict) -> dict:
                 f"items, so there is nothing to retain — fix the teacher's prompt (or the gold answers) first."}
     sig = p["p_value"] < 0.05
     lo = (r.get("retained_ci") or [ret])[0]
-    speed = f" and {r['speedup']:,.1f}x faster" if r.get("speedup") else ""
+    speed = speed_phrase(r.get("speedup"))
     if s["score"] >= t["score"] or (not sig and lo >= 0.95):
         return {"decision": "ship", "text": f"Ship the student: it keeps {ret:.1%} of the teacher's {metric} "
                 f"({p['test']} p = {p['p_value']:.2g}){speed}."}
@@ -165,7 +166,8 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
         report["notes"] = notes
     if task.evaluate.judge and kind.judged:
         report["judge"] = run_judge(task, out, texts, t_out, s_out, gold)
-    report["verdict"] = text_verdict(report)
+    report["verdict"] = gate(report, text_verdict(report), max_ms=explicit_max_ms(task),
+                             usd_per_hour=task.student.usd_per_hour)
     items = [{"id": g["id"], "gold": y, "teacher": tp, "student": sp, "teacher_score": float(ts),
               "student_score": float(ss), "student_confidence": None}
              for g, y, tp, sp, ts, ss in zip(gold_rows, gold, t_out, s_out, t_items, s_items)]
