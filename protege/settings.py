@@ -149,6 +149,11 @@ class StudentConfig(_Strict):
     ngrams: int = Field(2, ge=0, le=3, description="static: word 1..n-gram TF-IDF block beside the embeddings "
                         "(0 = embeddings only).")
     ngram_min_df: int = Field(2, ge=1, description="static: keep n-grams seen in at least this many training texts.")
+    ngram_analyzer: Literal["auto", "word", "char"] = Field(
+        "auto", description="static/frozen n-gram block: word 1..n-grams, character 1..3-grams inside space-padded "
+        "words (char: text without spaces such as Chinese, noisy short text), or auto: the ladder tries char too "
+        "when texts have few spaces or are short and keeps what agrees best with the teacher by CV; a plain "
+        "static student takes char only for texts with few spaces.")
     dense_weight: float = Field(0.3, gt=0, description="static: scale of the embedding block in the head's fit "
                                 "(smaller = more regularised). 0.3 suits long documents; raise to ~1 for short "
                                 "inputs (titles, tickets), where the n-grams say little.")

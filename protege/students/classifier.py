@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from protege import __version__
-from protege.students.ngrams import NgramFeatures
+from protege.students.ngrams import NgramFeatures, ngram_features
 from protege.students.words import (
     _NGRAM_TOKEN,
     WordCache,
@@ -87,13 +87,13 @@ class StaticClassifier(LogitClassifier):
 
     @classmethod
     def from_encoder(cls, encoder: str, labels: list[str], dims: int = 256, *, ngrams: int = 2,
-                     ngram_min_df: int = 2) -> "StaticClassifier":
+                     ngram_min_df: int = 2, ngram_analyzer: str = "word") -> "StaticClassifier":
         from tokenizers import Tokenizer
 
         from protege.students.static import distill_static
 
         emb, tok_path = distill_static(encoder, dims)
-        feats = NgramFeatures(ngrams, ngram_min_df) if ngrams else None
+        feats = ngram_features(ngrams, ngram_min_df, ngram_analyzer) if ngrams else None
         return cls(emb, Tokenizer.from_file(str(tok_path)), labels, ngrams=feats)
 
     # -- features ------------------------------------------------------------------------------
@@ -111,6 +111,14 @@ class StaticClassifier(LogitClassifier):
         """
         texts = [clean_text(t) for t in texts]
         ng = self.ngrams if self.ngrams is not None and len(self.ngrams) else None
+        if ng is not None and ng.analyzer != "word":  # character n-grams: read from the texts, a batch at a time
+            ids, ptr, _ = StaticClassifier._token_ids_words(self, texts, None, cells)  # self: maybe the ONNX runner
+            if cells and len(texts) == 1:
+                return ids, ptr, ng.char_cells(texts)
+            return ids, ptr, ng.transform(texts)
+        return StaticClassifier._token_ids_words(self, texts, ng, cells)
+
+    def _token_ids_words(self, texts: list[str], ng, cells: bool):
         if not self._per_word:  # e.g. byte-level BPE: a word's ids depend on the space before it
             enc = [e.ids[: self.max_tokens] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
             ids = np.fromiter((i for x in enc for i in x), dtype=np.int64, count=sum(map(len, enc)))

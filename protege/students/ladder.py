@@ -234,8 +234,11 @@ def build_rungs(task, d: Data, names: Sequence[str] | None = None) -> list:
     unknown = [n for n in want if n not in RUNGS]
     if unknown:
         raise ValueError(f"student.rungs: unknown rung(s) {unknown}; use {list(RUNGS)}")
-    static = StaticRung(d, s.embedder, s.dims, s.ngrams, s.ngram_min_df, t.c, s.dense_weight)
-    frozen = FrozenRung(d, s.embedder, s.ngram_min_df)
+    from protege.students.ngrams import analyzer_options
+
+    analyzers = analyzer_options(d.texts, getattr(s, "ngram_analyzer", "auto"))
+    static = StaticRung(d, s.embedder, s.dims, s.ngrams, s.ngram_min_df, t.c, s.dense_weight, analyzers)
+    frozen = FrozenRung(d, s.embedder, s.ngram_min_df, analyzers=analyzers)
     out = []
     if "static" in want or "static-distilled" in want:
         out.append(static)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from protege.students.heads import fit_head
-from protege.students.ngrams import NgramFeatures
+from protege.students.ngrams import ngram_features
 
 
 @dataclass
@@ -54,31 +54,35 @@ def _fit(d: Data, X, S, idx, p: dict, P=None, hard=None, weight=None):
 
 
 class StaticRung:
-    """The static student (static embedding mean + TF-IDF n-grams): C, dense weight and class balance by CV."""
+    """The static student (static embedding mean + TF-IDF n-grams): C, dense weight, class balance and the n-gram
+    analyzer (``analyzers``: word, and char where :func:`~protege.students.ngrams.analyzer_options` says) by CV."""
 
     name = "static"
 
-    def __init__(self, d: Data, embedder: str, dims: int, ngrams: int, min_df: int, c: float, dense_weight: float):
+    def __init__(self, d: Data, embedder: str, dims: int, ngrams: int, min_df: int, c: float, dense_weight: float,
+                 analyzers: Sequence[str] = ("word",)):
         self.d, self.embedder, self.dims, self.n, self.min_df = d, embedder, dims, ngrams, min_df
         cs = sorted({round(c / 3, 3), round(c * 3, 3)})
         dws = sorted({dense_weight, 1.0})
-        self.grid = [{"c": cc, "dense_weight": dw, "balanced": bal} for bal in (False, True) for dw in dws for cc in cs]
+        ans = list(analyzers) if ngrams else ["word"]
+        self.grid = [{"c": cc, "dense_weight": dw, "balanced": bal, **({"analyzer": a} if a != "word" else {})}
+                     for a in ans for bal in (False, True) for dw in dws for cc in cs]
 
-    def _student(self):
+    def _student(self, analyzer: str = "word"):
         from protege.students.classifier import StaticClassifier
 
         return StaticClassifier.from_encoder(self.embedder, self.d.labels, self.dims, ngrams=self.n,
-                                             ngram_min_df=self.min_df)
+                                             ngram_min_df=self.min_df, ngram_analyzer=analyzer)
 
     def prepare(self) -> None:
         self.base = self._student()
         self.base.fit_idf(self.d.texts)  # unsupervised, all labelled texts (as the static train path does)
         self.X = self.base.encode(self.d.texts)
 
-    def _S(self, fit_texts: Sequence[str], texts: Sequence[str]):
+    def _S(self, fit_texts: Sequence[str], texts: Sequence[str], analyzer: str = "word"):
         if not self.n:
             return None, None
-        ng = NgramFeatures(self.n, self.min_df).fit(list(fit_texts))
+        ng = ngram_features(self.n, self.min_df, analyzer).fit(list(fit_texts))
         return ng, ng.transform(list(texts))
 
     def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
@@ -86,16 +90,17 @@ class StaticRung:
         out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
         for f, (tr, te) in enumerate(folds):
             tr = _sub(tr, frac, d.seed + f)
-            _, S = self._S([d.texts[i] for i in tr], d.texts)
+            Ss = {a: self._S([d.texts[i] for i in tr], d.texts, a)[1] for a in {p.get("analyzer", "word") for p in grid}}
             for g, p in enumerate(grid):
+                S = Ss[p.get("analyzer", "word")]
                 out[g, te] = _fit(d, self.X, S, tr, p).logits(self.X[te], None if S is None else S[te])
         return out
 
     def refit(self, p: dict):
         d = self.d
-        st = self._student()
+        st = self._student(p.get("analyzer", "word"))
         st.fit_idf(d.texts)
-        ng, S = self._S(d.texts, d.texts)
+        ng, S = self._S(d.texts, d.texts, p.get("analyzer", "word"))
         return _assemble(st, ng, _fit(d, st.encode(d.texts), S, np.arange(len(d.texts)), p))
 
 
@@ -112,9 +117,12 @@ class FrozenRung:
 
     name = "frozen"
 
-    def __init__(self, d: Data, encoder: str, min_df: int = 2, max_length: int = 128, threads: int = 1):
+    def __init__(self, d: Data, encoder: str, min_df: int = 2, max_length: int = 128, threads: int = 1,
+                 analyzers: Sequence[str] = ("word",)):
         self.d, self.encoder, self.min_df, self.max_length, self.threads = d, encoder, min_df, max_length, threads
-        self.grid = [{"c": c, "ngrams": n, "balanced": bal} for bal in (False, True) for n in (0, 2) for c in (0.3, 1.0, 10.0)]
+        ngs = [(0, "word")] + [(2, a) for a in analyzers]
+        self.grid = [{"c": c, "ngrams": n, "balanced": bal, **({"analyzer": a} if a != "word" else {})}
+                     for bal in (False, True) for n, a in ngs for c in (0.3, 1.0, 10.0)]
         self._cache: dict[str, np.ndarray] = {}
 
     def prepare(self) -> None:
@@ -136,11 +144,10 @@ class FrozenRung:
         out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
         for f, (tr, te) in enumerate(folds):
             tr = _sub(tr, frac, d.seed + f)
-            S = None
-            if any(p["ngrams"] for p in grid):
-                S = NgramFeatures(2, self.min_df).fit([d.texts[i] for i in tr]).transform(d.texts)
+            Ss = {a: ngram_features(2, self.min_df, a).fit([d.texts[i] for i in tr]).transform(d.texts)
+                  for a in {p.get("analyzer", "word") for p in grid if p["ngrams"]}}
             for g, p in enumerate(grid):
-                Sg = S if p["ngrams"] else None
+                Sg = Ss[p.get("analyzer", "word")] if p["ngrams"] else None
                 out[g, te] = _fit(d, self.X, Sg, tr, p).logits(self.X[te], None if Sg is None else Sg[te])
         return out
 
@@ -148,8 +155,8 @@ class FrozenRung:
         from protege.students.frozen import FrozenClassifier
 
         d = self.d
-        m = FrozenClassifier(self.proto.encoder, d.labels, NgramFeatures(p["ngrams"], self.min_df) if p["ngrams"]
-                             else None, source=self.encoder)
+        ng = ngram_features(p["ngrams"], self.min_df, p.get("analyzer", "word")) if p["ngrams"] else None
+        m = FrozenClassifier(self.proto.encoder, d.labels, ng, source=self.encoder)
         return m.fit(d.texts, d.P, hard_labels=d.hard, sample_weight=d.weight, X=self.X, c=p["c"],
                      balanced=p["balanced"], alpha=d.alpha, temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
 
@@ -181,14 +188,15 @@ class DistilledRung:
         key = set(d.texts)
         self.extra = [t for t in dict.fromkeys(d.pool) if t not in key]  # pool texts the teacher did not label
         self.all_texts = d.texts + self.extra
-        self.st = self.static._student()
+        sa = self.sp.get("analyzer", "word")
+        self.st = self.static._student(sa)
         self.st.fit_idf(self.all_texts)
         self.Xs = self.st.encode(self.all_texts)
-        self.ng = NgramFeatures(self.static.n, self.static.min_df).fit(self.all_texts) if self.static.n else None
+        self.ng = ngram_features(self.static.n, self.static.min_df, sa).fit(self.all_texts) if self.static.n else None
         self.S = self.ng.transform(self.all_texts) if self.ng is not None else None
         self.Xe = self.lab.embed(self.all_texts)
-        self.Se = NgramFeatures(2, self.lab.min_df).fit(self.all_texts).transform(self.all_texts) if self.lp["ngrams"] \
-            else None
+        self.Se = ngram_features(2, self.lab.min_df, self.lp.get("analyzer", "word")).fit(self.all_texts).transform(
+            self.all_texts) if self.lp["ngrams"] else None
 
     def _train(self, tr: np.ndarray, exclude: np.ndarray, p: dict):
         """Head fitted on teacher rows ``tr`` + pseudo-labelled pool rows (all extra rows, minus ``exclude``)."""
@@ -217,7 +225,7 @@ class DistilledRung:
 
     def refit(self, p: dict):
         head, self.n_pseudo = self._train(np.arange(len(self.d.texts)), np.array([], dtype=np.int64), p)
-        st = self.static._student()
+        st = self.static._student(self.sp.get("analyzer", "word"))
         st.fit_idf(self.all_texts)
         return _assemble(st, self.ng, head)
 

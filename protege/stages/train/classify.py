@@ -18,8 +18,11 @@ from protege.task import TaskSpec
 def fit_static(task: TaskSpec, texts: list[str], P: np.ndarray, hard: np.ndarray, weight: np.ndarray,
                 idf_texts: list[str]) -> StaticClassifier:
     s, t = task.student, task.train
+    from protege.students.ngrams import preferred_analyzer
+
     student = StaticClassifier.from_encoder(s.embedder, task.labels, s.dims, ngrams=s.ngrams,
-                                            ngram_min_df=s.ngram_min_df)
+                                            ngram_min_df=s.ngram_min_df,
+                                            ngram_analyzer=preferred_analyzer(texts, s.ngram_analyzer))
     return student.fit(texts, P, hard_labels=hard, sample_weight=weight if np.any(weight != 1.0) else None,
                        alpha=t.alpha, temperature=t.temperature, c=t.c, dense_weight=s.dense_weight,
                        max_iter=t.max_iter, seed=t.seed, class_weights=balanced_class_weights(hard, len(task.labels)),
