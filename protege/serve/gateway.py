@@ -210,7 +210,8 @@ def create_app(config: GatewayConfig):
         if sum(len(t) for t in texts) > INLINE_CHARS:
             loop, preds, embs = asyncio.get_running_loop(), None, None
             if engine.infer_proc is not None:  # featurised in the worker process: this one keeps its GIL
-                preds, embs = await asyncio.wrap_future(engine.infer_proc.submit(texts, engine.wants_embedding()))
+                P, embs = await asyncio.wrap_future(engine.infer_proc.submit(texts, engine.wants_embedding()))
+                preds = p.predictions(P)
             preds, outs = await loop.run_in_executor(engine.infer_pool, predict_and_route, texts, endpoint, preds, embs)
             return outs if outs is not None else await run_in_threadpool(engine.answer_many, texts, endpoint, preds)
         preds = p.predict(texts)

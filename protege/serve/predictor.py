@@ -38,7 +38,10 @@ class ClassifierPredictor:
         self.labels = list(student.labels)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        P = self.student.predict_proba(list(texts))
+        return self.predictions(self.student.predict_proba(list(texts)))
+
+    def predictions(self, P: np.ndarray) -> list[Prediction]:
+        """Predictions from a (texts x labels) probability matrix (computed here or in a worker process)."""
         out = []
         for row in P:
             i = int(row.argmax())

@@ -14,6 +14,8 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 _PREDICTOR = None
 
 
@@ -30,8 +32,10 @@ def _init(path: str, name: str) -> None:
 
 
 def _predict(texts: list[str], embed: bool):
-    preds = _PREDICTOR.predict(texts)
-    return preds, (_PREDICTOR.embed(texts) if embed else None)
+    """Two float32 arrays back (probabilities, embeddings): cheap to unpickle, unlike a list of objects."""
+    P = np.asarray(_PREDICTOR.student.predict_proba(texts), dtype=np.float32)
+    E = _PREDICTOR.embed(texts) if embed else None
+    return P, (None if E is None else np.asarray(E, dtype=np.float32))
 
 
 def _ready() -> bool:
@@ -39,7 +43,7 @@ def _ready() -> bool:
 
 
 class InferenceProcess:
-    """``submit(texts, embed) -> Future[(predictions, embeddings | None)]`` answered by a worker process."""
+    """``submit(texts, embed) -> Future[(probabilities, embeddings | None)]`` answered by a worker process."""
 
     def __init__(self, student: str | Path, name: str):
         self.pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_init,
