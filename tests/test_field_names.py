@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -24,7 +23,7 @@ from protege import progress
 from protege.cli import app
 from protege.data import read_jsonl, text_key
 from protege.task import load_task
-from tiny import minilm_tokenizer, minilm_tokenizer_path
+from tiny import fake_static_table
 
 KEY_ENV = "PROTEGE_FIELDS_KEY"
 LABELS = ["sports", "business", "tech"]
@@ -45,12 +44,7 @@ def teacher_url():
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-fields")
     monkeypatch.setitem(progress.QUIET, "on", True)
-    vocab = minilm_tokenizer().get_vocab_size()
-
-    def fake_distill_static(encoder: str, dims: int = 256, batch_size: int = 512):
-        return np.random.default_rng(0).normal(size=(vocab, dims)).astype(np.float32), minilm_tokenizer_path()
-
-    monkeypatch.setattr("protege.students.static.distill_static", fake_distill_static)
+    fake_static_table(monkeypatch)
 
 
 def rows(n: int, start: int = 0, wrong_every: int = 0) -> list[dict]:

@@ -19,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -27,7 +26,7 @@ from typer.testing import CliRunner
 from fault_server import create_fault_app, serve
 from protege import progress
 from protege.data import read_jsonl
-from tiny import minilm_tokenizer, minilm_tokenizer_path
+from tiny import fake_static_table
 
 KEY_ENV = "PROTEGE_RELPATH_KEY"
 LABELS = ["sports", "business", "tech"]
@@ -45,12 +44,7 @@ def teacher_url():
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-relpath")
     monkeypatch.setitem(progress.QUIET, "on", True)
-    vocab = minilm_tokenizer().get_vocab_size()
-
-    def fake_distill_static(encoder: str, dims: int = 256, batch_size: int = 512):
-        return np.random.default_rng(0).normal(size=(vocab, dims)).astype(np.float32), minilm_tokenizer_path()
-
-    monkeypatch.setattr("protege.students.static.distill_static", fake_distill_static)
+    fake_static_table(monkeypatch)
 
 
 def text(i: int, said: str | None = None) -> str:

@@ -199,7 +199,6 @@ def _shared_tiny_llama(vocab_size: int, seed: int):
 def install_tiny_models(monkeypatch, *, seed: int = 0) -> Calls:
     """Make ``backend: hf`` a tiny random Llama (counting its calls) and the static student's table a
     small random one over the MiniLM vocabulary, so the whole pipeline runs in seconds offline."""
-    import numpy as np
 
     from protege import progress
     from protege import registry as base
@@ -224,6 +223,16 @@ def install_tiny_models(monkeypatch, *, seed: int = 0) -> Calls:
 
     monkeypatch.setitem(base.TEACHERS, "hf", CountingTinyTeacher)
 
+    fake_static_table(monkeypatch, seed=seed)
+    monkeypatch.setitem(progress.QUIET, "on", True)
+    return calls
+
+
+def fake_static_table(monkeypatch, *, seed: int = 0) -> None:
+    """The static student's embedding table: a random one over the MiniLM vocabulary instead of distilling the
+    real encoder (~13 s), so a pipeline with a static student runs in seconds."""
+    import numpy as np
+
     tok_path = minilm_tokenizer_path()
     vocab = minilm_tokenizer().get_vocab_size()
 
@@ -231,5 +240,3 @@ def install_tiny_models(monkeypatch, *, seed: int = 0) -> Calls:
         return np.random.default_rng(seed).normal(size=(vocab, dims)).astype(np.float32), tok_path
 
     monkeypatch.setattr("protege.students.static.distill_static", fake_distill_static)
-    monkeypatch.setitem(progress.QUIET, "on", True)
-    return calls
