@@ -33,6 +33,11 @@ def test_a_cheaper_student_keeps_its_quality_verdict():
     assert gate(r, SHIP, max_ms=None, usd_per_hour=0.10) == SHIP
 
 
+def test_an_unpriced_teacher_is_no_reason_to_overrule_the_quality_verdict():
+    r = report(3.0, 0.0, 1e-7, 2.0)  # a teacher with no known price: its calls are logged at $0
+    assert gate(r, SHIP, max_ms=None, usd_per_hour=0.10) == SHIP
+
+
 def test_over_the_latency_budget_is_not_shipped():
     r = report(12.0, 1e-3, 1e-9, 50)
     v = gate(r, SHIP, max_ms=5.0, usd_per_hour=0.10)

@@ -31,9 +31,9 @@ def economics(r: dict, *, max_ms: float | None, usd_per_hour: float) -> dict | N
             f"Not yet: the student takes {s_ms:,.1f} ms per item (single-item p50), over the {max_ms:g} ms budget "
             f"(student.max_ms). A smaller or faster student (the ladder's cheaper rungs, an int8 / GGUF runtime), "
             f"faster hardware, or a larger budget would change that.")}
-    if t_call is None or s_call is None or not s_ms or s_call <= t_call:
-        return None
-    ratio = s_call / t_call if t_call > 0 else float("inf")
+    if t_call is None or s_call is None or not s_ms or s_call <= t_call or t_call <= 0:
+        return None  # cheaper, or the teacher's price is unknown ($0: no price for the model and none in the task)
+    ratio = s_call / t_call
     even_ms = t_call * 3600 * 1000 / usd_per_hour if usd_per_hour > 0 else None
     even_hour = t_call * 3600 / (s_ms / 1000)
     fixes = []
