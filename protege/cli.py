@@ -371,7 +371,7 @@ def _print_report(r: dict, out: Path) -> None:
     from protege.reporting.fmt import speed_words
 
     single, batched = speed_words(r["speedup"]) or "—", speed_words(r.get("speedup_batched")) or "—"
-    console.print(f"retained [bold]{f(r['retained'], '.3f')}[/]   [bold]{single}[/] (single item), {batched} batched")
+    console.print(f"retained [bold]{f(r['retained'], '.3f')}[/]   speedup: [bold]{single}[/] (single item), {batched} batched")
     for why in (r.get("notes") or {}).values():
         console.print(f"note: {why}", highlight=False)
     j = r.get("judge")
