@@ -8,7 +8,8 @@ errors on hard items and confusable label pairs) labels a seeded random sample o
 budget (nested: the 1k sample is the start of the 4k one; a budget above the pool size means "all of it").
 Every student maker then fits on those teacher labels and is scored on gold: accuracy with a 95% bootstrap
 CI, agreement with the teacher on gold, the share of the teacher's gold accuracy it keeps, a paired
-McNemar p-value against the reference student (the first maker: protege's current default), ms/item one
+McNemar p-value against the reference student (the first maker: protege's default, ``student.kind: auto``,
+trained through ``protege.stages.train.auto.train_auto``), ms/item one
 item at a time (p50) and training seconds. Gold labels are never trained on.
 
 **How the teacher labels get here.** The rows of the table take the teacher's answers straight from
@@ -22,8 +23,11 @@ over HTTP.
 **Student makers** (``MAKERS``): a maker is ``fit(texts, teacher_labels, labels, probs=None) -> model``
 where ``probs`` [n, C] are the teacher's soft labels over ``labels`` (or None) and the model has
 ``predict(texts) -> list[str]`` and ``predict_proba(texts) -> [n, C]``. The peers reuse bench/peers.py's
-building blocks. To add a student (the ladder's ``auto``), append a ``Maker`` — or pass ``makers=`` to
-:func:`run_suite`; the first maker is the reference for the p-values (pass ``reference=`` to change it).
+building blocks. To add a student, append a ``Maker`` — or pass ``makers=`` to :func:`run_suite`; the first
+maker is the reference for the p-values.
+
+``--json`` is rewritten after every task and budget; :func:`markdown` renders the tables from that JSON
+(``--render a.json,b.json [--readme]`` merges result files, prints, and writes bench/suite/README.md).
 
 ``--quick`` (≤ 10 min on 2 busy cores): the five short-text tasks, budget 1,000, SetFit with 256 pairs.
 """
@@ -80,6 +84,7 @@ class Maker:
     n_single: int = 100
     batch: int | None = None
     note: str = ""
+    needs_task: bool = False  # fit(..., suite_task=SuiteTask, out=Path): the auto student writes a task folder
 
 
 class _EmbedLR:
@@ -120,6 +125,56 @@ def fit_protege_static(texts, teacher_labels, labels, probs=None):
         probs = np.eye(len(labels))[[labels.index(y) for y in teacher_labels]]
     rows = [{"text": t, "label": y, "probs": [float(x) for x in p]} for t, y, p in zip(texts, teacher_labels, probs)]
     return peers.protege_static_retrained(task, rows)
+
+
+class _AutoModel:
+    """The ladder's winner (a normal protege student) plus what the ladder said, for the suite's row."""
+
+    def __init__(self, winner, stats: dict):
+        self.winner, self.stats = winner, stats
+        lad = stats["ladder"]
+        chosen = next(r for r in lad["rungs"] if r["name"] == lad["chosen"])
+        self.suite_extra = {
+            "auto_rung": lad["chosen"], "auto_cv_agreement": chosen["cv_agreement"], "auto_cv_ci": chosen["cv_ci"],
+            "auto_ms_ladder": chosen["ms_p50"], "auto_why": lad["why"], "auto_folds": lad["folds"],
+            "auto_params": chosen["params"], "auto_n_pool": stats.get("n_pool"),
+            "ladder": [{k: r.get(k) for k in ("name", "params", "cv_agreement", "cv_ci", "ms_p50", "eligible",
+                                              "size_bytes", "train_s", "error", "n_pseudo_labelled")}
+                       for r in lad["rungs"]]}
+
+    def predict(self, texts):
+        return list(self.winner.predict(list(texts)))
+
+    def predict_proba(self, texts):
+        return self.winner.predict_proba(list(texts))
+
+
+def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=None, out: Path = Path("runs/suite")):
+    """protege's ``student.kind: auto`` (the ladder), through protege's own train path: the task folder a user
+    would write (bench/suite/tasks.write_task_folder: ``data.inputs`` = the whole pool, gold = the gold file;
+    every ``student`` / ``train`` key at its default), loaded with ``protege.task.load_task``, and
+    ``protege.stages.train.auto.train_auto`` — the function the train stage calls for ``kind: auto`` — on
+    curated-style rows of the teacher's labels (source teacher, weight 1). ``unlabelled_pool`` reads
+    ``data.inputs`` minus gold, as in ``protege run``; the teacher in the file is never called."""
+    import tempfile
+
+    from protege.stages.train.auto import train_auto
+    from protege.task import load_task as load_spec
+
+    folder = out / "auto" / suite_task.name
+    path = folder / "task" / "task.yaml"
+    if not path.exists():
+        write_task_folder(suite_task, folder / "task", base_url="http://127.0.0.1:9/v1",
+                          inputs=[r["text"] for r in suite_task.pool])
+    spec = load_spec(path)
+    assert spec.student.kind == "auto", spec.student.kind
+    if probs is None:
+        probs = np.eye(len(labels))[[labels.index(y) for y in teacher_labels]]
+    rows = [{"text": t, "label": y, "probs": [float(x) for x in p], "source": "teacher", "weight": 1.0}
+            for t, y, p in zip(texts, teacher_labels, probs)]
+    with tempfile.TemporaryDirectory(prefix="suite-auto-") as tmp:
+        winner, stats = train_auto(spec, Path(tmp), rows)
+    return _AutoModel(winner, stats)
 
 
 def fit_tfidf(texts, teacher_labels, labels, probs=None):
@@ -197,8 +252,15 @@ def make_setfit(n_pairs: int):
     return fit_setfit
 
 
-def default_makers(setfit_pairs: int = 1000) -> list[Maker]:
-    makers = [Maker("protege static (default)", fit_protege_static, note="reference for p-values"),
+AUTO = "protege auto (ladder)"
+
+
+def default_makers(setfit_pairs: int = 1000, static: bool = True) -> list[Maker]:
+    makers = [Maker(AUTO, fit_protege_auto, n_single=50, needs_task=True,
+                    note="student.kind: auto (default); reference for p-values")]
+    if static:
+        makers.append(Maker("protege static", fit_protege_static, note="student.kind: static (the old default)"))
+    makers += [
               Maker("TF-IDF + LR", fit_tfidf),
               Maker("model2vec + LR", fit_model2vec),
               Maker("MiniLM-L6 (frozen) + LR", fit_minilm_frozen, n_single=30, batch=64)]
@@ -239,7 +301,7 @@ def sample_order(task: SuiteTask, seed: int = 0) -> np.ndarray:
 
 
 def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers: list[Maker], seed: int = 0,
-             log=print) -> list[dict]:
+             log=print, out: Path = Path("runs/suite"), on_budget=None) -> list[dict]:
     order = sample_order(task, seed)
     gx, gy = [g["text"] for g in task.gold], [g["label"] for g in task.gold]
     t_gold, _ = sim.label(gx)
@@ -257,7 +319,8 @@ def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers:
         for mk in makers:
             t0 = time.perf_counter()
             try:
-                model = mk.fit(sample, t_labels, task.labels, probs=t_probs)
+                kw = {"suite_task": task, "out": out} if mk.needs_task else {}
+                model = mk.fit(sample, t_labels, task.labels, probs=t_probs, **kw)
             except Exception as e:  # one broken student must not sink the suite; the row says why
                 log(f"  {mk.name}: FAILED {type(e).__name__}: {e}")
                 rows.append({"task": task.name, "budget": budget, "model": mk.name, "error": f"{type(e).__name__}: {e}"})
@@ -265,12 +328,15 @@ def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers:
             train_s = time.perf_counter() - t0
             pred, timing = peers.measure(model.predict, gx, n_single=mk.n_single, batch=mk.batch)
             r = score_row(task.name, budget, mk.name, pred, gy, t_gold, t_acc, ref_ok, timing, train_s, n_train=budget,
-                          note=mk.note)
+                          note=mk.note, **getattr(model, "suite_extra", {}))
             if ref_ok is None:
                 ref_ok = r["_ok"]
             rows.append(r)
             log(f"  {mk.name:28s} acc {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  kept {r['kept']:.2f}  "
-                f"{_n(r['ms_per_item'], '.3g')} ms/item  train {train_s:.1f} s")
+                f"{_n(r['ms_per_item'], '.3g')} ms/item  train {train_s:.1f} s"
+                + (f"  rung {r['auto_rung']} (CV {r['auto_cv_agreement']:.3f})" if "auto_rung" in r else ""))
+        if on_budget is not None:
+            on_budget(rows)
     return rows
 
 
@@ -312,11 +378,51 @@ def run_e2e(task: SuiteTask, sim: SimulatedTeacher, sample: list[str], ref_ok: n
     return row
 
 
+def _versions() -> dict:
+    """The code the rows ran: HEAD, the last commit touching protege/students/, and whether that tree is dirty."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "students": git("log", "-1", "--format=%h %s", "--", "protege/students/"),
+            "students_dirty": bool(git("status", "--porcelain", "--", "protege/students/"))}
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_ok"} for r in rows]
+
+
 def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] | None = None, e2e: str | None = None,
-              error_rate: float = 0.10, seed: int = 0, out: Path = Path("runs/suite"), log=print) -> dict:
+              error_rate: float = 0.10, seed: int = 0, out: Path = Path("runs/suite"), log=print,
+              save=None) -> dict:
+    """``save(res)`` (if given) is called with the results so far after every task and budget."""
+    import torch
+
+    import protege.stages.train.auto  # noqa: F401  import protege's students now, so `code` names what runs
+    import protege.students.rungs  # noqa: F401
+
     makers = makers if makers is not None else default_makers()
     out.mkdir(parents=True, exist_ok=True)
     task_info, rows, e2e_row = [], [], None
+    t_start = time.perf_counter()
+    code = _versions()  # the protege code this process imported (a commit landing later does not change it)
+
+    def result(extra_rows=()) -> dict:
+        return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": {"cpu": peers._cpu(), "cores": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                "load_avg_1m": os.getloadavg()[0]},
+                "code": code,
+                "settings": {"tasks": task_names, "budgets": budgets, "error_rate": error_rate, "seed": seed,
+                             "makers": [m.name for m in makers], "reference": makers[0].name if makers else None,
+                             "maker_notes": {m.name: m.note for m in makers},
+                             "teacher_labels": "direct (SimulatedTeacher.label, top-20 renormalised) except the e2e row",
+                             "e2e": e2e},
+                "tasks": task_info, "rows": _strip(list(rows) + list(extra_rows)),
+                "wall_s": time.perf_counter() - t_start}
+
     for name in task_names:
         try:
             task = load_task(name)
@@ -328,12 +434,13 @@ def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] 
         sim = SimulatedTeacher.for_task(task, error_rate=error_rate, seed=seed, cache_dir=out / "cache")
         es = sim.error_structure()
         info = {**task.stats(), "teacher_gold_accuracy": sim.accuracy(task.gold), "teacher": es,
-                "teacher_setup_s": time.perf_counter() - t0, "notes": task.notes}
+                "teacher_setup_s": time.perf_counter() - t0, "notes": task.notes, "code": code}
         task_info.append(info)
         log(f"[{name}] {info['n_pool']} pool / {info['n_gold']} gold, {info['n_labels']} labels; simulated teacher "
             f"{info['teacher_gold_accuracy']:.3f} on gold (errors: {es['error_rate']:.3f} overall, "
             f"{es['error_rate_hardest_quarter']:.3f} on the hardest quarter)")
-        task_rows = run_task(task, sim, budgets, makers, seed=seed, log=log)
+        task_rows = run_task(task, sim, budgets, makers, seed=seed, log=log, out=out,
+                             on_budget=(lambda rs: save(result(rs))) if save else None)
         rows += task_rows
         if e2e == name:
             budget = min(min(budgets), len(task.pool))
@@ -346,18 +453,9 @@ def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] 
             finally:
                 stop()
             rows.append(e2e_row)
-    for r in rows:
-        r.pop("_ok", None)
-    import torch
-
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": {"cpu": peers._cpu(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_avg_1m": os.getloadavg()[0]},
-            "settings": {"tasks": task_names, "budgets": budgets, "error_rate": error_rate, "seed": seed,
-                         "makers": [m.name for m in makers], "reference": makers[0].name if makers else None,
-                         "teacher_labels": "direct (SimulatedTeacher.label, top-20 renormalised) except the e2e row",
-                         "e2e": e2e},
-            "tasks": task_info, "rows": rows}
+        if save:
+            save(result())
+    return result()
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -366,30 +464,120 @@ def _n(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
-def markdown(res: dict) -> str:
+PEERS = ("TF-IDF + LR", "model2vec + LR", "MiniLM-L6 (frozen) + LR", "SetFit-style MiniLM-L6")
+
+
+def merge(results: list[dict]) -> dict:
+    """Several result JSONs (e.g. one per process or a re-run of one task) as one: a later file's rows for a
+    (task, budget) replace an earlier file's, its task line replaces the earlier one."""
+    out = {**results[0], "tasks": [], "rows": []}
+    tasks: dict[str, dict] = {}
+    rows: dict[tuple, list[dict]] = {}
+    for res in results:
+        for t in res["tasks"]:
+            tasks[t["task"]] = {**t, "_date": res["date"], "_code": t.get("code") or res.get("code")}
+        by_key: dict[tuple, list[dict]] = {}
+        for r in res["rows"]:
+            by_key.setdefault((r["task"], r["budget"]), []).append(r)
+        rows.update(by_key)
+    order = {t: k for k, t in enumerate(tasks)}
+    out["tasks"] = list(tasks.values())
+    out["rows"] = [r for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])) for r in rows[key]]
+    out["sources"] = [{"date": r["date"], "wall_s": r.get("wall_s"), "load_avg_1m": r["machine"]["load_avg_1m"],
+                       "tasks": sorted({t["task"] for t in r["tasks"]}), "code": r.get("code")} for r in results]
+    out["wall_s"] = sum(r.get("wall_s") or 0 for r in results)
+    return out
+
+
+def verdicts(res: dict) -> list[dict]:
+    """Per task, at its largest budget: does auto keep >= 95% of the teacher and is it not significantly worse
+    than the best peer (paired McNemar p >= 0.05, or auto at least as accurate)?"""
+    out = []
+    for t in res["tasks"]:
+        rows = [r for r in res["rows"] if r["task"] == t["task"] and "error" not in r]
+        if not rows:
+            continue
+        b = max(r["budget"] for r in rows)
+        at = {r["model"]: r for r in rows if r["budget"] == b}
+        auto = at.get(res["settings"]["reference"])
+        peers_ = [at[m] for m in PEERS if m in at]
+        if auto is None or not peers_:
+            continue
+        best = max(peers_, key=lambda r: r["accuracy"])
+        kept_ok = auto["kept"] >= 0.95
+        peer_ok = auto["accuracy"] >= best["accuracy"] or (best["p_vs_ref"] is not None and best["p_vs_ref"] >= 0.05)
+        out.append({"task": t["task"], "budget": b, "teacher": auto["accuracy"] / auto["kept"], "auto": auto["accuracy"],
+                    "rung": auto.get("auto_rung"), "kept": auto["kept"], "best_peer": best["model"],
+                    "best_peer_acc": best["accuracy"], "p": best["p_vs_ref"], "kept_ok": kept_ok, "peer_ok": peer_ok,
+                    "kept_short": max(0.0, 0.95 - auto["kept"]),
+                    "peer_gap": best["accuracy"] - auto["accuracy"]})
+    return out
+
+
+def markdown(res: dict, budgets: Sequence[int] | None = None) -> str:
+    """The suite's tables from its JSON (``run_suite``'s result, or :func:`merge` of several): tasks, the
+    done-when verdict per task at its largest budget, and every row (``budgets``: only those)."""
     m = res["machine"]
-    lines = [f"Measured {res['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch_threads']} thread(s), "
-             f"load {m['load_avg_1m']:.1f}); simulated teacher error rate {res['settings']['error_rate']}; "
-             f"p-values: paired McNemar vs {res['settings']['reference']}.", "",
-             "| task | source | n pool / gold | labels | median len | pool minority share | teacher on gold |",
-             "|---|---|---|---|---|---|---|"]
+    ref = res["settings"]["reference"]
+    src = res.get("sources") or [{"date": res["date"], "wall_s": res.get("wall_s"), "load_avg_1m": m["load_avg_1m"],
+                                  "code": res.get("code")}]
+    runs = "; ".join(f"{s['date']} ({_n(s.get('wall_s'), '.0f')} s wall, load {s['load_avg_1m']:.1f})" for s in src)
+    notes = res["settings"].get("maker_notes") or {}
+    lines = [f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['torch_threads']} thread(s), BLAS 1 thread): {runs}. "
+             f"Simulated teacher error rate {res['settings']['error_rate']}; p-values: paired McNemar vs {ref}. "
+             + " ".join(f"{k}: {v}." for k, v in notes.items() if v and k != ref), "",
+             "| task | source | n pool / gold | labels | median len | pool minority share | teacher on gold | students code |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in res["tasks"]:
         if "skipped" in t:
-            lines.append(f"| {t['task']} | skipped: {t['skipped']} | | | | | |")
+            lines.append(f"| {t['task']} | skipped: {t['skipped']} | | | | | | |")
             continue
+        code = t.get("_code") or t.get("code") or {}
+        cv = (code.get("students") or "").split(" ")[0] + (" + uncommitted" if code.get("students_dirty") else "")
         lines.append(f"| {t['task']} | {t['source'].split(':')[0]} | {t['n_pool']} / {t['n_gold']} | {t['n_labels']} | "
                      f"{t['median_len']:g} {t['len_unit']} | {t['minority_share']:.3f} ({t['minority_label']}) | "
-                     f"{t['teacher_gold_accuracy']:.3f} |")
-    lines += ["", "| task | labels bought | model | accuracy [95% CI] | kept of teacher | agreement | p vs ref | "
-              "ms/item (p50) | train s |", "|---|---|---|---|---|---|---|---|---|"]
+                     f"{t['teacher_gold_accuracy']:.3f} | {cv or '—'} |")
+    v = verdicts(res)
+    if v:
+        lines += ["", "Done-when check, largest budget of each task (goal: kept >= 0.95 of the teacher, and not "
+                  "significantly worse than the best peer: p >= 0.05 or ahead of it):", "",
+                  "| task | labels | teacher | auto (rung) | kept | best peer | peer acc | p auto vs peer | goal |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in v:
+            miss = []
+            if not x["kept_ok"]:
+                miss.append(f"kept {x['kept']:.3f} < 0.95 (short {x['kept_short']:.3f})")
+            if not x["peer_ok"]:
+                miss.append(f"{x['peer_gap'] * 100:.1f} points behind {x['best_peer']}, p = {x['p']:.2g}")
+            lines.append(f"| {x['task']} | {x['budget']} | {x['teacher']:.3f} | {x['auto']:.3f} ({x['rung']}) | "
+                         f"{x['kept']:.3f} | {x['best_peer']} | {x['best_peer_acc']:.3f} | {_n(x['p'], '.2g')} | "
+                         f"{'meets' if not miss else 'misses: ' + '; '.join(miss)} |")
+    lines += ["", "| task | labels bought | model | accuracy [95% CI] | kept of teacher | agreement | p vs auto | "
+              "ms/item (p50) | train s | auto: rung (CV agreement, ladder ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['task']} | {r['budget']} | {r['model']} | failed: {r['error'][:80]} | | | | | |")
+        if budgets and r["budget"] not in budgets and r["budget"] != max(
+                x["budget"] for x in res["rows"] if x["task"] == r["task"]):
             continue
-        lines.append(f"| {r['task']} | {r['budget']} | {r['model']} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, "
+        if "error" in r:
+            lines.append(f"| {r['task']} | {r['budget']} | {r['model']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        rung = (f"{r['auto_rung']} ({r['auto_cv_agreement']:.3f}, {_n(r.get('auto_ms_ladder'), '.2f')} ms)"
+                if r.get("auto_rung") else "")
+        name = f"**{r['model']}**" if r["model"] == ref else r["model"]
+        lines.append(f"| {r['task']} | {r['budget']} | {name} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, "
                      f"{r['ci'][1]:.3f}] | {_n(r['kept'], '.2f')} | {_n(r['agreement'], '.3f')} | "
-                     f"{_n(r['p_vs_ref'], '.2g')} | {_n(r['ms_per_item'], '.3g')} | {_n(r['train_s'], '.1f')} |")
+                     f"{_n(r['p_vs_ref'], '.2g')} | {_n(r['ms_per_item'], '.3g')} | {_n(r['train_s'], '.1f')} | {rung} |")
     return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- suite-table:start -->", "<!-- suite-table:end -->"
+
+
+def write_readme(res: dict, path: Path = HERE / "README.md") -> None:
+    """Replace the README's generated block (between the two markers) with :func:`markdown` of ``res``."""
+    text = path.read_text(encoding="utf-8")
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:a] + "\n" + markdown(res) + text[b:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -399,13 +587,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budgets", default=None, help="teacher labels per run (default 1000,4000,16000; quick: 1000)")
     ap.add_argument("--error-rate", type=float, default=0.10)
     ap.add_argument("--setfit-pairs", type=int, default=None, help="0 skips SetFit (default 1000; quick: 256)")
+    ap.add_argument("--no-static", action="store_true", help="skip the protege static row (auto's static rung stays)")
     ap.add_argument("--e2e", default=None, help="the task run end to end through `protege run` (default: the first; "
                                                  "'none' to skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: each model on one core, as a serving worker)")
     ap.add_argument("--out", default="runs/suite", help="caches and the e2e run")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--json", default=None, help="write the results here (after every task and budget)")
+    ap.add_argument("--render", default=None, help="no run: print the tables of these result JSONs (comma-separated, "
+                                                    "later files replace earlier ones' task/budget rows)")
+    ap.add_argument("--readme", action="store_true", help="also write the tables into bench/suite/README.md")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.render:
+        files = [Path(f) for f in a.render.split(",")]
+        for f in files:
+            if not f.exists():
+                print(f"{f}: not there (yet); left out", file=sys.stderr)
+        res = merge([json.loads(f.read_text()) for f in files if f.exists()])
+        print(markdown(res))
+        if a.readme:
+            write_readme(res)
+        return res
     import torch
 
     torch.set_num_threads(a.threads)
@@ -417,14 +619,21 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = a.setfit_pairs if a.setfit_pairs is not None else (256 if a.quick else 1000)
     e2e = None if a.e2e == "none" else (a.e2e or names[0])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    res = run_suite(names, budgets, makers=default_makers(pairs), e2e=e2e, error_rate=a.error_rate, seed=a.seed,
-                    out=Path(a.out), log=log)
-    res["wall_s"] = time.perf_counter() - t0
+
+    def save(res):
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(a.json + ".tmp")
+            tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False))
+            tmp.replace(a.json)
+
+    res = run_suite(names, budgets, makers=default_makers(pairs, static=not a.no_static), e2e=e2e,
+                    error_rate=a.error_rate, seed=a.seed, out=Path(a.out), log=log, save=save)
+    save(res)
     print(markdown(res))
     print(f"wall {res['wall_s']:.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    if a.readme:
+        write_readme(res)
     return res
 
 
