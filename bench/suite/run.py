@@ -533,7 +533,8 @@ def markdown(res: dict, budgets: Sequence[int] | None = None) -> str:
             lines.append(f"| {t['task']} | skipped: {t['skipped']} | | | | | | |")
             continue
         code = t.get("_code") or t.get("code") or {}
-        cv = (code.get("students") or "").split(" ")[0] + (" + uncommitted" if code.get("students_dirty") else "")
+        cv = code.get("students_label") or ((code.get("students") or "").split(" ")[0]
+                                            + (" + uncommitted" if code.get("students_dirty") else ""))
         lines.append(f"| {t['task']} | {t['source'].split(':')[0]} | {t['n_pool']} / {t['n_gold']} | {t['n_labels']} | "
                      f"{t['median_len']:g} {t['len_unit']} | {t['minority_share']:.3f} ({t['minority_label']}) | "
                      f"{t['teacher_gold_accuracy']:.3f} | {cv or '—'} |")
