@@ -78,7 +78,6 @@ class TeacherConfig(_Strict):
     label_map: dict[str, str] = Field({}, description="hf-seqcls: the model's label names (id2label) -> task labels, "
                                       "where they differ.")
 
-
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
@@ -179,7 +178,6 @@ class StudentConfig(_Strict):
                                                           "teacher's full logits, stored top-k logprobs, or none (SFT).")
     beta: float = Field(0.5, ge=0, le=1, description="causal_lm: generalized JSD beta (0 = forward KL, 1 = reverse "
                         "KL; TRL GKD convention).")
-
 
     @field_validator("kind")
     @classmethod
