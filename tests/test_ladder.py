@@ -342,3 +342,7 @@ def test_auto_end_to_end_writes_the_ladder_and_the_stats_contract(fake_encoder, 
     assert cfg["protege_student"] == {"static": "static", "static-distilled": "static", "frozen": "frozen"}[lad["chosen"]]
     assert math.isclose(float(np.sum(student.predict_proba(["a lime leaf"]))), 1.0, rel_tol=1e-5)
     assert (out / "report.json").is_file()
+    cal = np.load(out / "train" / "calibration.npz")  # out-of-fold probs per curated row: the conformal gate's data
+    n_rows = len((out / "curate" / "train.jsonl").read_text().splitlines())
+    assert cal["probs"].shape == (n_rows, 3) and cal["teacher"].shape == (n_rows,) and str(cal["rung"]) == lad["chosen"]
+    assert np.allclose(cal["probs"].sum(1), 1.0, atol=1e-4)

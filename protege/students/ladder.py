@@ -133,6 +133,11 @@ def choose(rungs: list[dict], ok: dict[str, np.ndarray]) -> tuple[str, str]:
                        f"({se:.3f}) of {best['name']} ({best['cv_agreement']:.3f}, {best['ms_p50']:.2f} ms) and faster")
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def _size(student) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="protege-size-"))
     try:
@@ -192,8 +197,15 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     # temperature from the chosen rung's out-of-fold logits: confidence = chance the teacher agrees
     z = best_logits[name]
     seen = np.isfinite(z).all(1)
+    temp = 1.0
     if hasattr(winner, "scale_logits") and seen.sum() >= 2:
-        winner.scale_logits(M.fit_temperature(z[seen], d.hard[seen]))
+        temp = M.fit_temperature(z[seen], d.hard[seen])
+        winner.scale_logits(temp)
+    # out-of-fold probabilities of the chosen rung (temperature applied): a calibration set of teacher-labelled
+    # rows that the model scoring them never trained on — the cascade's conformal gate is fitted on it
+    zc = np.where(seen[:, None], z, 0.0) / temp
+    winner.calibration = {"probs": np.where(seen[:, None], _softmax(zc), np.nan).astype(np.float32),
+                          "teacher": d.hard.astype(np.int64), "rung": name}
     ladder = {"max_ms": max_ms, "folds": k, "chosen": name, "why": why, "rungs": stats,
               "rule": "best CV agreement within max_ms; a faster rung within one paired standard error wins",
               "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 3 passes"}

@@ -44,6 +44,11 @@ def _write_train(task: TaskSpec, stage_dir: Path, fp: str, student, stats: dict)
             student.save_pretrained(tmp / "student")
             for name, rung in (getattr(student, "ladder_students", None) or {}).items():  # student.kind: auto
                 rung.save_pretrained(tmp / "ladder" / name)
+            cal = getattr(student, "calibration", None)
+            if cal is not None:  # out-of-fold (probs, teacher label) per curated row, in train.jsonl's order
+                import numpy as np
+
+                np.savez(tmp / "calibration.npz", probs=cal["probs"], teacher=cal["teacher"], rung=cal["rung"])
             write_json(tmp / "stats.json", stats)
             write_json(tmp / "history.json", getattr(student, "history", []))
     wait_for_everyone()
