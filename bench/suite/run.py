@@ -391,6 +391,15 @@ def _versions() -> dict:
             "students_dirty": bool(git("status", "--porcelain", "--", "protege/students/"))}
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its finished children: on a shared machine, what the run
+    costs regardless of how many other processes competed for the cores."""
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def _strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "_ok"} for r in rows]
 
@@ -421,7 +430,7 @@ def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] 
                              "teacher_labels": "direct (SimulatedTeacher.label, top-20 renormalised) except the e2e row",
                              "e2e": e2e},
                 "tasks": task_info, "rows": _strip(list(rows) + list(extra_rows)),
-                "wall_s": time.perf_counter() - t_start}
+                "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_s()}
 
     for name in task_names:
         try:
@@ -483,9 +492,10 @@ def merge(results: list[dict]) -> dict:
     order = {t: k for k, t in enumerate(tasks)}
     out["tasks"] = list(tasks.values())
     out["rows"] = [r for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])) for r in rows[key]]
-    out["sources"] = [{"date": r["date"], "wall_s": r.get("wall_s"), "load_avg_1m": r["machine"]["load_avg_1m"],
+    out["sources"] = [{"date": r["date"], "wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"), "load_avg_1m": r["machine"]["load_avg_1m"],
                        "tasks": sorted({t["task"] for t in r["tasks"]}), "code": r.get("code")} for r in results]
     out["wall_s"] = sum(r.get("wall_s") or 0 for r in results)
+    out["cpu_s"] = sum(r.get("cpu_s") or 0 for r in results)
     return out
 
 
@@ -519,9 +529,9 @@ def markdown(res: dict, budgets: Sequence[int] | None = None) -> str:
     done-when verdict per task at its largest budget, and every row (``budgets``: only those)."""
     m = res["machine"]
     ref = res["settings"]["reference"]
-    src = res.get("sources") or [{"date": res["date"], "wall_s": res.get("wall_s"), "load_avg_1m": m["load_avg_1m"],
+    src = res.get("sources") or [{"date": res["date"], "wall_s": res.get("wall_s"), "cpu_s": res.get("cpu_s"), "load_avg_1m": m["load_avg_1m"],
                                   "code": res.get("code")}]
-    runs = "; ".join(f"{s['date']} ({_n(s.get('wall_s'), '.0f')} s wall, load {s['load_avg_1m']:.1f})" for s in src)
+    runs = "; ".join(f"{s['date']} ({_n(s.get('wall_s'), '.0f')} s wall, {_n(s.get('cpu_s'), '.0f')} s CPU, load {s['load_avg_1m']:.1f})" for s in src)
     notes = res["settings"].get("maker_notes") or {}
     lines = [f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['torch_threads']} thread(s), BLAS 1 thread): {runs}. "
              f"Simulated teacher error rate {res['settings']['error_rate']}; p-values: paired McNemar vs {ref}. "
@@ -581,6 +591,61 @@ def write_readme(res: dict, path: Path = HERE / "README.md") -> None:
     path.write_text(text[:a] + "\n" + markdown(res) + text[b:], encoding="utf-8")
 
 
+def split_tasks(names: list[str], jobs: int) -> list[list[str]]:
+    """Tasks dealt to ``jobs`` processes, biggest pool first, each to the least-loaded process (pool size as the
+    cost estimate: the ladder's CV and the static-distilled rung scale with it)."""
+    size = {}
+    for n in names:
+        try:
+            size[n] = load_task(n).stats()["n_pool"]
+        except MissingData:
+            size[n] = 0
+    parts: list[list[str]] = [[] for _ in range(min(jobs, len(names)))]
+    load = [0] * len(parts)
+    for n in sorted(names, key=lambda n: -size[n]):
+        i = load.index(min(load))
+        parts[i].append(n)
+        load[i] += size[n] + 1000
+    return [p for p in parts if p]
+
+
+def run_jobs(names: list[str], a, argv: list[str], e2e: str | None) -> dict:
+    """Run the suite as ``a.jobs`` child processes of this script (``--tasks`` split by :func:`split_tasks`, one
+    JSON each) and merge their results; wall and CPU seconds of the whole are recorded."""
+    import resource
+
+    drop = {"--jobs", "--tasks", "--json", "--readme", "--e2e"}
+    base, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        key = x.split("=", 1)[0]
+        if key in drop:
+            skip = "=" not in x and key != "--readme"
+            continue
+        base.append(x)
+    parts = split_tasks(names, a.jobs)
+    out = Path(a.json).with_suffix("") if a.json else Path(a.out) / "jobs"
+    t0 = time.perf_counter()
+    procs, files = [], []
+    for i, part in enumerate(parts):
+        f = Path(f"{out}.part{i}.json")
+        files.append(f)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--tasks", ",".join(part), "--json", str(f),
+               "--e2e", e2e if e2e in part else "none"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"suite: a job failed (exit codes {codes}); merging what finished", file=sys.stderr)
+    res = merge([json.loads(f.read_text()) for f in files if f.exists()])
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res.update(wall_s=time.perf_counter() - t0, cpu_s=ru.ru_utime + ru.ru_stime, jobs=len(parts))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short-text tasks, budget 1,000, SetFit 256 pairs (<= 10 min)")
@@ -598,6 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "later files replace earlier ones' task/budget rows)")
     ap.add_argument("--readme", action="store_true", help="also write the tables into bench/suite/README.md")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="tasks split over this many processes (each on --threads "
+                                                        "threads), results merged; 2 uses both cores of this machine")
     a = ap.parse_args(argv)
     if a.render:
         files = [Path(f) for f in a.render.split(",")]
@@ -620,6 +687,13 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = a.setfit_pairs if a.setfit_pairs is not None else (256 if a.quick else 1000)
     e2e = None if a.e2e == "none" else (a.e2e or names[0])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if a.jobs > 1 and len(names) > 1:
+        res = run_jobs(names, a, argv if argv is not None else sys.argv[1:], e2e)
+        print(markdown(res))
+        print(f"wall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s over {res['jobs']} processes")
+        if a.readme:
+            write_readme(res)
+        return res
 
     def save(res):
         if a.json:
