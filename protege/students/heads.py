@@ -44,49 +44,84 @@ def balanced_weights(hard: np.ndarray, k: int) -> np.ndarray:
 
 def fit_head(X: np.ndarray | None, S, P: np.ndarray, hard: np.ndarray, *, c: float = 10.0, dense_weight: float = 1.0,
              balanced: bool = False, sample_weight: np.ndarray | None = None, alpha: float = 0.5,
-             temperature: float = 2.0, max_iter: int = 200, seed: int = 0) -> Head:
-    """Fit the head; ``X`` [n, d] or None, ``S`` scipy sparse [n, v] or None, ``P`` [n, k] teacher probs."""
+             temperature: float = 2.0, max_iter: int = 200, seed: int = 0, init: Head | None = None) -> Head:
+    """Fit the head; ``X`` [n, d] or None, ``S`` scipy sparse [n, v] or None, ``P`` [n, k] teacher probs.
+
+    The loss and its gradient are written out (the gradient of :func:`~protege.losses.distillation_loss` in the
+    logits is ``alpha·T·(softmax(z/T) − p_T) + (1 − alpha)·(softmax(z) − onehot(y))`` per row; a test checks the
+    two agree) and minimised by torch's L-BFGS (strong Wolfe) on one flat float32 parameter vector whose gradient the
+    closure sets: a SciPy CSR product and its transpose per evaluation instead of autograd through a sparse COO
+    tensor. ``init`` warm-starts from another head with the same shapes (the next C of a grid path)."""
+    import scipy.sparse as sp
     import torch
 
-    from protege.losses import distillation_loss
-
-    torch.manual_seed(seed)
-    P = np.asarray(P, dtype=np.float32)
+    del seed  # deterministic: zeros (or ``init``) start, full-batch L-BFGS
+    P = np.asarray(P, dtype=np.float64)
     n, k = P.shape
-    w = np.ones(n, dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
+    w = np.ones(n, dtype=np.float64) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if balanced:
         w = w * balanced_weights(np.asarray(hard), k)
-    Xt = torch.tensor(np.asarray(X, dtype=np.float32) * dense_weight) if X is not None else None
-    St = _torch_sparse(S) if S is not None and S.shape[1] else None
-    Pt, yt = torch.tensor(P), torch.tensor(np.asarray(hard), dtype=torch.long)
-    wt = None if np.all(w == 1.0) else torch.tensor(w)
-    W = torch.zeros(Xt.shape[1] if Xt is not None else 0, k, requires_grad=True)
-    V = torch.zeros(St.shape[1] if St is not None else 0, k, requires_grad=True)
-    b = torch.zeros(k, requires_grad=True)
+    w = (w / max(w.sum(), 1e-12)).astype(np.float32)[:, None]
+    Xd = np.ascontiguousarray(np.asarray(X, dtype=np.float32) * dense_weight) if X is not None else None
+    Sc = sp.csr_matrix(S, dtype=np.float32) if S is not None and S.shape[1] else None
+    ScT = Sc.T.tocsr() if Sc is not None else None
+    T = float(temperature)
+    with np.errstate(divide="ignore"):
+        lp = np.log(P) / T
+    lp = np.where(np.isfinite(lp), lp, -np.inf)
+    pT = np.exp(lp - lp.max(1, keepdims=True))
+    pT = (pT / pT.sum(1, keepdims=True)).astype(np.float32)
+    onehot = np.zeros((n, k), dtype=np.float32)
+    onehot[np.arange(n), np.asarray(hard)] = 1.0
+    dx, dv = (Xd.shape[1] if Xd is not None else 0), (Sc.shape[1] if Sc is not None else 0)
     lam = 1.0 / (2.0 * c * max(n, 1))
-    opt = torch.optim.LBFGS([W, V, b], max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+    sizes = np.cumsum([dx * k, dv * k, k])
+
+    def unpack(theta):
+        t = theta.astype(np.float32)
+        return t[: sizes[0]].reshape(dx, k), t[sizes[0]: sizes[1]].reshape(dv, k), t[sizes[1]:]
+
+    def f(theta):
+        W, V, b = unpack(theta)
+        z = np.broadcast_to(b, (n, k)).copy()
+        if dx:
+            z += Xd @ W
+        if dv:
+            z += Sc @ V
+        G = np.zeros((n, k), dtype=np.float32)
+        loss = 0.0
+        if alpha > 0:
+            zt = z / T
+            zt = zt - zt.max(1, keepdims=True)
+            lse = np.log(np.exp(zt).sum(1, keepdims=True))
+            logq = zt - lse
+            loss += alpha * T * T * float(-(w * np.where(pT > 0, pT * logq, 0.0)).sum())
+            G += (alpha * T) * (np.exp(logq) - pT)
+        if alpha < 1:
+            zz = z - z.max(1, keepdims=True)
+            logs = zz - np.log(np.exp(zz).sum(1, keepdims=True))
+            loss += (1 - alpha) * float(-(w[:, 0] * logs[np.arange(n), np.asarray(hard)]).sum())
+            G += (1 - alpha) * (np.exp(logs) - onehot)
+        G *= w
+        gW = Xd.T @ G + 2 * lam * W if dx else np.zeros((0, k), np.float32)
+        gV = ScT @ G + 2 * lam * V if dv else np.zeros((0, k), np.float32)
+        loss += lam * (float((W.astype(np.float64) ** 2).sum()) + float((V.astype(np.float64) ** 2).sum()))
+        return loss, np.concatenate([gW.ravel(), gV.ravel(), G.sum(0)])
+
+    theta0 = np.zeros(int(sizes[-1]), dtype=np.float32)
+    if init is not None and init.W.shape == (dx, k) and init.V.shape == (dv, k):
+        Wi = init.W / dense_weight if dense_weight else init.W  # stored W already carries its dense_weight
+        theta0 = np.concatenate([Wi.ravel(), init.V.ravel(), init.b.ravel()]).astype(np.float32)
+    theta = torch.from_numpy(theta0).requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
                             line_search_fn="strong_wolfe")
 
     def closure():
-        opt.zero_grad()
-        z = b.expand(n, k)
-        if Xt is not None:
-            z = z + Xt @ W
-        if St is not None:
-            z = z + St @ V
-        total = distillation_loss(z, Pt, yt, alpha=alpha, temperature=temperature, sample_weight=wt)
-        total = total + lam * ((W * W).sum() + (V * V).sum())
-        total.backward()
-        return total
+        loss, g = f(theta.detach().numpy())
+        theta.grad = torch.from_numpy(g.astype(np.float32))
+        return torch.tensor(loss, dtype=torch.float32)
 
     opt.step(closure)
-    return Head(np.ascontiguousarray(W.detach().numpy() * dense_weight, dtype=np.float32),
-                np.ascontiguousarray(V.detach().numpy(), dtype=np.float32), b.detach().numpy().astype(np.float32))
-
-
-def _torch_sparse(X):
-    import torch
-
-    X = X.tocoo().astype(np.float32)
-    idx = torch.from_numpy(np.vstack([X.row, X.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(idx, torch.from_numpy(X.data), size=X.shape, check_invariants=False).coalesce()
+    W, V, b = unpack(theta.detach().numpy())
+    return Head(np.ascontiguousarray(W * dense_weight, dtype=np.float32), np.ascontiguousarray(V, dtype=np.float32),
+                np.asarray(b, dtype=np.float32))

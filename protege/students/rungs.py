@@ -45,12 +45,29 @@ def _sub(tr: np.ndarray, frac: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(tr)[:k])
 
 
-def _fit(d: Data, X, S, idx, p: dict, P=None, hard=None, weight=None):
+def _fit(d: Data, X, S, idx, p: dict, P=None, hard=None, weight=None, init=None):
     return fit_head(None if X is None else X[idx], None if S is None else S[idx],
                     (d.P if P is None else P)[idx], (d.hard if hard is None else hard)[idx],
                     c=p["c"], dense_weight=p.get("dense_weight", 1.0), balanced=p["balanced"],
                     sample_weight=(d.weight if weight is None else weight)[idx], alpha=d.alpha,
-                    temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
+                    temperature=d.temperature, max_iter=d.max_iter, seed=d.seed, init=init)
+
+
+def _path_key(p: dict) -> tuple:
+    """Settings that differ only in C share a regularisation path: each fit warm-starts from the previous C's head."""
+    return tuple(sorted((k, v) for k, v in p.items() if k != "c"))
+
+
+def _fit_grid(d: Data, X, S_of, tr, te, grid, out, g0: int = 0) -> None:
+    """Fit every setting of ``grid`` on rows ``tr`` and write held-out logits into ``out[g, te]``; along each
+    C path (grids list C ascending) a fit starts from the previous head (same optimum, fewer L-BFGS steps)."""
+    prev: dict[tuple, object] = {}
+    for g, p in enumerate(grid):
+        S = S_of(p)
+        key = _path_key(p)
+        head = _fit(d, X, S, tr, p, init=prev.get(key))
+        prev[key] = head
+        out[g0 + g, te] = head.logits(X[te] if X is not None else None, None if S is None else S[te])
 
 
 class StaticRung:
@@ -91,9 +108,7 @@ class StaticRung:
         for f, (tr, te) in enumerate(folds):
             tr = _sub(tr, frac, d.seed + f)
             Ss = {a: self._S([d.texts[i] for i in tr], d.texts, a)[1] for a in {p.get("analyzer", "word") for p in grid}}
-            for g, p in enumerate(grid):
-                S = Ss[p.get("analyzer", "word")]
-                out[g, te] = _fit(d, self.X, S, tr, p).logits(self.X[te], None if S is None else S[te])
+            _fit_grid(d, self.X, lambda p: Ss[p.get("analyzer", "word")], tr, te, grid, out)
         return out
 
     def refit(self, p: dict):
@@ -112,6 +127,12 @@ def _assemble(st, ng, head):
     return st
 
 
+# Frozen-encoder embeddings by (int8 export folder, max_length), then text: a text is embedded once per process however many
+# ladders run in it (re-training after a curate change, a benchmark's label budgets). Bounded: cleared past the cap.
+_EMBEDDINGS: dict[tuple, dict[str, np.ndarray]] = {}
+MAX_CACHED_EMBEDDINGS = 100_000
+
+
 class FrozenRung:
     """Frozen sentence-encoder embedding (ONNX int8), with or without TF-IDF n-grams, one linear head."""
 
@@ -123,17 +144,21 @@ class FrozenRung:
         ngs = [(0, "word")] + [(2, a) for a in analyzers]
         self.grid = [{"c": c, "ngrams": n, "balanced": bal, **({"analyzer": a} if a != "word" else {})}
                      for bal in (False, True) for n, a in ngs for c in (0.3, 1.0, 10.0)]
-        self._cache: dict[str, np.ndarray] = {}
 
     def prepare(self) -> None:
         from protege.students.frozen import FrozenClassifier
 
         self.proto = FrozenClassifier.from_encoder(self.encoder, self.d.labels, max_length=self.max_length,
                                                    threads=self.threads)
+        # keyed by the int8 export's folder: its name fingerprints the weights, so another model never hits
+        self._cache = _EMBEDDINGS.setdefault((str(self.proto.encoder.folder), self.max_length), {})
         self.X = self.embed(self.d.texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if len(self._cache) + len(todo) > MAX_CACHED_EMBEDDINGS:
+            self._cache.clear()
+            todo = list(dict.fromkeys(texts))
         if todo:
             for t, e in zip(todo, self.proto.encoder.encode(todo)):
                 self._cache[t] = e
@@ -146,9 +171,7 @@ class FrozenRung:
             tr = _sub(tr, frac, d.seed + f)
             Ss = {a: ngram_features(2, self.min_df, a).fit([d.texts[i] for i in tr]).transform(d.texts)
                   for a in {p.get("analyzer", "word") for p in grid if p["ngrams"]}}
-            for g, p in enumerate(grid):
-                Sg = Ss[p.get("analyzer", "word")] if p["ngrams"] else None
-                out[g, te] = _fit(d, self.X, Sg, tr, p).logits(self.X[te], None if Sg is None else Sg[te])
+            _fit_grid(d, self.X, lambda p: Ss[p.get("analyzer", "word")] if p["ngrams"] else None, tr, te, grid, out)
         return out
 
     def refit(self, p: dict):
