@@ -77,6 +77,13 @@ class TeacherConfig(_Strict):
                                    "[instruction, *paraphrases][s % (1 + len(paraphrases))].")
     label_map: dict[str, str] = Field({}, description="hf-seqcls: the model's label names (id2label) -> task labels, "
                                       "where they differ.")
+    # -- past one machine (protege.stages.generate_ray; pip install 'protege[ray]')
+    engine: Literal["local", "ray"] = Field("local", description="'ray': generate labels on a Ray cluster, one ledger "
+                                            "per worker, merged into the run's ledger (concurrency, rpm, tpm and the "
+                                            "budgets are totals, split evenly across the workers).")
+    ray_address: str | None = Field(None, description="engine: ray — the cluster to join (e.g. ray://head:10001 or "
+                                    "auto); default $RAY_ADDRESS, else a local cluster started in-process.")
+    ray_workers: int | None = Field(None, ge=1, description="engine: ray — labelling workers; default the cluster's CPUs.")
 
     @field_validator("backend")
     @classmethod
