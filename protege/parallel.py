@@ -17,11 +17,13 @@ INSTALL = "Ray is not installed: pip install 'protege[ray]' (or run without --ra
 
 
 def ray_module():
-    """The ``ray`` module, or a RuntimeError that says how to install it."""
+    """The ``ray`` module, or a :class:`~protege.errors.TaskError` that says how to install it."""
     try:
         import ray
     except ImportError:
-        raise RuntimeError(INSTALL) from None
+        from protege.errors import TaskError
+
+        raise TaskError(INSTALL) from None
     return ray
 
 
