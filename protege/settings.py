@@ -84,6 +84,8 @@ class TeacherConfig(_Strict):
     ray_address: str | None = Field(None, description="engine: ray — the cluster to join (e.g. ray://head:10001 or "
                                     "auto); default $RAY_ADDRESS, else a local cluster started in-process.")
     ray_workers: int | None = Field(None, ge=1, description="engine: ray — labelling workers; default the cluster's CPUs.")
+    ray_gpus: float = Field(0.0, ge=0, description="engine: ray — GPUs each worker asks for: a local teacher (backend: "
+                            "hf) on a GPU cluster loads one model per worker.")
 
     @field_validator("backend")
     @classmethod

@@ -350,3 +350,46 @@ def test_frozen_encoder_pickles_as_its_folder(tmp_path, monkeypatch):
     back = pickle.loads(pickle.dumps(enc))
     texts = ["a red apple", "the blue sea", "green grass"]
     np.testing.assert_allclose(back.encode(texts), enc.encode(texts), atol=1e-6)
+
+
+def test_a_local_hf_teacher_labels_on_ray_one_model_per_worker(tmp_path, cluster):
+    """``backend: hf``: each worker loads the model once and labels its shard (soft labels from logits); the answers
+    are the ones one process gets."""
+    pytest.importorskip("transformers")
+    from tiny import smollm2_tokenizer, tiny_llama
+
+    tok = smollm2_tokenizer()
+    folder = tmp_path / "tiny-teacher"
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    inputs = [f"news item {i} about {['football', 'markets', 'chips'][i % 3]}" for i in range(40)]
+    root = tmp_path / "t"
+    root.mkdir()
+    (root / "inputs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in inputs))
+    (root / "gold.jsonl").write_text("".join(json.dumps({"text": f"gold {i}", "label": "tech"}) + "\n" for i in range(6)))
+    import yaml
+
+    (root / "task.yaml").write_text(yaml.safe_dump({
+        "name": "hfray", "kind": "classify", "instruction": "What is the topic?", "labels": LABELS,
+        "data": {"inputs": "inputs.jsonl", "gold": "gold.jsonl"},
+        "teacher": {"backend": "hf", "model": str(folder), "max_input_tokens": 32, "batch_size": 8,
+                    "torch_threads": 1}}))
+    task = load_task(root / "task.yaml")
+    d = generate(task, tmp_path / "run", ray=cluster)
+    stats = json.loads((d / "stats.json").read_text())
+    rs = stats["inputs"]["ray"]
+    assert rs["calls"] == 46 and len({w["pid"] for w in rs["per_worker"]}) == 2 and stats["inputs"]["calls"] == 0
+    rows = [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(r["status"] == "ok" and r["soft"] == "logits" for r in rows)
+    teacher = make_teacher(task)
+    try:
+        with Ledger(tmp_path / "ref.sqlite") as led:
+            label_with_ledger(teacher, [r["text"] for r in rows], led, stage="generate")
+            label_with_ledger(teacher, [f"gold {i}" for i in range(6)], led, stage="gold")
+    finally:
+        teacher.close()
+    ray_ans, one_ans = _answers(tmp_path / "run" / "ledger.sqlite"), _answers(tmp_path / "ref.sqlite")
+    assert ray_ans.keys() == one_ans.keys()
+    for k in one_ans:
+        assert ray_ans[k][2] == one_ans[k][2]
+        np.testing.assert_allclose(ray_ans[k][3], one_ans[k][3], atol=1e-4)

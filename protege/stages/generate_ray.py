@@ -175,7 +175,7 @@ def label_on_ray(task, teacher, ledger: Ledger, stages: Sequence[tuple[str, list
     tok_left = None if cfg.budget_tokens is None else max(0, cfg.budget_tokens - ledger.tokens_used())
     key_env = getattr(cfg, "api_key_env", None)
     env = {key_env: os.environ[key_env]} if key_env and key_env in os.environ else {}
-    remote = ray.remote(num_cpus=1, max_retries=3)(label_shard)
+    remote = ray.remote(num_cpus=1, num_gpus=cfg.ray_gpus, max_retries=3)(label_shard)  # a dead worker: shard re-run
     refs = {}
     for k in range(n):
         if shards[k]:
