@@ -184,6 +184,9 @@ def label_on_ray(task, teacher, ledger: Ledger, stages: Sequence[tuple[str, list
                    "ledger": str(folder / f"worker-{k}of{n}.sqlite")}
             refs[remote.remote(job)] = k
     results, error, pending = [], None, list(refs)
+    # progress from the workers' files while they write them: on one machine only (SQLite's WAL is not shared
+    # across machines, even on shared storage); on a cluster, per finished shard
+    one_node = sum(bool(x.get("Alive")) for x in ray.nodes()) <= 1
     try:
         with bar(f"teacher on Ray: {n} workers", total) as advance:
             seen = 0
@@ -194,7 +197,8 @@ def label_on_ray(task, teacher, ledger: Ledger, stages: Sequence[tuple[str, list
                         results.append(ray.get(r))
                     except Exception as e:  # noqa: BLE001 - the others finish; the first error is raised after the merge
                         error = error or unwrap(e)
-                now = _recorded(folder)
+                now = _recorded(folder) if one_node else sum(
+                    st.get("calls", 0) + st.get("failed_kept", 0) for x in results for st in x["stages"].values())
                 advance(max(0, now - seen))
                 seen = max(seen, now)
     finally:
