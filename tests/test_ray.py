@@ -31,7 +31,7 @@ from protege.stages.generate import CONTENT_FAILURES, generate, label_with_ledge
 from protege.stages.generate_ray import WORKER_DIR, label_on_ray  # noqa: E402
 from protege.task import load_task  # noqa: E402
 from protege.registry import make_teacher  # noqa: E402
-from protege.teachers.ledger import Ledger  # noqa: E402
+from protege.teachers.ledger import BudgetExceeded, Ledger  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_killed_driver_then_rerun_merges_its_workers_files_and_repays_nothing(tm
         stop()
 
 
-def test_budget_slices_hold_the_total_and_the_rerun_continues(tmp_path, cluster):
+def test_budget_slices_hold_the_total_the_driver_spends_the_rest_and_a_rerun_continues(tmp_path, cluster):
     app = create_fault_app(latency_s=0.01)
     url, stop = serve(app)
     try:
@@ -237,6 +237,24 @@ def test_budget_slices_hold_the_total_and_the_rerun_continues(tmp_path, cluster)
         assert 0 < spent <= 0.004  # the slices never pass the budget
         assert st["calls"] == sum(e["outcome"] == "ok" for e in app.state.s.log) < 300
         assert spent > 0.004 * 0.8  # and leave little of it unspent
+
+        # through generate: the driver spends what the slices left, stops cleanly; a larger budget continues
+        small = [f"bg{i} [label={LABELS[i % 3]}]" for i in range(120)]
+        budget = 0.002
+        gold = [("bgold [label=tech]", "tech")]
+        p = write_task_dir(tmp_path / "g", url, small, gold, concurrency=8, budget_usd=budget)
+        out = tmp_path / "grun"
+        with pytest.raises(BudgetExceeded, match="raise teacher.budget_usd"):
+            generate(load_task(p), out, ray=cluster)
+        with Ledger(out / "ledger.sqlite") as led:
+            first = led.spent()
+            ok_first = {_user(r[1]) for r in _rows(out / "ledger.sqlite")}
+        assert budget * 0.95 < first <= budget and 0 < len(ok_first) < 120
+        mark = len(app.state.s.log)
+        p = write_task_dir(tmp_path / "g", url, small, gold, concurrency=8, budget_usd=1.0)
+        d = generate(load_task(p), out, ray=cluster)
+        assert [e for e in app.state.s.log[mark:] if e["item"] in ok_first] == []  # nothing bought twice
+        assert len((d / "train.jsonl").read_text().splitlines()) == 120
     finally:
         stop()
 
