@@ -72,3 +72,18 @@ def test_generate_ray_without_ray_is_one_clear_line_and_writes_nothing(tmp_path)
     said = " ".join((r.stdout + r.stderr).split())
     assert "pip install 'protege[ray]'" in said and "Traceback" not in said
     assert not (out / "generate").exists()
+
+
+def test_the_engine_settings_do_not_change_the_stage_keys():
+    """Where the calls are sent from, or where the rungs train, changes no artifact: no stage re-runs for it."""
+    from protege.stages.keys import GENERATE, TRAIN
+    from protege.task import parse_task
+
+    raw = {"name": "keys", "kind": "classify", "instruction": "Topic?", "labels": ["x", "y"],
+           "data": {"inputs": "i.jsonl", "gold": "g.jsonl"},
+           "teacher": {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}
+    plain = parse_task(raw)
+    ray = parse_task({**raw, "teacher": {**raw["teacher"], "engine": "ray", "ray_address": "auto", "ray_workers": 8,
+                                         "ray_gpus": 1}, "student": {"engine": "ray"}})
+    assert ray.teacher.engine == "ray" and ray.student.engine == "ray"
+    assert GENERATE.slice(ray) == GENERATE.slice(plain) and TRAIN.slice(ray) == TRAIN.slice(plain)
