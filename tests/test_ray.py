@@ -411,3 +411,22 @@ def test_a_local_hf_teacher_labels_on_ray_one_model_per_worker(tmp_path, cluster
     for k in one_ans:
         assert ray_ans[k][2] == one_ans[k][2]
         np.testing.assert_allclose(ray_ans[k][3], one_ans[k][3], atol=1e-4)
+
+
+class _LockedRung(_TimedRung):
+    """Its student holds a lock: it cannot be pickled back from a Ray task."""
+
+    def refit(self, p):
+        st = super().refit(p)
+        st.lock = threading.Lock()
+        return st
+
+
+def test_rungs_whose_results_cannot_come_back_from_ray_train_here_instead(cluster):
+    from protege.students.ladder import run_ladder
+
+    d = _ladder_data()
+    rungs = [_LockedRung("a", d, 0.7, 0.0), _TimedRung("b", d, 0.9, 0.0)]
+    with pytest.warns(UserWarning, match="training them here"):
+        _, students, ladder, _ = run_ladder(d, rungs, max_ms=50.0, cv_folds=3, curve=False, ray=ray)
+    assert ladder["chosen"] == "b" and set(students) == {"a", "b"} and rungs[0].pid == os.getpid()

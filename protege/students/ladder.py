@@ -244,8 +244,15 @@ def fit_ahead(rungs: list, folds, timing_texts, hard: np.ndarray, ray=None) -> d
     free = [r for r in rungs if not hasattr(r, "bind")]
     if ray is None or len(free) < 2:
         return {}
+    try:
+        results = map_tasks(_fit_remote, [(r, folds, timing_texts, hard) for r in free], ray=ray)
+    except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled back: train them here instead
+        import warnings
+
+        warnings.warn(f"ladder: training the rungs on Ray failed ({type(e).__name__}: {e}); training them here")
+        return {}
     out = {}
-    for rung, (done, got) in zip(free, map_tasks(_fit_remote, [(r, folds, timing_texts, hard) for r in free], ray=ray)):
+    for rung, (done, got) in zip(free, results):
         rung.__dict__.update(done.__dict__)
         out[rung.name] = got
     return out
