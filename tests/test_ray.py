@@ -430,3 +430,34 @@ def test_rungs_whose_results_cannot_come_back_from_ray_train_here_instead(cluste
     with pytest.warns(UserWarning, match="training them here"):
         _, students, ladder, _ = run_ladder(d, rungs, max_ms=50.0, cv_folds=3, curve=False, ray=ray)
     assert ladder["chosen"] == "b" and set(students) == {"a", "b"} and rungs[0].pid == os.getpid()
+
+
+def test_a_generation_task_on_ray_writes_the_artifact_one_process_writes(tmp_path, cluster):
+    """kind: generate (a TextTeacher around the API teacher): the same train rows and per-token top-k."""
+    import yaml
+
+    app = create_fault_app(latency_s=0.0)
+    url, stop = serve(app)
+    try:
+        root = tmp_path / "t"
+        root.mkdir()
+        (root / "inputs.jsonl").write_text("".join(json.dumps({"text": f"[gen] write {i}" + (" [500x1]" if i % 5 == 0
+                                                               else "")}) + "\n" for i in range(30)))
+        (root / "gold.jsonl").write_text("".join(json.dumps({"text": f"[gen] gold {i}", "answer": "The quick brown fox "
+                                                             "jumps."}) + "\n" for i in range(4)))
+        (root / "task.yaml").write_text(yaml.safe_dump({
+            "name": "gen", "kind": "generate", "instruction": "Write.", "gold_field": "answer",
+            "data": {"inputs": "inputs.jsonl", "gold": "gold.jsonl"},
+            "teacher": {"backend": "openai", "model": "fault-model", "base_url": url, "api_key_env": KEY_ENV,
+                        "max_tokens": 32, "top_logprobs": 4, "timeout_s": 2, "retry_base_s": 0.01, "retry_max_s": 0.05},
+            "student": {"kind": "causal_lm", "model": str(tmp_path)}}))
+        task = load_task(root / "task.yaml")
+        on_ray, here = generate(task, tmp_path / "ray", ray=cluster), generate(task, tmp_path / "one")
+        assert json.loads((on_ray / "stats.json").read_text())["inputs"]["ray"]["calls"] == 34
+        assert (on_ray / "train.jsonl").read_text() == (here / "train.jsonl").read_text()
+        from protege.teachers.topk_store import load_topk
+
+        a, b = load_topk(on_ray / "topk.safetensors"), load_topk(here / "topk.safetensors")
+        assert len(a) == len(b) == 30 and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    finally:
+        stop()
