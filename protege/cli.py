@@ -86,7 +86,7 @@ def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Optio
              shard: str = typer.Option(None, "--shard", help="i/n: label only shard i of n (0-based), e.g. one per "
                                        "machine; then `protege ledger merge` the ledgers and run generate unsharded"),
              ray: bool = typer.Option(False, "--ray", help="Send the calls from workers on a Ray cluster (pip install "
-                                      "'protege[ray]'): $RAY_ADDRESS, else a local one"),
+                                      "'protege\\[ray]'): $RAY_ADDRESS, else a local one"),
              ray_address: str = typer.Option(None, help="--ray on this cluster: auto, ray://head:10001, local")):
     """Label the task's inputs (and gold inputs) with the teacher, through the ledger."""
     import json
