@@ -36,12 +36,15 @@ from protege.teachers.ledger import BudgetExceeded, Ledger  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
+    saved = {k: os.environ.get(k) for k in (KEY_ENV, "PYTHONPATH")}
     os.environ[KEY_ENV] = "sk-fault"  # before the workers start: they inherit it (the job also forwards it)
     here = str(Path(__file__).resolve().parent)  # the fake ladder rungs below are unpickled by the workers
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(autouse=True)
