@@ -84,15 +84,21 @@ def _out(task, out: Path | None) -> Path:
 @_guard
 def generate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(False, help="Ignore the cached artifact"),
              shard: str = typer.Option(None, "--shard", help="i/n: label only shard i of n (0-based), e.g. one per "
-                                       "machine; then `protege ledger merge` the ledgers and run generate unsharded")):
+                                       "machine; then `protege ledger merge` the ledgers and run generate unsharded"),
+             ray: bool = typer.Option(False, "--ray", help="Send the calls from workers on a Ray cluster (pip install "
+                                      "'protege\\[ray]'): $RAY_ADDRESS, else a local one"),
+             ray_address: str = typer.Option(None, help="--ray on this cluster: auto, ray://head:10001, local")):
     """Label the task's inputs (and gold inputs) with the teacher, through the ledger."""
     import json
 
     from protege.stages.generate import generate as run_generate, parse_shard
 
     t = _load(task)
-    d = run_generate(t, _out(t, out), force=force, shard=parse_shard(shard))
+    d = run_generate(t, _out(t, out), force=force, shard=parse_shard(shard), ray=(ray_address or "") if ray or ray_address else None)
     s = json.loads((d / "stats.json").read_text())
+    if r := (s.get("inputs") or {}).get("ray"):
+        console.print(f"ray: {r['workers']} workers sent {r['calls']} calls (${r['usd']:.4f}) in {r['wall_s']:.1f} s, "
+                      f"{r['merged_calls']} merged into the ledger", highlight=False)
     for part in ("inputs", "gold"):
         p = s.get(part) or {}
         fails = ", ".join(f"{k} {v}" for k, v in (p.get("failures") or {}).items())

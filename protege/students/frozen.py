@@ -125,7 +125,7 @@ class OnnxEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.folder, self.max_length = Path(folder), int(max_length)
+        self.folder, self.max_length, self.threads = Path(folder), int(max_length), threads
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
@@ -135,6 +135,11 @@ class OnnxEncoder:
         self.tokenizer.no_padding()
         self.dims = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
             self.session.get_outputs()[0].shape[-1], int) else None
+
+    def __reduce__(self):
+        """Pickled as its folder (an ONNX session cannot be): a ladder rung trained in a Ray task comes back whole
+        (the folder must be readable where it is unpickled: same machine, or a shared cache)."""
+        return (OnnxEncoder, (str(self.folder), self.max_length, self.threads))
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         from protege.students.classifier import clean_text

@@ -148,9 +148,10 @@ def _size(student) -> int:
 
 
 def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda s: None,
-               curve: bool = True) -> tuple[object, dict, dict, dict]:
+               curve: bool = True, ray=None) -> tuple[object, dict, dict, dict]:
     """Train, score, time and choose. Returns (winner student, {rung: refitted student}, ladder stats,
-    learning-curve stats) — the two dicts as ``train/stats.json`` holds them."""
+    learning-curve stats) — the two dicts as ``train/stats.json`` holds them. ``ray`` (the module, connected): the
+    rungs that build on no other rung train at once, as Ray tasks (:func:`fit_ahead`)."""
     from protege import metrics as M
     from protege.stats import bootstrap_ci
 
@@ -159,6 +160,7 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     timing_texts = [d.texts[i] for i in np.random.default_rng(d.seed).permutation(len(d.texts))[:40]]
     by_name = {r.name: r for r in rungs}
     stats, ok, best_logits, students, chosen_params = [], {}, {}, {}, {}
+    ahead = fit_ahead(rungs, folds, timing_texts, d.hard, ray)
     for rung in rungs:
         t0 = time.perf_counter()
         entry = {"name": rung.name, "params": None, "cv_agreement": None, "cv_ci": None, "ms_p50": None,
@@ -166,13 +168,10 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
         try:
             if hasattr(rung, "bind"):
                 rung.bind(by_name, chosen_params)
-            rung.prepare()
-            logits = rung.cv(folds, rung.grid)
-            scores = [np.nanmean(_scored(z, d.hard)) for z in logits]
-            g = int(np.argmax(scores))  # first best: the grid lists simpler / more regularised settings first
-            student = rung.refit(rung.grid[g])
-            with _one_thread():
-                ms = single_ms(student.predict_proba, timing_texts)
+            got = ahead.pop(rung.name, None) or fit_rung((rung, folds, timing_texts, d.hard))
+            if isinstance(got, Exception):
+                raise got
+            logits, scores, g, student, ms = got
         except Exception as e:  # noqa: BLE001 - one rung that cannot run (a missing extra) must not sink the ladder
             entry.update(error=f"{type(e).__name__}: {e}", train_s=time.perf_counter() - t0)
             log(f"ladder: {rung.name} failed: {entry['error']}")
@@ -211,6 +210,52 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
               "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 3 passes"}
     lc = learning_curve(by_name[name], chosen_params[name], folds, d, ok[name]) if curve else {}
     return winner, students, ladder, lc
+
+
+def fit_rung(job: tuple) -> tuple:
+    """One rung's work: prepare, CV over its grid, refit the best setting, time it. ``job``: (rung, folds,
+    timing texts, teacher labels). Returns (logits, scores, best index, student, ms)."""
+    rung, folds, timing_texts, hard = job
+    rung.prepare()
+    logits = rung.cv(folds, rung.grid)
+    scores = [np.nanmean(_scored(z, hard)) for z in logits]
+    g = int(np.argmax(scores))  # first best: the grid lists simpler / more regularised settings first
+    student = rung.refit(rung.grid[g])
+    with _one_thread():
+        ms = single_ms(student.predict_proba, timing_texts)
+    return logits, scores, g, student, ms
+
+
+def _fit_remote(job: tuple) -> tuple:
+    """:func:`fit_rung` in a Ray task: its error returned (one rung that cannot run must not sink the others), and
+    the rung itself sent back, prepared (a later rung builds on its state)."""
+    try:
+        return job[0], fit_rung(job)
+    except Exception as e:  # noqa: BLE001
+        return job[0], e
+
+
+def fit_ahead(rungs: list, folds, timing_texts, hard: np.ndarray, ray=None) -> dict:
+    """With Ray: the rungs that build on no other (no ``bind``: static, frozen, encoder) fitted at once, one Ray task
+    each; {name: fit_rung's result, or its exception}. Each rung's prepared state is copied back into the rung the
+    ladder holds, so static-distilled builds on it as if it had run here. Without Ray: {} (all run in the loop)."""
+    from protege.parallel import map_tasks
+
+    free = [r for r in rungs if not hasattr(r, "bind")]
+    if ray is None or len(free) < 2:
+        return {}
+    try:
+        results = map_tasks(_fit_remote, [(r, folds, timing_texts, hard) for r in free], ray=ray)
+    except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled back: train them here instead
+        import warnings
+
+        warnings.warn(f"ladder: training the rungs on Ray failed ({type(e).__name__}: {e}); training them here")
+        return {}
+    out = {}
+    for rung, (done, got) in zip(free, results):
+        rung.__dict__.update(done.__dict__)
+        out[rung.name] = got
+    return out
 
 
 def learning_curve(rung, params: dict, folds, d: Data, full_ok: np.ndarray) -> dict:

@@ -42,8 +42,13 @@ def train_auto(task: TaskSpec, out: Path, rows: list[dict]) -> tuple[object, dic
              seed=task.train.seed)
     log = (lambda s: None) if QUIET.get("on") else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
+    ray = None
+    if task.student.engine == "ray":  # the independent rungs train at once on a Ray cluster
+        from protege.parallel import connect
+
+        ray = connect()
     winner, students, ladder, curve = run_ladder(d, build_rungs(task, d), max_ms=task.student.max_ms,
-                                                 cv_folds=task.student.cv_folds, log=log)
+                                                 cv_folds=task.student.cv_folds, log=log, ray=ray)
     chosen = next(r for r in ladder["rungs"] if r["name"] == ladder["chosen"])
     winner.ladder_students = students  # saved to train/ladder/<rung>/ by the stage writer
     stats = {"n_train": len(rows), "n_dev": 0, "dev_agreement_with_teacher": chosen["cv_agreement"],
