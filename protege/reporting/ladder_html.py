@@ -32,6 +32,11 @@ def ladder_section(r: dict) -> str:
                     f"<td class=num>{_f(g.get('ms_p50_train'), '.3g')}</td><td class=num>{_bytes(g.get('size_bytes'))}</td>"
                     f"<td class=num>{_f(g.get('train_s'), ',.1f')}</td><td>{_e(status)}</td></tr>")
     why = f"<p><b>Why {_e(lad.get('chosen'))}:</b> {_e(lad.get('why') or '')}</p>" if lad.get("why") else ""
+    if lad.get("seconds") is not None:
+        budget = lad.get("time_budget_s")
+        why += (f"<p>The ladder took {_f(lad['seconds'], ',.0f')} s"
+                + (f" of its {_f(budget, ',.0f')} s budget (student.time_budget_s)" if budget else "")
+                + (f"; learning curve skipped: {_e(lad['curve_skipped'])}" if lad.get("curve_skipped") else "") + ".</p>")
     return (f"<h2>Student ladder</h2>{why}<table>{head}{''.join(rows)}</table>"
             f"<p class=note>The rung was chosen by agreement with the teacher on {_e(lad.get('folds') or 'the')} "
             f"held-out folds of teacher-labelled inputs, among rungs under {_f(lad.get('max_ms'), 'g')} ms per item — "

@@ -109,7 +109,7 @@ def choose(rungs: list[dict], ok: dict[str, np.ndarray]) -> tuple[str, str]:
     elig = [r for r in scored if r["eligible"]]
     if not elig:
         if not scored:
-            why = "; ".join(f"{r['name']}: {r.get('error')}" for r in rungs)
+            why = "; ".join(f"{r['name']}: {r.get('error') or r.get('skipped')}" for r in rungs)
             raise ValueError(f"no ladder rung could be trained ({why})")
         r = min(scored, key=lambda r: r["ms_p50"])
         return r["name"], (f"no rung ran within max_ms; {r['name']} is the fastest ({r['ms_p50']:.2f} ms), "
@@ -148,10 +148,11 @@ def _size(student) -> int:
 
 
 def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda s: None,
-               curve: bool = True, ray=None) -> tuple[object, dict, dict, dict]:
+               curve: bool = True, ray=None, time_budget_s: float | None = None) -> tuple[object, dict, dict, dict]:
     """Train, score, time and choose. Returns (winner student, {rung: refitted student}, ladder stats,
     learning-curve stats) — the two dicts as ``train/stats.json`` holds them. ``ray`` (the module, connected): the
-    rungs that build on no other rung train at once, as Ray tasks (:func:`fit_ahead`)."""
+    rungs that build on no other rung train at once, as Ray tasks (:func:`fit_ahead`). ``time_budget_s``: rungs
+    that would not fit what is left of it are skipped (:func:`over_budget`)."""
     from protege import metrics as M
     from protege.stats import bootstrap_ci
 
@@ -160,11 +161,21 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     timing_texts = [d.texts[i] for i in np.random.default_rng(d.seed).permutation(len(d.texts))[:40]]
     by_name = {r.name: r for r in rungs}
     stats, ok, best_logits, students, chosen_params = [], {}, {}, {}, {}
-    ahead = fit_ahead(rungs, folds, timing_texts, d.hard, ray)
+    t_start = time.perf_counter()
+    left = lambda: None if time_budget_s is None else time_budget_s - (time.perf_counter() - t_start)  # noqa: E731
+    skip = {r.name: why for r in rungs if (why := over_budget(r, folds, left()))}
+    ahead = fit_ahead([r for r in rungs if r.name not in skip], folds, timing_texts, d.hard, ray)
     for rung in rungs:
         t0 = time.perf_counter()
         entry = {"name": rung.name, "params": None, "cv_agreement": None, "cv_ci": None, "ms_p50": None,
                  "size_bytes": None, "train_s": None, "eligible": False, "folder": None, "per_label_recall_cv": None}
+        why_skip = skip.get(rung.name) or (over_budget(rung, folds, left()) if rung.name not in ahead else None)
+        if why_skip and ok:  # the first rung always runs: a ladder that chose nothing would leave no student
+            ahead.pop(rung.name, None)
+            entry.update(skipped=why_skip, train_s=0.0)
+            log(f"ladder: {rung.name} skipped: {why_skip}")
+            stats.append(entry)
+            continue
         try:
             if hasattr(rung, "bind"):
                 rung.bind(by_name, chosen_params)
@@ -205,11 +216,32 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     zc = np.where(seen[:, None], z, 0.0) / temp
     winner.calibration = {"probs": np.where(seen[:, None], _softmax(zc), np.nan).astype(np.float32),
                           "teacher": d.hard.astype(np.int64), "rung": name}
-    ladder = {"max_ms": max_ms, "folds": k, "chosen": name, "why": why, "rungs": stats,
+    ladder = {"max_ms": max_ms, "folds": k, "chosen": name, "why": why, "rungs": stats, "time_budget_s": time_budget_s,
               "rule": "best CV agreement within max_ms; a faster rung within one paired standard error wins",
               "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 3 passes"}
-    lc = learning_curve(by_name[name], chosen_params[name], folds, d, ok[name]) if curve else {}
+    lc = {}
+    if curve and (left() is None or left() > 0):
+        lc = learning_curve(by_name[name], chosen_params[name], folds, d, ok[name])
+    elif curve:
+        ladder["curve_skipped"] = f"time budget spent ({time_budget_s:.0f} s, student.time_budget_s)"
+    ladder["seconds"] = time.perf_counter() - t_start
     return winner, students, ladder, lc
+
+
+def over_budget(rung, folds, left: float | None) -> str | None:
+    """Why ``rung`` should not start with ``left`` seconds of the ladder's budget (None: it may). A rung that can
+    estimate its cost (``estimate_s(folds)``: the encoder times a few real training steps) is skipped when the
+    estimate exceeds what is left; any rung is skipped once nothing is left. Rungs that cannot estimate run —
+    the cheap ones (static, frozen) cost seconds to minutes. The ladder ignores this for its first rung (no
+    student at all is worse than a late one)."""
+    if left is None:
+        return None
+    if left <= 0:
+        return "time budget spent (student.time_budget_s)"
+    est = rung.estimate_s(folds) if hasattr(rung, "estimate_s") else None
+    if est is not None and est > left:
+        return f"estimated {est:.0f} s, {left:.0f} s left of student.time_budget_s"
+    return None
 
 
 def fit_rung(job: tuple) -> tuple:

@@ -148,7 +148,8 @@ def ladder_block(task: TaskSpec, train_dir: Path, train_stats: dict, texts: list
                "score": None, "score_ci": None, "agreement": None, "p_vs_chosen": None, "ms_p50": None}
         folder = train_dir / rung["folder"] if rung.get("folder") else None
         if folder is None or not (folder / "config.json").is_file():
-            row["note"] = "no saved model"
+            row["note"] = (f"skipped: {rung['skipped']}" if rung.get("skipped") else
+                           f"failed: {rung['error']}"[:300] if rung.get("error") else "no saved model")
             rows.append(row)
             continue
         try:
@@ -164,6 +165,8 @@ def ladder_block(task: TaskSpec, train_dir: Path, train_stats: dict, texts: list
             row["note"] = f"could not be scored: {type(e).__name__}: {e}"[:300]
         rows.append(row)
     return {"chosen": chosen, "why": lad.get("why"), "max_ms": lad.get("max_ms"), "folds": lad.get("folds"),
+            "time_budget_s": lad.get("time_budget_s"), "seconds": lad.get("seconds"),
+            "curve_skipped": lad.get("curve_skipped"),
             "chosen_ms_p50": s_ms, "rungs": rows, "selected_on": "teacher-labelled held-out folds (never gold)",
             "gold_note": "gold scores are reported for every rung after the choice; they did not take part in it"}
 

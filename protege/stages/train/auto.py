@@ -48,7 +48,8 @@ def train_auto(task: TaskSpec, out: Path, rows: list[dict]) -> tuple[object, dic
 
         ray = connect()
     winner, students, ladder, curve = run_ladder(d, build_rungs(task, d), max_ms=task.student.max_ms,
-                                                 cv_folds=task.student.cv_folds, log=log, ray=ray)
+                                                 cv_folds=task.student.cv_folds, log=log, ray=ray,
+                                                 time_budget_s=task.student.time_budget_s)
     chosen = next(r for r in ladder["rungs"] if r["name"] == ladder["chosen"])
     winner.ladder_students = students  # saved to train/ladder/<rung>/ by the stage writer
     stats = {"n_train": len(rows), "n_dev": 0, "dev_agreement_with_teacher": chosen["cv_agreement"],
