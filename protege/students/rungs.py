@@ -221,36 +221,49 @@ class DistilledRung:
         self.Se = ngram_features(2, self.lab.min_df, self.lp.get("analyzer", "word")).fit(self.all_texts).transform(
             self.all_texts) if self.lp["ngrams"] else None
 
-    def _train(self, tr: np.ndarray, exclude: np.ndarray, p: dict):
-        """Head fitted on teacher rows ``tr`` + pseudo-labelled pool rows (all extra rows, minus ``exclude``)."""
+    def _pseudo(self, tr: np.ndarray):
+        """The labeller fitted on teacher rows ``tr``; its soft labels for every pool row the teacher did not label."""
         d, n = self.d, len(self.d.texts)
         labeller = _fit(d, self.Xe, self.Se, tr, self.lp)
-        keep = np.setdiff1d(np.arange(n, len(self.all_texts)), exclude)
-        Pp = _softmax(labeller.logits(self.Xe[keep], None if self.Se is None else self.Se[keep]))
+        keep = np.arange(n, len(self.all_texts))
+        return keep, _softmax(labeller.logits(self.Xe[keep], None if self.Se is None else self.Se[keep]))
+
+    def _train(self, tr: np.ndarray, pseudo, p: dict, init=None):
+        """Head fitted on teacher rows ``tr`` + the pseudo-labelled pool rows ``pseudo`` = (rows, soft labels)."""
+        d = self.d
+        keep, Pp = pseudo
         idx = np.concatenate([tr, keep])
         P = np.concatenate([d.P[tr], Pp]).astype(np.float32)
         hard = np.concatenate([d.hard[tr], Pp.argmax(1)])
         w = np.concatenate([d.weight[tr], np.full(len(keep), p["pseudo_weight"], np.float32)])
         head = fit_head(self.Xs[idx], None if self.S is None else self.S[idx], P, hard, c=self.sp["c"],
                         dense_weight=self.sp["dense_weight"], balanced=self.sp["balanced"], sample_weight=w,
-                        alpha=d.alpha, temperature=d.temperature, max_iter=d.max_iter, seed=d.seed)
+                        alpha=d.alpha, temperature=d.temperature, max_iter=d.max_iter, seed=d.seed, init=init)
         return head, len(keep)
 
     def cv(self, folds, grid, frac: float = 1.0) -> np.ndarray:
+        """Out of fold on the first :data:`DISTILLED_FOLDS` folds only (the rest NaN: unscored, as the encoder's):
+        every fit here trains on the whole pool, so each fold costs pool-sized fits; the ladder compares rungs on
+        the rows both scored. One labeller per fold; the pseudo-weight grid warm-starts along itself."""
         d = self.d
-        out = np.zeros((len(grid), len(d.texts), len(d.labels)), dtype=np.float32)
-        for f, (tr, te) in enumerate(folds):
+        out = np.full((len(grid), len(d.texts), len(d.labels)), np.nan, dtype=np.float32)
+        for f, (tr, te) in enumerate(folds[:DISTILLED_FOLDS]):
             tr = _sub(tr, frac, d.seed + f)
+            pseudo, head = self._pseudo(tr), None
             for g, p in enumerate(grid):
-                head, self.n_pseudo = self._train(tr, np.array([], dtype=np.int64), p)
+                head, self.n_pseudo = self._train(tr, pseudo, p, init=head)
                 out[g, te] = head.logits(self.Xs[te], None if self.S is None else self.S[te])
         return out
 
     def refit(self, p: dict):
-        head, self.n_pseudo = self._train(np.arange(len(self.d.texts)), np.array([], dtype=np.int64), p)
+        tr = np.arange(len(self.d.texts))
+        head, self.n_pseudo = self._train(tr, self._pseudo(tr), p)
         st = self.static._student(self.sp.get("analyzer", "word"))
         st.fit_idf(self.all_texts)
         return _assemble(st, self.ng, head)
+
+
+DISTILLED_FOLDS = 3
 
 
 class EncoderRung:
