@@ -236,6 +236,17 @@ class ServeConfig(_Strict):
                                     ">= this. null: report.json's cascade.threshold (chosen by evaluate), else "
                                     "default_threshold.")
     default_threshold: float = Field(0.9, ge=0, le=1, description="Threshold when neither threshold nor a report has one.")
+    risk: float | None = Field(0.05, gt=0, lt=1, description="Cascade guarantee ε: the student's answers disagree with "
+                               "the teacher on at most this share of answered items, with probability >= 1 - delta "
+                               "(threshold by learn-then-test on the train stage's out-of-fold calibration set). "
+                               "null: no guarantee, use report.json's threshold. A hand `threshold` still wins.")
+    delta: float = Field(0.1, gt=0, lt=1, description="Cascade guarantee δ: the chance the risk promise fails.")
+    levels: list[str] | None = Field(None, description="Multi-level cascade: student rungs tried in order "
+                                     "(names under <run>/train/ladder/, or student folders), each behind its own "
+                                     "calibrated gate, before the teacher / review queue. null: the one student.")
+    ood_alpha: float | None = Field(None, gt=0, lt=1, description="Unfamiliar-input gate: escalate inputs farther "
+                                    "from every training input (student embedding) than all but alpha of held-out "
+                                    "training inputs are, whatever the confidence. null: off.")
     escalate: Literal["teacher", "review", "none"] = Field("teacher", description="Where an unsure request goes: the "
                                                             "teacher (through the ledger), the human review queue, or nowhere.")
     capture: bool = Field(False, description="Capture mode: every request goes to the teacher, its answer is returned "
