@@ -222,6 +222,27 @@ class BaselineConfig(_Strict):
     max_break_even_months: float = Field(12.0, gt=0, description="Verdict: a longer payback means volume is too low.")
 
 
+class ActiveConfig(_Strict):
+    """``generate.strategy: active``: label in rounds, each batch the inputs the cheapest student is least sure of."""
+
+    rounds: int = Field(10, ge=1, description="Most rounds after the random seed batch.")
+    batch: int = Field(100, ge=1, description="Inputs labelled per round.")
+    seed_size: int | None = Field(None, ge=2, description="Random inputs labelled first; default: batch.")
+    min_gain: float = Field(0.002, ge=0, description="Stop when agreement with the teacher (on the gold inputs' "
+                            "teacher labels) rises less than this in a round.")
+    candidates: int = Field(5, ge=1, description="Most-uncertain inputs considered per slot, before de-duplication.")
+    dedup_cosine: float = Field(0.95, gt=0, le=1, description="Skip a candidate this similar (cosine, student "
+                                "embedding) to one already in the batch.")
+
+
+class GenerateConfig(_Strict):
+    """``generate:``: which inputs the teacher labels — a random sample (``data.limit``) or actively chosen ones."""
+
+    strategy: Literal["random", "active"] = Field("random", description="random: label data.inputs (data.limit of "
+                                                  "them); active: rounds of the least-sure inputs (generate.active).")
+    active: ActiveConfig = ActiveConfig()
+
+
 class ServeConfig(_Strict):
     """`protege serve`: the OpenAI-compatible gateway in front of the student (cascade, capture, drift).
 

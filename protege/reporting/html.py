@@ -110,6 +110,15 @@ def _score_series(r: dict) -> list:
     return [x for x in series if x[2] is not None]
 
 
+def _active_section(a: dict) -> str:
+    """generate.strategy: active — agreement with the teacher against teacher calls, one row per round."""
+    rows = "".join(f"<tr><td class=num>{c['round']}</td><td class=num>{c['calls']}</td><td class=num>{c['n_labelled']}</td>"
+                   f"<td class=num>{_f(c['agreement'], '.1%')}</td></tr>" for c in a["curve"])
+    return (f"<h2>Active labelling</h2><p class=note>Static student refitted each round; agreement measured on the "
+            f"{_e(a.get('curve_on', 'gold inputs'))}. Stopped: {_e(a.get('stopped'))}.</p><table><tr><th>round</th>"
+            f"<th>teacher calls</th><th>inputs labelled</th><th>agreement</th></tr>{rows}</table>")
+
+
 def _risk_note(g: dict | None) -> str:
     """The gateway's risk gate: its promise (certified out of fold) and what it delivered on gold."""
     if not g:
@@ -269,6 +278,8 @@ def render_html(r: dict) -> str:
                             f"Chosen on {_e(cas.get('selected_on', 'the gold items'))}; written to report.json → cascade.</p>"
                             f"{_risk_note(cas.get('risk_gate'))}</div>")
         sections.append("</div>")
+    if r.get("active"):
+        sections.append(_active_section(r["active"]))
     c = r.get("cost") or {}
     lat = [("teacher", r["teacher"]["ms_per_item"], r["teacher"].get("ms_per_item_p95"), r["teacher"].get("ms_per_item_batched")),
            ("student", r["student"]["ms_per_item"], r["student"].get("ms_per_item_p95"), r["student"].get("ms_per_item_batched"))]

@@ -213,6 +213,8 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
+    if gen_stats.get("active"):  # generate.strategy: active — the agreement-vs-calls curve of the labelling rounds
+        report["active"] = gen_stats["active"]
     report.update(_ladder_keys(task, out, train_stats, texts, gold, t_pred, s_items, s_ms, cost, tt, q["metrics"]))
     if report.get("ladder", {}).get("chosen"):
         report["student"]["name"] += f" (auto: {report['ladder']['chosen']})"
