@@ -60,14 +60,24 @@ def test_realised_risk_exceeds_eps_in_at_most_delta_of_resamples(eps, delta):
 def test_the_gate_is_not_needlessly_conservative():
     conf, ok = population()
     rng = np.random.default_rng(2)
-    cal = rng.choice(len(conf), 2000, replace=False)
-    g = risk_gate(conf[cal], ok[cal], 0.05, 0.1)
-    # the lowest threshold with population risk ≤ ε answers about this much; the gate gets most of it
+    # the lowest threshold with population risk ≤ ε answers this much; the gate gets a good part of it on average
     best = max(realised(conf, ok, t)["coverage"] for t in np.linspace(0.5, 1, 501)
                if (realised(conf, ok, t)["risk"] or 0) <= 0.05)
-    assert 0.3 * best <= g.coverage <= best + 0.05
-    assert g.upper_bound is not None and g.upper_bound <= 0.05
-    assert g.upper_bound == pytest.approx(cp_upper(g.errors, g.n_answered, 0.1))
+    gates = [risk_gate(conf[cal], ok[cal], 0.05, 0.1) for cal in (rng.choice(len(conf), 2000, replace=False)
+                                                                  for _ in range(20))]
+    assert 0.4 * best <= np.mean([g.coverage for g in gates]) <= best + 0.05
+    for g in gates:
+        if g.feasible:
+            assert g.upper_bound <= 0.05 and g.upper_bound == pytest.approx(cp_upper(g.errors, g.n_answered, 0.05))
+
+
+def test_a_flat_risk_curve_under_eps_is_certified_deep():
+    """Disagreement ~2% everywhere (a teacher's random slips): the late scan certifies most of the traffic, where an
+    early single scan would stop at its first unlucky test."""
+    rng = np.random.default_rng(3)
+    conf, ok = rng.random(1000), (rng.random(1000) > 0.02).astype(float)
+    g = risk_gate(conf, ok, 0.05, 0.1)
+    assert g.feasible and g.coverage >= 0.7
 
 
 def test_infeasible_when_no_threshold_can_be_certified():
