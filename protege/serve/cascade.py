@@ -132,6 +132,7 @@ class Engine:
         if self.levels:  # the first level is the gateway's student: drift, batching and workers all use it
             self.predictor, self.student_path = self.levels[0].predictor, level_folder(self.run, self.s.levels[0])
             self.threshold, self.threshold_source = self.levels[0].threshold, self.levels[0].source
+            self.risk_gate = self.levels[0].gate
         self.ood = self.levels[0].ood if self.levels else make_ood(self.run, self.predictor, self.s.ood_alpha)
         if self.predictor is None and not self.s.capture:
             raise FileNotFoundError(f"no trained student at {self.student_path}; run `protege train` first, or serve in "

@@ -239,6 +239,9 @@ def served_threshold(run: Path | None, s, report: dict | None) -> tuple[float, s
     got = risk_gate_for(run, s.risk, s.delta)
     if got is not None:
         return got[0].threshold, f"risk gate (eps={s.risk}, delta={s.delta}) on {got[1]}", got[0]
+    if s.risk is not None and run is not None and (Path(run) / "train").is_dir():
+        log.warning("serve.risk is set but %s/train has no out-of-fold calibration set (written by student.kind: "
+                    "auto): no risk guarantee, the threshold comes from report.json or serve.default_threshold", run)
     t = ((report or {}).get("cascade") or {}).get("threshold")
     if t is not None:
         return float(t), "report.json (evaluate)", None
