@@ -116,13 +116,18 @@ def register(app, *, guard, load, out_of, fail, console) -> None:
         ref = Reference.load(run / "serve" / "reference.json")
         import json
 
-        if ref is not None and (run / "report.json").is_file():
-            ref.agreement = (json.loads((run / "report.json").read_text(encoding="utf-8")).get("student") or {}).get("agreement")
+        from protege.serve.gates import served_threshold, shadow_risk
+
+        report = json.loads((run / "report.json").read_text(encoding="utf-8")) if (run / "report.json").is_file() else None
+        if ref is not None and report:
+            ref.agreement = (report.get("student") or {}).get("agreement")
         store = TrafficStore(path, writer=False)
         try:
             s = t.serve
             r = drift_report(store, ref, window=s.drift_window, psi_alert=s.psi_alert, centroid_alert=s.centroid_alert,
                              agreement_drop=s.agreement_drop)
+            thr, _, gate = served_threshold(run, s, report)
+            r["risk_check"] = shadow_risk(store, thr, s.risk if gate is not None else None, s.drift_window)
         finally:
             store.close()
         _print_drift(r, console)
@@ -220,6 +225,11 @@ def _print_drift(r: dict, console) -> None:
     tb.add_row("confidence PSI", f(r["psi"], ".3f"), "0.1 moderate / 0.25 large")
     tb.add_row("mean student confidence", f(r["mean_confidence"], ".3f"), f(r["reference_mean_confidence"], ".3f"))
     tb.add_row("input centroid distance (cosine)", f(r["centroid_distance"], ".3f"), "0 = same inputs")
+    rc = r.get("risk_check")
+    if rc and rc["n"]:
+        ci = rc["risk_ci"]
+        tb.add_row("disagreement on answered items (shadow)", f"{rc['risk']:.1%} [{ci[0]:.1%}, {ci[1]:.1%}] n={rc['n']}",
+                   f"promised ≤ {rc['promised_risk']:.1%}: {rc['status']}")
     console.print(tb)
     console.print(f"[bold]{r['status']}[/]")
     for reason in r["reasons"]:

@@ -238,6 +238,27 @@ class BaselineConfig(_Strict):
     max_break_even_months: float = Field(12.0, gt=0, description="Verdict: a longer payback means volume is too low.")
 
 
+class ActiveConfig(_Strict):
+    """``generate.strategy: active``: label in rounds, each batch the inputs the cheapest student is least sure of."""
+
+    rounds: int = Field(10, ge=1, description="Most rounds after the random seed batch.")
+    batch: int = Field(100, ge=1, description="Inputs labelled per round.")
+    seed_size: int | None = Field(None, ge=2, description="Random inputs labelled first; default: batch.")
+    min_gain: float = Field(0.002, ge=0, description="Stop when agreement with the teacher (on the gold inputs' "
+                            "teacher labels) rises less than this in a round.")
+    candidates: int = Field(5, ge=1, description="Most-uncertain inputs considered per slot, before de-duplication.")
+    dedup_cosine: float = Field(0.95, gt=0, le=1, description="Skip a candidate this similar (cosine, student "
+                                "embedding) to one already in the batch.")
+
+
+class GenerateConfig(_Strict):
+    """``generate:``: which inputs the teacher labels — a random sample (``data.limit``) or actively chosen ones."""
+
+    strategy: Literal["random", "active"] = Field("random", description="random: label data.inputs (data.limit of "
+                                                  "them); active: rounds of the least-sure inputs (generate.active).")
+    active: ActiveConfig = ActiveConfig()
+
+
 class ServeConfig(_Strict):
     """`protege serve`: the OpenAI-compatible gateway in front of the student (cascade, capture, drift).
 
@@ -252,6 +273,17 @@ class ServeConfig(_Strict):
                                     ">= this. null: report.json's cascade.threshold (chosen by evaluate), else "
                                     "default_threshold.")
     default_threshold: float = Field(0.9, ge=0, le=1, description="Threshold when neither threshold nor a report has one.")
+    risk: float | None = Field(0.05, gt=0, lt=1, description="Cascade guarantee ε: the student's answers disagree with "
+                               "the teacher on at most this share of answered items, with probability >= 1 - delta "
+                               "(threshold by learn-then-test on the train stage's out-of-fold calibration set). "
+                               "null: no guarantee, use report.json's threshold. A hand `threshold` still wins.")
+    delta: float = Field(0.1, gt=0, lt=1, description="Cascade guarantee δ: the chance the risk promise fails.")
+    levels: list[str] | None = Field(None, description="Multi-level cascade: student rungs tried in order "
+                                     "(names under <run>/train/ladder/, or student folders), each behind its own "
+                                     "calibrated gate, before the teacher / review queue. null: the one student.")
+    ood_alpha: float | None = Field(None, gt=0, lt=1, description="Unfamiliar-input gate: escalate inputs farther "
+                                    "from every training input (student embedding) than all but alpha of held-out "
+                                    "training inputs are, whatever the confidence. null: off.")
     escalate: Literal["teacher", "review", "none"] = Field("teacher", description="Where an unsure request goes: the "
                                                             "teacher (through the ledger), the human review queue, or nowhere.")
     capture: bool = Field(False, description="Capture mode: every request goes to the teacher, its answer is returned "

@@ -18,8 +18,8 @@ from pydantic import (ConfigDict, Field, ValidationError, ValidationInfo, field_
                       model_validator)
 
 from protege.errors import TaskError
-from protege.settings import (BaselineConfig, CurateConfig, DataConfig, EvaluateConfig, Example, LoraSettings,
-                              ServeConfig, StudentConfig, TeacherConfig, TrainConfig, _Strict)
+from protege.settings import (BaselineConfig, CurateConfig, DataConfig, EvaluateConfig, Example, GenerateConfig,
+                              LoraSettings, ServeConfig, StudentConfig, TeacherConfig, TrainConfig, _Strict)
 
 # the blocks of the file live in protege.settings; imported here so `from protege.task import ServeConfig` works
 __all__ = ["TaskError", "TaskSpec", "load_task", "parse_task", "resolve_model_path", "BaselineConfig", "CurateConfig",
@@ -43,6 +43,7 @@ class TaskSpec(_Strict):
     examples: list[Example] = []
     data: DataConfig
     teacher: TeacherConfig
+    generate: GenerateConfig = GenerateConfig()
     curate: CurateConfig = CurateConfig()
     baseline: BaselineConfig = BaselineConfig()
     student: StudentConfig = StudentConfig()

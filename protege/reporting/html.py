@@ -110,6 +110,32 @@ def _score_series(r: dict) -> list:
     return [x for x in series if x[2] is not None]
 
 
+def _active_section(a: dict) -> str:
+    """generate.strategy: active — agreement with the teacher against teacher calls, one row per round."""
+    rows = "".join(f"<tr><td class=num>{c['round']}</td><td class=num>{c['calls']}</td><td class=num>{c['n_labelled']}</td>"
+                   f"<td class=num>{_f(c['agreement'], '.1%')}</td></tr>" for c in a["curve"])
+    return (f"<h2>Active labelling</h2><p class=note>Static student refitted each round; agreement measured on the "
+            f"{_e(a.get('curve_on', 'gold inputs'))}. Stopped: {_e(a.get('stopped'))}.</p><table><tr><th>round</th>"
+            f"<th>teacher calls</th><th>inputs labelled</th><th>agreement</th></tr>{rows}</table>")
+
+
+def _risk_note(g: dict | None) -> str:
+    """The gateway's risk gate: its promise (certified out of fold) and what it delivered on gold."""
+    if not g:
+        return ""
+    gold = g["gold"]
+    if not g["feasible"]:
+        return (f"<p class=note><b>Risk gate</b>: disagreement ≤ {_f(g['risk'], '.1%')} with probability ≥ "
+                f"{_f(1 - g['delta'], '.0%')} cannot be certified on {g['n_cal']} out-of-fold rows: the gateway escalates "
+                "every request. Raise serve.risk or label more rows.</p>")
+    return (f"<p class=note><b>Risk gate</b> (the gateway's threshold, serve.risk / serve.delta): confidence ≥ "
+            f"<b>{_f(g['threshold'], '.3f')}</b> promises disagreement with the teacher ≤ {_f(g['risk'], '.1%')} on answered "
+            f"items with probability ≥ {_f(1 - g['delta'], '.0%')} (certified on {g['n_cal']} out-of-fold rows, "
+            f"{_f(g['coverage'], '.0%')} answered there). On gold: {_f(gold['coverage'], '.0%')} answered, disagreement "
+            f"{_f(gold['risk'], '.1%')} (95% CI {_ci(gold.get('risk_ci'), '.1%')}), cascade accuracy {_f(gold['cascade_accuracy'])} vs "
+            f"the teacher's {_f(gold['teacher_accuracy'])}.</p>")
+
+
 def _per_label(r: dict) -> str:
     """Precision / recall / F1 per label for both models; labels where the student's recall falls far below
     the teacher's are flagged (a student that learned the label prior loses the rare labels first)."""
@@ -249,8 +275,11 @@ def render_html(r: dict) -> str:
                             f"<p class=note>Answer with the student when its confidence ≥ <b>{_f(cas['threshold'], '.3f')}</b>: it answers "
                             f"{_f(cas['coverage'], '.1%')} of items and the system scores {_f(cas['quality'])} {_ci(cas.get('quality_ci'))} "
                             f"vs the teacher's {_f(cas['teacher_quality'])} (target {_f(cas['target'], '.0%')}). "
-                            f"Chosen on {_e(cas.get('selected_on', 'the gold items'))}; written to report.json → cascade.</p></div>")
+                            f"Chosen on {_e(cas.get('selected_on', 'the gold items'))}; written to report.json → cascade.</p>"
+                            f"{_risk_note(cas.get('risk_gate'))}</div>")
         sections.append("</div>")
+    if r.get("active"):
+        sections.append(_active_section(r["active"]))
     c = r.get("cost") or {}
     lat = [("teacher", r["teacher"]["ms_per_item"], r["teacher"].get("ms_per_item_p95"), r["teacher"].get("ms_per_item_batched")),
            ("student", r["student"]["ms_per_item"], r["student"].get("ms_per_item_p95"), r["student"].get("ms_per_item_batched"))]

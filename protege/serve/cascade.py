@@ -5,10 +5,13 @@
 1. **capture mode** — the teacher answers (through the ledger), the answer and its label probabilities
    are recorded as new training data; the student, if there is one, is scored alongside for free
    agreement figures.
-2. otherwise the **student** answers when its confidence ≥ the threshold (``serve.threshold``, else the one
-   ``evaluate`` chose for a target quality in ``report.json``, else ``serve.default_threshold``); a
-   ``shadow_fraction`` of those answers is re-asked of the teacher in the background.
-3. below the threshold the request **escalates**: to the teacher (through the ledger:
+2. otherwise the **student** answers when its confidence ≥ the threshold (``serve.threshold``, else the risk gate
+   certified for ``serve.risk`` / ``serve.delta`` on the out-of-fold calibration set
+   (:mod:`protege.serve.conformal`), else ``evaluate``'s pick in ``report.json``, else
+   ``serve.default_threshold``) and, with ``serve.ood_alpha``, the input is not unfamiliar; a ``shadow_fraction``
+   of those answers is re-asked of the teacher in the background. With ``serve.levels`` the next student levels
+   are tried in order, each behind its own gates (:mod:`protege.serve.gates`).
+3. past every level the request **escalates**: to the teacher (through the ledger:
    :func:`protege.stages.generate.label_with_ledger`, so a repeated input is never paid twice and the answer is
    a cache hit when ``protege redistill`` labels the same input later), or into the human review queue
    (the student's answer is returned, marked provisional, with the review id). A teacher that fails or
@@ -38,7 +41,8 @@ from protege import progress
 from protege.kinds import kind_of
 from protege.task import ServeConfig, TaskSpec
 from protege.serve.background import BoundedPool
-from protege.serve.drift import DriftMonitor, Reference
+from protege.serve.drift import DriftMonitor, gold_reference
+from protege.serve.gates import Level, build_levels, level_folder, make_ood, next_level, served_threshold
 from protege.serve.predictor import Prediction, load_predictor
 from protege.serve.store import TrafficStore
 
@@ -97,11 +101,14 @@ class Outcome:
     teacher_probs: list[float] | None = None
     teacher_soft: str | None = None
     error: str | None = None
+    level: str | None = None  # which level answered: a student level's name, "teacher" or "review"
+    ood_distance: float | None = None
 
     def info(self) -> dict:
-        return {"answered_by": self.answered_by, "confidence": self.confidence,
-                "student_confidence": self.student_confidence, "threshold": self.threshold,
-                **({"review_id": self.review_id} if self.review_id is not None else {})}
+        return {"answered_by": self.answered_by, "level": self.level or self.answered_by,
+                "confidence": self.confidence, "student_confidence": self.student_confidence,
+                "threshold": self.threshold, **({"review_id": self.review_id} if self.review_id is not None else {}),
+                **({"ood_distance": self.ood_distance} if self.ood_distance is not None else {})}
 
 
 def _read_json(p: Path) -> dict | None:
@@ -115,12 +122,18 @@ class Engine:
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else (self.run or Path("runs") / self.task.name) / "serve"
         self.report = _read_json(self.run / "report.json") if self.run else None
         self.model_name = self.s.model_name or self.task.name
-        self.threshold, self.threshold_source = self._threshold()
+        self.threshold, self.threshold_source, self.risk_gate = served_threshold(self.run, self.s, self.report)
         self.student_path = Path(cfg.student) if cfg.student else (self.run / "train" / "student" if self.run else None)
         self.predictor = cfg.predictor
         if self.predictor is None and self.student_path is not None and (
                 (self.student_path / "config.json").is_file() or (self.student_path / "model.onnx").is_file()):
             self.predictor = load_predictor(self.student_path, self.model_name, self.s.max_tokens)
+        self.levels = build_levels(self.task, self.run, self.s, self.model_name, self.s.max_tokens) if self.s.levels else []
+        if self.levels:  # the first level is the gateway's student: drift, batching and workers all use it
+            self.predictor, self.student_path = self.levels[0].predictor, level_folder(self.run, self.s.levels[0])
+            self.threshold, self.threshold_source = self.levels[0].threshold, self.levels[0].source
+            self.risk_gate = self.levels[0].gate
+        self.ood = self.levels[0].ood if self.levels else make_ood(self.run, self.predictor, self.s.ood_alpha)
         if self.predictor is None and not self.s.capture:
             raise FileNotFoundError(f"no trained student at {self.student_path}; run `protege train` first, or serve in "
                                     f"capture mode (serve.capture: true / --capture) to collect data with the teacher")
@@ -128,7 +141,7 @@ class Engine:
         self.ledger_path = (self.run or self.data_dir) / "ledger.sqlite"
         self._teacher, self._teacher_lock, self._tl = cfg.teacher, threading.Lock(), threading.local()
         self._ledgers: list = []
-        self.reference = self._reference()
+        self.reference = gold_reference(self)
         self.monitor = DriftMonitor(self.reference, self.s.drift_window)
         explicit = "shadow_fraction" in self.s.model_fields_set
         self.shadow_fraction = 0.0 if self.s.escalate == "none" and not explicit else float(self.s.shadow_fraction)
@@ -144,43 +157,6 @@ class Engine:
         self.metrics = None  # set by the app (prometheus); events below are no-ops without it
 
     # -- setup -------------------------------------------------------------------------------
-    def _threshold(self) -> tuple[float, str]:
-        if self.s.threshold is not None:
-            return float(self.s.threshold), "serve.threshold"
-        t = ((self.report or {}).get("cascade") or {}).get("threshold")
-        if t is not None:
-            return float(t), "report.json (evaluate)"
-        return float(self.s.default_threshold), "serve.default_threshold"
-
-    def _reference(self) -> Reference | None:
-        """Student confidences (+ embedding centroid) on held-out inputs, cached per student version.
-
-        The gold inputs: the student never trained on them, so in-distribution traffic looks like them (its
-        own training inputs would not: it is more confident there, and every PSI would read as drift).
-        """
-        if self.predictor is None or self.run is None:
-            return None
-        agreement = ((self.report or {}).get("student") or {}).get("agreement")
-        sp = self.student_path
-        version = max((f.stat().st_mtime_ns for f in sp.iterdir()), default=0) if sp and sp.is_dir() else 0
-        path = self.data_dir / "reference.json"
-        cached = _read_json(path)
-        if cached and cached.get("student_version") == version and cached.get("source") == "gold":
-            ref = Reference.from_json(cached)
-            ref.agreement = agreement
-            return ref
-        from protege.data import load_gold, write_json
-
-        try:
-            rows = load_gold(self.task)
-        except (OSError, ValueError) as e:  # TaskError is a ValueError
-            log.warning("no drift reference: the gold inputs could not be read (%s)", e)
-            return None
-        n = 32 if self.predictor.is_lm else 1000
-        texts = [r["text"] for r in random.Random(0).sample(rows, min(n, len(rows)))]
-        ref = Reference.build(self.predictor, texts, agreement, source="gold")
-        write_json(path, {**ref.to_json(), "student_version": version})
-        return ref
 
     def teacher(self):
         with self._teacher_lock:
@@ -231,7 +207,7 @@ class Engine:
         return Outcome(content, ans.label, "teacher", max(ans.probs) if ans.probs else None,
                        base.student_confidence if base else None, probs, threshold=self.threshold, teacher_usd=usd,
                        student_label=base.student_label if base else None, teacher_label=ans.label,
-                       teacher_probs=ans.probs, teacher_soft=ans.soft)
+                       teacher_probs=ans.probs, teacher_soft=ans.soft, level="teacher")
 
     # -- answering ---------------------------------------------------------------------------
     def predict(self, texts: list[str], **lm) -> list[Prediction]:
@@ -255,7 +231,7 @@ class Engine:
         return self._infer_proc
 
     def wants_embedding(self) -> bool:
-        return self.reference is not None and self.reference.centroid is not None
+        return (self.reference is not None and self.reference.centroid is not None) or self.ood is not None
 
     def answer_many(self, texts: list[str], endpoint: str, preds: list[Prediction] | None = None, embs=None,
                     **lm) -> list[Outcome]:
@@ -274,7 +250,8 @@ class Engine:
 
     def student_outcome(self, p: Prediction) -> Outcome:
         return Outcome(p.content, p.label, "student", p.confidence, p.confidence, p.probs, threshold=self.threshold,
-                       tokens=p.tokens, prompt_tokens=p.prompt_tokens, student_label=p.label)
+                       tokens=p.tokens, prompt_tokens=p.prompt_tokens, student_label=p.label,
+                       level=self.levels[0].name if self.levels else "student")
 
     def route(self, text: str, p: Prediction, emb=None) -> Outcome:
         if emb is None and self.wants_embedding():
@@ -282,12 +259,19 @@ class Engine:
             emb = None if e is None else e[0]
         self.monitor.observe(p.confidence, emb)
         base = self.student_outcome(p)
-        if p.confidence >= self.threshold or self.s.escalate == "none":
+        first = self.levels[0] if self.levels else Level("student", self.predictor, self.threshold, "", None, self.ood)
+        ok, base.ood_distance = first.passes(p.confidence, text, emb)
+        if ok or self.s.escalate == "none":
             if self.shadow_fraction and self.rng.random() < self.shadow_fraction:
                 self.shadow.submit(self._shadow, text, p)
             return base
+        nxt = next_level(self.levels[1:], text)  # the next student levels, each behind its own gates
+        if nxt is not None:
+            lv, q, dist = nxt
+            return Outcome(q.content, q.label, "student", q.confidence, p.confidence, q.probs, threshold=lv.threshold,
+                           student_label=q.label, level=lv.name, ood_distance=dist)
         if self.s.escalate == "review":
-            base.answered_by = "review"
+            base.answered_by = base.level = "review"
             base.review_id = self.store.enqueue_review(text, p.label, p.confidence)
             return base
         ans, usd = self.ask_teacher(text, "serve")

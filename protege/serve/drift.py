@@ -22,7 +22,9 @@ Three signals, each compared with the same quantity on held-out gold inputs / th
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
 import threading
 import uuid
 from collections import deque
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger("protege.serve")
 
 MIN_LIVE = 100  # recent requests needed before PSI / centroid distance mean anything
 MIN_SHADOW = 30
@@ -314,3 +318,34 @@ def drift_report(store, ref: Reference | None, *, window: int = 1000, **threshol
     snap["counts"] = store.counts()
     snap["last_snapshot_ts"] = None if last is None else last["ts"]
     return {**snap, **assess(snap, **thresholds)}
+
+
+def gold_reference(engine) -> Reference | None:
+    """Student confidences (+ embedding centroid) on held-out inputs, cached per student version.
+
+    The gold inputs: the student never trained on them, so in-distribution traffic looks like them (its
+    own training inputs would not: it is more confident there, and every PSI would read as drift).
+    """
+    if engine.predictor is None or engine.run is None:
+        return None
+    agreement = ((engine.report or {}).get("student") or {}).get("agreement")
+    sp = engine.student_path
+    version = max((f.stat().st_mtime_ns for f in sp.iterdir()), default=0) if sp and sp.is_dir() else 0
+    path = engine.data_dir / "reference.json"
+    cached = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None)
+    if cached and cached.get("student_version") == version and cached.get("source") == "gold":
+        ref = Reference.from_json(cached)
+        ref.agreement = agreement
+        return ref
+    from protege.data import load_gold, write_json
+
+    try:
+        rows = load_gold(engine.task)
+    except (OSError, ValueError) as e:  # TaskError is a ValueError
+        log.warning("no drift reference: the gold inputs could not be read (%s)", e)
+        return None
+    n = 32 if engine.predictor.is_lm else 1000
+    texts = [r["text"] for r in random.Random(0).sample(rows, min(n, len(rows)))]
+    ref = Reference.build(engine.predictor, texts, agreement, source="gold")
+    write_json(path, {**ref.to_json(), "student_version": version})
+    return ref

@@ -192,7 +192,9 @@ def create_app(config: GatewayConfig):
         yield "data: [DONE]\n\n"
 
     def unsure(preds) -> bool:
-        return s.escalate == "teacher" and any(x.confidence < engine.threshold for x in preds)
+        # an OOD gate or a next level can escalate a confident answer too: route those off the event loop
+        return s.escalate == "teacher" and (engine.ood is not None or len(engine.levels) > 1
+                                            or any(x.confidence < engine.threshold for x in preds))
 
     def predict_and_route(texts: list[str], endpoint: str, preds=None, embs=None):
         """On a worker thread: the student's answers, routed and recorded unless the teacher is needed."""

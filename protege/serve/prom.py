@@ -22,6 +22,8 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("protege_requests", "Inputs answered, by endpoint and by who answered them",
                                 ["endpoint", "answered_by"], registry=r)
+        self.levels = Counter("protege_answers_by_level", "Inputs answered, by the cascade level that answered them "
+                              "(a student level's name, teacher, review)", ["level"], registry=r)
         self.escalations = Counter("protege_escalations", "Inputs the student was unsure about, by where they went",
                                    ["to"], registry=r)
         self.rejected = Counter("protege_rejected_requests", "Requests refused before any model ran "
@@ -53,6 +55,7 @@ class Metrics:
     def observe(self, endpoint: str, outcome, seconds: float) -> None:
         who = outcome.answered_by
         self.requests.labels(endpoint, who).inc()
+        self.levels.labels(outcome.level or who).inc()
         self.latency.labels(who).observe(seconds)
         if who in ("teacher", "review") and not self.engine.s.capture:
             self.escalations.labels(who).inc()

@@ -49,8 +49,10 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def generate_fingerprint(task: TaskSpec) -> str:
+    from protege.stages.active import active_key
+
     data_file(task, "inputs"), data_file(task, "gold")  # a missing file: one line naming the key, before hashing
-    return GENERATE.key(task)
+    return GENERATE.key(task, extra=active_key(task))
 
 
 # Failures where the model answered, but unusably (re-asks included): at the same settings a re-run would
@@ -209,6 +211,14 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
     ``ray`` (a cluster address, "" for the default) or ``teacher.engine: ray``: the calls are sent by workers on
     a Ray cluster first (:mod:`protege.stages.generate_ray`), then read back here from the merged ledger.
     """
+    if task.generate.strategy == "active":  # rounds of the least-sure inputs: protege.stages.active
+        from protege.stages.active import generate_active
+
+        if shard is not None or not kind_of(task).labelled:
+            raise ValueError("generate.strategy: active is for kind: classify, unsharded; use strategy: random")
+        return generate_active(task, out, fp=generate_fingerprint(task), label_with_ledger=label_with_ledger,
+                               summarise=summarise, write_artifact=_write_artifact, teacher_timing=teacher_timing,
+                               force=force)
     stage_dir = Path(out) / ("generate" if shard is None else f"generate-shard-{shard[0]}of{shard[1]}")
     fp = generate_fingerprint(task) if shard is None else fingerprint([generate_fingerprint(task), list(shard)])
     if not force and is_fresh(stage_dir, fp):

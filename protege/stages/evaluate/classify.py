@@ -12,7 +12,9 @@ What is measured, and why this way:
 - **Calibration and the cascade**: ECE with reliability bins, and the coverage-vs-quality curve of
   "answer with the student when its confidence ≥ t, else ask the teacher". The chosen threshold is
   written to ``report["cascade"]`` for ``protege serve``. It is picked on the gold set, so it is
-  optimistic by the noise of that pick: the curve is there to show how flat it is around ``t``.
+  optimistic by the noise of that pick: the curve is there to show how flat it is around ``t``. With
+  ``serve.risk`` the gateway uses the risk gate instead (certified on out-of-fold rows, not gold):
+  ``cascade.risk_gate`` holds its promise and what it delivers on gold (:mod:`.risk`).
 - **Speed and cost on this machine, in this run**: student latency one item at a time (p50/p95) and
   batched throughput; the teacher's from the generate stage (a local model timed there, an API
   teacher's per-call wall time from the ledger); $ per 1k calls, per month, months to break even.
@@ -167,6 +169,10 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
     s_pred, s_proba = student_outputs(student, texts, task.labels)
     s_conf = None if s_proba is None else s_proba.max(1)
     q = quality(task, gold, t_pred, s_pred, s_proba, t_probs)
+    if s_proba is not None and q.get("cascade") is not None:
+        from protege.stages.evaluate.risk import risk_block
+
+        q["cascade"]["risk_gate"] = risk_block(task, out, s_proba, t_pred, gold)
     t_items, s_items = q.pop("t_items"), q.pop("s_items")
     q.pop("agree")
     primary = kind_of(task).metric
@@ -207,6 +213,8 @@ def evaluate_classify(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_pred[i] == t_pred[i] for i in range(len(gold))))},
     }
+    if gen_stats.get("active"):  # generate.strategy: active — the agreement-vs-calls curve of the labelling rounds
+        report["active"] = gen_stats["active"]
     report.update(_ladder_keys(task, out, train_stats, texts, gold, t_pred, s_items, s_ms, cost, tt, q["metrics"]))
     if report.get("ladder", {}).get("chosen"):
         report["student"]["name"] += f" (auto: {report['ladder']['chosen']})"

