@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from protege.students.curve import expected_agreement, fit_curve
-from protege.students.rungs import Data
+from protege.students.rungs import Data, best_setting
 
 __all__ = ["run_ladder", "stratified_folds", "effective_folds", "choose", "single_ms", "expected_agreement"]
 
@@ -192,7 +192,7 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
         ok[rung.name], best_logits[rung.name], chosen_params[rung.name] = okr, logits[g], rung.grid[g]
         lo, hi = bootstrap_ci(okr[np.isfinite(okr)])
         entry.update(params=rung.grid[g], cv_agreement=float(np.nanmean(okr)), cv_ci=[float(lo), float(hi)],
-                     grid=[{"params": p, "cv_agreement": float(s)} for p, s in zip(rung.grid, scores)],
+                     grid=[{"params": p, "cv_agreement": float(s) if np.isfinite(s) else None} for p, s in zip(rung.grid, scores)],
                      ms_p50=ms, eligible=bool(ms <= max_ms), size_bytes=_size(student),
                      train_s=time.perf_counter() - t0, folder=f"ladder/{rung.name}",
                      per_label_recall_cv=_recall(logits[g], d.hard, d.labels))
@@ -250,8 +250,7 @@ def fit_rung(job: tuple) -> tuple:
     rung, folds, timing_texts, hard = job
     rung.prepare()
     logits = rung.cv(folds, rung.grid)
-    scores = [np.nanmean(_scored(z, hard)) for z in logits]
-    g = int(np.argmax(scores))  # first best: the grid lists simpler / more regularised settings first
+    scores, g = best_setting(logits, hard)  # first best: the grid lists simpler / more regularised settings first
     student = rung.refit(rung.grid[g])
     with _one_thread():
         ms = single_ms(student.predict_proba, timing_texts)
