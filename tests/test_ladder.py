@@ -323,12 +323,16 @@ def test_auto_end_to_end_writes_the_ladder_and_the_stats_contract(fake_encoder, 
     lad, lc = stats["ladder"], stats["learning_curve"]
     assert lad["max_ms"] == 50.0 and lad["folds"] == 3 and isinstance(lad["why"], str) and lad["why"]
     names = [r["name"] for r in lad["rungs"]]
-    assert names == ["static", "frozen", "static-distilled"]
+    assert names == ["static", "frozen", "static-distilled", "encoder"]  # the encoder last: the dearest
     assert lad["chosen"] in names
     keys = {"name", "params", "cv_agreement", "cv_ci", "ms_p50", "size_bytes", "train_s", "eligible", "folder",
             "per_label_recall_cv"}
+    assert lad["time_budget_s"] == 1200.0 and lad["seconds"] > 0
     for r in lad["rungs"]:
         assert keys <= set(r), r
+        if r["name"] == "encoder" and r.get("skipped"):  # only when its estimate did not fit the budget
+            assert r["cv_agreement"] is None and "estimate" in r["skipped"]
+            continue
         assert 0 <= r["cv_ci"][0] <= r["cv_agreement"] <= r["cv_ci"][1] <= 1
         assert r["size_bytes"] > 0 and r["ms_p50"] > 0 and r["train_s"] > 0
         assert set(r["per_label_recall_cv"]) == {"red", "green", "blue"}

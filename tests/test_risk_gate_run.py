@@ -59,7 +59,18 @@ def test_report_states_the_promise_levels_calibrate_and_drift_rechecks(auto_run)
     P1 = np.load(out / "calibrate" / f"{chosen}.npz")["probs"]
     seen = np.isfinite(P0).all(1)
     assert (P0[seen].argmax(1) == P1[seen].argmax(1)).all()
-    # a level without a calibration set is calibrated when the gateway starts
+    # the train stage saved every other rung's out-of-fold probabilities too: a cascade level needs no re-run of
+    # its CV, and what it saved is what re-running the CV gives
+    saved, _, src = load_calibration(out, other)
+    assert src == f"train/calibration/{other}.npz (out-of-fold)" and saved.shape == (n_rows, 3)
+    calibrate_rung(task, out, other)
+    again = np.load(out / "calibrate" / f"{other}.npz")["probs"]
+    seen = np.isfinite(saved).all(1)
+    # (equal up to the optimiser: the ladder warm-started this fit along its C path, the re-run starts cold)
+    assert seen.any() and np.allclose(saved[seen], again[seen], atol=5e-3)
+    # a level whose calibration set is missing is calibrated when the gateway starts
+    (out / "train" / "calibration" / f"{other}.npz").unlink()
+    (out / "calibrate" / f"{other}.npz").unlink()
     assert load_calibration(out, other) is None
     e = Engine(GatewayConfig(task, out, serve=task.serve.model_copy(update={"levels": [chosen, other],
                                                                               "shadow_fraction": 0.0})))

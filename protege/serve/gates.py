@@ -2,6 +2,7 @@
 
 - **Risk gate** (:func:`risk_gate_for`): :func:`protege.serve.conformal.gate_from_probs` on the level's out-of-fold
   calibration set — ``train/calibration.npz`` for the rung the ladder chose (written by the train stage), else
+  ``train/calibration/<rung>.npz`` (every other rung the ladder trained, saved by the train stage), else
   ``calibrate/<rung>.npz``, which :func:`calibrate_rung` writes by re-running that rung's cross-validation with the
   settings the ladder chose for it (the refitted ``train/ladder/<rung>/`` student saw every row, so its own
   confidences on them would be optimistic; the out-of-fold ones are not).
@@ -69,6 +70,9 @@ def load_calibration(run: Path, rung: str | None = None) -> tuple[np.ndarray, np
         z = np.load(main)
         if rung is None or str(z["rung"]) == rung:
             return z["probs"], z["teacher"], "train/calibration.npz (out-of-fold)"
+    if rung is not None and (run / "train" / "calibration" / f"{rung}.npz").is_file():  # saved by the ladder
+        z = np.load(run / "train" / "calibration" / f"{rung}.npz")
+        return z["probs"], z["teacher"], f"train/calibration/{rung}.npz (out-of-fold)"
     if rung is not None and (run / "calibrate" / f"{rung}.npz").is_file():
         z = np.load(run / "calibrate" / f"{rung}.npz")
         return z["probs"], z["teacher"], f"calibrate/{rung}.npz (out-of-fold)"

@@ -133,6 +133,12 @@ def choose(rungs: list[dict], ok: dict[str, np.ndarray]) -> tuple[str, str]:
                        f"({se:.3f}) of {best['name']} ({best['cv_agreement']:.3f}, {best['ms_p50']:.2f} ms) and faster")
 
 
+def _oof_probs(z: np.ndarray) -> np.ndarray:
+    """Out-of-fold probabilities (no temperature: a saved non-chosen rung has none), NaN rows where unscored."""
+    seen = np.isfinite(z).all(1)
+    return np.where(seen[:, None], _softmax(np.where(seen[:, None], z, 0.0)), np.nan).astype(np.float32)
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = np.exp(z - z.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
@@ -215,7 +221,8 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     # rows that the model scoring them never trained on — the cascade's conformal gate is fitted on it
     zc = np.where(seen[:, None], z, 0.0) / temp
     winner.calibration = {"probs": np.where(seen[:, None], _softmax(zc), np.nan).astype(np.float32),
-                          "teacher": d.hard.astype(np.int64), "rung": name}
+                          "teacher": d.hard.astype(np.int64), "rung": name,
+                          "by_rung": {r: _oof_probs(z) for r, z in best_logits.items() if r != name}}
     ladder = {"max_ms": max_ms, "folds": k, "chosen": name, "why": why, "rungs": stats, "time_budget_s": time_budget_s,
               "rule": "best CV agreement within max_ms; a faster rung within one paired standard error wins",
               "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 3 passes"}
@@ -238,7 +245,10 @@ def over_budget(rung, folds, left: float | None) -> str | None:
         return None
     if left <= 0:
         return "time budget spent (student.time_budget_s)"
-    est = rung.estimate_s(folds) if hasattr(rung, "estimate_s") else None
+    try:
+        est = rung.estimate_s(folds) if hasattr(rung, "estimate_s") else None
+    except Exception as e:  # noqa: BLE001 - a rung that cannot even time a step (a missing extra) cannot train
+        return f"could not estimate its training time: {type(e).__name__}: {e}"[:300]
     if est is not None and est > left:
         return f"estimated {est:.0f} s, {left:.0f} s left of student.time_budget_s"
     return None
@@ -309,12 +319,12 @@ def learning_curve(rung, params: dict, folds, d: Data, full_ok: np.ndarray) -> d
             "n_all_rows": len(d.texts)}
 
 
-RUNGS = ("static", "frozen", "encoder", "static-distilled")
-DEFAULT_RUNGS = ("static", "frozen", "static-distilled")
+RUNGS = ("static", "frozen", "static-distilled", "encoder")
 
 
 def build_rungs(task, d: Data, names: Sequence[str] | None = None) -> list:
-    """The rungs ``student.rungs`` names, in ladder order (static-distilled last: it needs static and frozen)."""
+    """The rungs ``student.rungs`` names, in ladder order: static-distilled after static and frozen (it builds on
+    both), the encoder last (the dearest: it runs only if its estimate fits what the time budget has left)."""
     from protege.students.rungs import DistilledRung, EncoderRung, FrozenRung, StaticRung
 
     s, t = task.student, task.train
@@ -332,10 +342,10 @@ def build_rungs(task, d: Data, names: Sequence[str] | None = None) -> list:
         out.append(static)
     if "frozen" in want or "static-distilled" in want:  # static-distilled's labeller
         out.append(frozen)
-    if "encoder" in want:
-        out.append(EncoderRung(d, task))
     if "static-distilled" in want:
         out.append(DistilledRung(d, static, frozen))
+    if "encoder" in want:  # last: the dearest to train, it gets what the time budget has left
+        out.append(EncoderRung(d, task))
     return out
 
 

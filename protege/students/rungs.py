@@ -291,22 +291,39 @@ DISTILLED_FOLDS = 3
 
 
 class EncoderRung:
-    """The fine-tuned encoder with KD (:mod:`protege.students.encoder`). Minutes per fit on CPU, so it is scored on
-    the first fold only (``cv`` leaves the other folds' rows unscored: NaN logits) and is off by default."""
+    """The fine-tuned encoder with KD (:mod:`protege.students.encoder`), served through its int8 ONNX export.
+    Minutes per fit on CPU, so it is scored on the first fold only (``cv`` leaves the other folds' rows unscored:
+    NaN logits; the ladder compares rungs on the rows both scored), runs last in the ladder, and only when its
+    own estimate (:meth:`estimate_s`: real training steps timed on this machine) fits the ladder's time budget."""
 
     name = "encoder"
 
     def __init__(self, d: Data, task):
-        self.d, self.task, self.grid = d, task, [{"balanced": False}, {"balanced": True}][:1]
+        self.d, self.task, self.grid = d, task, [{"balanced": False}]
 
     def prepare(self) -> None:
         pass
 
-    def _fit(self, idx, p):
+    def _model(self):
         from protege.students.encoder import EncoderClassifier
 
+        s, t = self.task.student, self.task.train
+        return EncoderClassifier.from_base(s.model or s.embedder, self.d.labels, max_length=min(s.max_length, 128),
+                                           seed=t.seed)
+
+    def estimate_s(self, folds) -> float:
+        """Seconds for the fold-0 fit plus the refit on every row (a few real steps timed, then extrapolated), and
+        two int8 exports (~10 s each on this kind of machine)."""
+        d, s = self.d, self.task.student
+        tr = folds[0][0]
+        sample = [d.texts[i] for i in np.random.default_rng(d.seed).permutation(len(d.texts))[:256]]
+        m = self._model()
+        per_row = m.estimate_fit_seconds(sample, epochs=s.epochs, n_rows=1, batch_size=s.batch_size)
+        return float(per_row * (len(tr) + len(d.texts)) + 20.0)
+
+    def _fit(self, idx, p):
         d, s, t = self.d, self.task.student, self.task.train
-        m = EncoderClassifier.from_base(s.model or s.embedder, d.labels, max_length=min(s.max_length, 128), seed=t.seed)
+        m = self._model()
         counts = np.bincount(d.hard[idx], minlength=len(d.labels)).astype(np.float32)
         cw = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(d.labels), 0.0) if p["balanced"] else None
         return m.fit([d.texts[i] for i in idx], d.P[idx], hard_labels=d.hard[idx], sample_weight=d.weight[idx],

@@ -49,6 +49,9 @@ def _write_train(task: TaskSpec, stage_dir: Path, fp: str, student, stats: dict)
                 import numpy as np
 
                 np.savez(tmp / "calibration.npz", probs=cal["probs"], teacher=cal["teacher"], rung=cal["rung"])
+                for rung, probs in (cal.get("by_rung") or {}).items():  # the other rungs: cascade levels
+                    (tmp / "calibration").mkdir(exist_ok=True)
+                    np.savez(tmp / "calibration" / f"{rung}.npz", probs=probs, teacher=cal["teacher"], rung=rung)
             write_json(tmp / "stats.json", stats)
             write_json(tmp / "history.json", getattr(student, "history", []))
     wait_for_everyone()
