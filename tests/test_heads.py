@@ -67,3 +67,26 @@ def test_dense_only_and_sparse_only_heads():
     assert fit_head(X, None, P, hard).V.shape == (0, 3)
     h = fit_head(None, S, P, hard)
     assert h.W.shape == (0, 3) and (h.logits(None, S).argmax(1) == hard).mean() > 0.5
+
+
+def test_successive_halving_scores_every_setting_on_two_folds_and_only_the_best_on_the_rest():
+    from protege.students.ladder import stratified_folds
+    from protege.students.rungs import HALVING_AFTER, HALVING_KEEP, Data, _cv_grid, best_setting
+
+    X, S, P, hard, _ = _problem(n=150, seed=3)
+    d = Data(texts=[str(i) for i in range(150)], P=P, hard=hard, weight=np.ones(150, np.float32), labels=["a", "b", "c"])
+    grid = [{"c": c, "balanced": b} for b in (False, True) for c in (0.01, 0.1, 1.0, 10.0)]
+    folds = stratified_folds(hard, 5)
+    z = _cv_grid(d, folds, grid, 1.0, X, lambda tr, ans: {"word": S}, lambda p, blocks: blocks["word"])
+    scored = np.isfinite(z[:, :, 0])
+    first = np.concatenate([te for _, te in folds[:HALVING_AFTER]])
+    assert scored[:, first].all()  # every setting on the first folds
+    full = scored.all(1)
+    assert full.sum() == HALVING_KEEP  # only the best go on
+    scores, g = best_setting(z, hard)
+    assert full[g] and scores[g] == max(s for s, f in zip(scores, full) if f)
+    # a pruned setting never wins, even when its partial score is the highest
+    z2 = z.copy()
+    loser = int(np.flatnonzero(~full)[0])
+    z2[loser][scored[loser]] = np.eye(3)[hard[scored[loser]]] * 10
+    assert best_setting(z2, hard)[1] != loser
