@@ -95,3 +95,14 @@ def test_fit_time_estimate_is_measured_and_proportional(tiny_bert):  # noqa: F81
     assert all(torch.equal(before[k], v) for k, v in st.model.state_dict().items())  # timed on a copy
     with pytest.raises(ValueError, match="some texts"):
         st.estimate_fit_seconds([], epochs=1)
+
+
+def test_frozen_word_embeddings_stay_and_the_rest_trains(tiny_bert):  # noqa: F811
+    texts, P, y = _data(16)
+    st = EncoderClassifier.from_base(tiny_bert, LABELS, max_length=32, inference="torch")
+    emb0 = st.model.get_input_embeddings().weight.detach().clone()
+    head0 = st.model.classifier.weight.detach().clone()
+    st.fit(texts, P, hard_labels=y, max_steps=2, batch_size=8, lr=3e-3, warmup=0, freeze_embeddings=True)
+    emb = st.model.get_input_embeddings().weight
+    assert torch.equal(emb.detach(), emb0) and emb.requires_grad  # untouched, and trainable again afterwards
+    assert not torch.equal(st.model.classifier.weight.detach(), head0)
