@@ -216,8 +216,9 @@ class EncoderClassifier(LogitClassifier):
         Why measured, not guessed: a step's cost depends on the model, the texts' token lengths and this
         machine's cores right now. So: the epoch's length-grouped batches are planned on ``texts``' real token
         lengths, ``steps`` of them (spread over the plan, after one warm-up step) are run for real —
-        forward, KD loss, backward, AdamW — on a copy of the model, and the seconds per padded token scale
-        to the plan's padded tokens. The rate is kept per (texts, batch size), so asking again for other
+        forward, KD loss, backward, AdamW — on a copy of the model; forward + backward seconds per padded token
+        scale to the plan's padded tokens, AdamW's seconds (per step, whatever its length: a quarter of a
+        short-text step) to its number of steps. The rate is kept per (texts, batch size), so asking again for other
         ``n_rows`` / ``epochs`` costs nothing and is exactly proportional.
         """
         texts = list(texts)
@@ -227,9 +228,9 @@ class EncoderClassifier(LogitClassifier):
         cached = getattr(self, "_fit_rate", None)
         if cached is None or cached[0] != key:
             self._fit_rate = (key, *_time_steps(self, texts, batch_size, steps, seed, freeze_embeddings))
-        _, rate, tokens_per_row = self._fit_rate
+        _, rate, step_s, tokens_per_row = self._fit_rate
         n = len(texts) if n_rows is None else int(n_rows)
-        train = rate * tokens_per_row * n * float(epochs)
+        train = (rate * tokens_per_row + step_s / batch_size) * n * float(epochs)
         return float(train + rate / 3.0 * tokens_per_row * n_dev * max(1.0, float(epochs)))  # forward ≈ 1/3 of a step
 
     # -- inference -----------------------------------------------------------------------------
@@ -316,8 +317,9 @@ class EncoderClassifier(LogitClassifier):
         return m
 
 def _time_steps(student: EncoderClassifier, texts: list[str], batch_size: int, steps: int, seed: int,
-                freeze_embeddings: bool) -> tuple[float, float]:
-    """(seconds per padded token of a training step, padded tokens per row in length-grouped batches)."""
+                freeze_embeddings: bool) -> tuple[float, float, float]:
+    """(forward + backward seconds per padded token, optimizer seconds per step, padded tokens per row in
+    length-grouped batches)."""
     import copy
     import time
 
@@ -342,20 +344,21 @@ def _time_steps(student: EncoderClassifier, texts: list[str], batch_size: int, s
     model = copy.deepcopy(student.model).train()
     model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-5)
-    seconds = tokens = 0.0
+    seconds = opt_seconds = tokens = 0.0
     for k, b in enumerate(picks):
         batch = collate([rows[j] for j in batches[b]])
         t0 = time.perf_counter()
         probs, hard = batch.pop("teacher_probs"), batch.pop("hard_labels")
         loss = distillation_loss(model(**batch).logits, probs, hard, alpha=0.5, temperature=2.0)
         loss.backward()
+        t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if k:  # not the warm-up
-            seconds += time.perf_counter() - t0
+            seconds, opt_seconds = seconds + t1 - t0, opt_seconds + time.perf_counter() - t1
             tokens += padded[b]
     del model, opt
-    return seconds / max(tokens, 1.0), tokens_per_row
+    return seconds / max(tokens, 1.0), opt_seconds / max(1, len(picks) - 1), tokens_per_row
 
 
 def _agreement(pred) -> dict:
