@@ -298,6 +298,8 @@ def export_onnx(run: Path, dest: Path, task=None, *, texts: Sequence[str] | None
         raise ValueError(f"ONNX export is for classifier students (static, encoder); this run's student is {kind!r}: "
                          f"use --format gguf / ollama for a causal LM")
     student = load_student(src)
+    if kind == "encoder":  # the reference is the torch model, not the int8 graph the folder also carries
+        student = type(student).from_pretrained(src, inference="torch")
     if texts is None:
         texts, source = eval_texts(run, task)
     else:

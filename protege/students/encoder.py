@@ -217,8 +217,8 @@ class EncoderClassifier(LogitClassifier):
         machine's cores right now. So: the epoch's length-grouped batches are planned on ``texts``' real token
         lengths, ``steps`` of them (spread over the plan, after one warm-up step) are run for real —
         forward, KD loss, backward, AdamW — on a copy of the model; forward + backward seconds per padded token
-        scale to the plan's padded tokens, AdamW's seconds (per step, whatever its length: a quarter of a
-        short-text step) to its number of steps. The rate is kept per (texts, batch size), so asking again for other
+        scale to the plan's padded tokens, AdamW's seconds (per step, whatever its length) to its number
+        of steps. The rate is kept per (texts, batch size), so asking again for other
         ``n_rows`` / ``epochs`` costs nothing and is exactly proportional.
         """
         texts = list(texts)
@@ -343,7 +343,8 @@ def _time_steps(student: EncoderClassifier, texts: list[str], batch_size: int, s
     collate = ClassifierKDCollator(student.tokenizer)
     model = copy.deepcopy(student.model).train()
     model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-5)
+    # the Trainer's default optimizer (adamw_torch_fused): ~5x faster a step on CPU than the for-loop AdamW
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-5, fused=True)
     seconds = opt_seconds = tokens = 0.0
     for k, b in enumerate(picks):
         batch = collate([rows[j] for j in batches[b]])
