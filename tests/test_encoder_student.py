@@ -56,7 +56,7 @@ def test_one_training_step_lowers_the_loss(tiny_bert, alpha, weighted):
     texts, P, y = _data()
     cw = np.array([1.0, 2.0, 0.5], dtype=np.float32) if weighted else None
     w = np.linspace(0.5, 2.0, len(texts)).astype(np.float32) if weighted else None
-    st = EncoderClassifier.from_base(tiny_bert, LABELS, max_length=32)
+    st = EncoderClassifier.from_base(tiny_bert, LABELS, max_length=32, inference="torch")  # exact logits both sides
     st.model.eval()  # dropout off, so before/after see the same function of the weights
     st.model.config.hidden_dropout_prob = st.model.config.attention_probs_dropout_prob = 0.0
     for m in st.model.modules():
@@ -72,7 +72,8 @@ def test_one_training_step_lowers_the_loss(tiny_bert, alpha, weighted):
 
 def test_training_with_dev_early_stopping_keeps_the_best_and_save_load_is_identical(tiny_bert, tmp_path):
     texts, P, y = _data(36)
-    st = EncoderClassifier.from_base(tiny_bert, LABELS, max_length=32, seed=1)
+    # torch inference: the Trainer's evaluations ran in torch, so the restored weights must reproduce them exactly
+    st = EncoderClassifier.from_base(tiny_bert, LABELS, max_length=32, seed=1, inference="torch")
     st.fit(texts[:27], P[:27], hard_labels=y[:27], dev=(texts[27:], P[27:]), epochs=4, batch_size=9, lr=3e-3,
            patience=1, seed=1)
     evals = [h for h in st.history if "eval_agreement" in h]

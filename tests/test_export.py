@@ -121,7 +121,7 @@ def test_encoder_student_to_onnx_with_dynamo(static_run, tmp_path):
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, num_labels=3, id2label=dict(enumerate(LABELS)),
                      label2id={lab: i for i, lab in enumerate(LABELS)})
-    enc = EncoderClassifier(BertForSequenceClassification(cfg).eval(), tok, LABELS, max_length=64)
+    enc = EncoderClassifier(BertForSequenceClassification(cfg).eval(), tok, LABELS, max_length=64, inference="torch")
     run = _run_folder(tmp_path, enc)
     texts = [r["text"] for r in synthetic_rows(24, start=300)] + ["a much longer input " * 30]
     r = export(run, "onnx", texts=texts)

@@ -241,8 +241,10 @@ class OnnxClassifier(LogitClassifier):
         return out
 
 
-def quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8: weights of MatMul / Gather stored as int8, activations quantized on the fly."""
+def quantize(src: Path, dst: Path, per_channel: bool = False) -> None:
+    """Dynamic int8: weights of MatMul / Gather stored as int8, activations quantized on the fly. ``per_channel``:
+    one scale per output column instead of per matrix (a fine-tuned MiniLM's int8 argmax agreed with torch on
+    98% of tweets instead of 96%, same speed: bench/encoder_int8.py)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -251,7 +253,8 @@ def quantize(src: Path, dst: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing to these graphs
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                        per_channel=per_channel)
     finally:
         root.setLevel(level)
 
@@ -295,6 +298,8 @@ def export_onnx(run: Path, dest: Path, task=None, *, texts: Sequence[str] | None
         raise ValueError(f"ONNX export is for classifier students (static, encoder); this run's student is {kind!r}: "
                          f"use --format gguf / ollama for a causal LM")
     student = load_student(src)
+    if kind == "encoder":  # the reference is the torch model, not the int8 graph the folder also carries
+        student = type(student).from_pretrained(src, inference="torch")
     if texts is None:
         texts, source = eval_texts(run, task)
     else:

@@ -118,18 +118,23 @@ def cached_encoder(ref: str = DEFAULT_ENCODER, max_length: int = 128) -> Path:
 
 
 class OnnxEncoder:
-    """``encode(texts) -> [n, dims]`` (L2-normalised mean pooling) with onnxruntime on ``threads`` threads."""
+    """``encode(texts) -> [n, dims]`` (L2-normalised mean pooling) with onnxruntime on ``threads`` threads.
 
-    def __init__(self, folder: str | Path, max_length: int = 128, threads: int = 1):
+    ``file`` / ``output`` name another graph with the same inputs: the fine-tuned encoder student's int8 logits
+    (:mod:`protege.students.encoder_onnx`) run through this same tokenise-sort-pad loop."""
+
+    def __init__(self, folder: str | Path, max_length: int = 128, threads: int = 1, file: str = ONNX_FILE,
+                 output: str = "sentence_embedding"):
         _need_ort()
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.folder, self.max_length, self.threads = Path(folder), int(max_length), threads
+        self.file, self.output = file, output
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.folder / file), opts, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
@@ -139,7 +144,7 @@ class OnnxEncoder:
     def __reduce__(self):
         """Pickled as its folder (an ONNX session cannot be): a ladder rung trained in a Ray task comes back whole
         (the folder must be readable where it is unpickled: same machine, or a shared cache)."""
-        return (OnnxEncoder, (str(self.folder), self.max_length, self.threads))
+        return (OnnxEncoder, (str(self.folder), self.max_length, self.threads, self.file, self.output))
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         from protege.students.classifier import clean_text
@@ -156,7 +161,7 @@ class OnnxEncoder:
             for r, j in enumerate(idx):
                 n = len(encs[j].ids)
                 ids[r, :n], mask[r, :n] = encs[j].ids, 1
-            emb = self.session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+            emb = self.session.run([self.output], {"input_ids": ids, "attention_mask": mask})[0]
             if out is None:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb
