@@ -236,13 +236,15 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
 
 
 def over_budget(rung, folds, left: float | None) -> str | None:
-    """Why ``rung`` should not start with ``left`` seconds of the ladder's budget (None: it may). A rung that can
+    """Why ``rung`` should not start with ``left`` seconds of the ladder's budget (None: it may). A rung may say
+    itself why it does not apply (``skip_reason()``: the encoder below its minimum rows). A rung that can
     estimate its cost (``estimate_s(folds)``: the encoder times a few real training steps) is skipped when the
     estimate exceeds what is left; any rung is skipped once nothing is left. Rungs that cannot estimate run —
     the cheap ones (static, frozen) cost seconds to minutes. The ladder ignores this for its first rung (no
     student at all is worse than a late one)."""
-    if left is None:
-        return None
+    why = rung.skip_reason() if hasattr(rung, "skip_reason") else None
+    if why or left is None:
+        return why
     if left <= 0:
         return "time budget spent (student.time_budget_s)"
     try:
