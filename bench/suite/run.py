@@ -401,7 +401,10 @@ def _cpu_s() -> float:
 
 
 def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "_ok"} for r in rows]
+    """Rows for the JSON: the per-gold-item correctness as a string of 0/1 (``ok_bits``), so that a merge of runs
+    can recompute the paired p-values against whichever reference row it ends up with."""
+    return [{**{k: v for k, v in r.items() if k != "_ok"},
+             **({"ok_bits": "".join("1" if x else "0" for x in r["_ok"])} if "_ok" in r else {})} for r in rows]
 
 
 def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] | None = None, e2e: str | None = None,
@@ -477,21 +480,29 @@ PEERS = ("TF-IDF + LR", "model2vec + LR", "MiniLM-L6 (frozen) + LR", "SetFit-sty
 
 
 def merge(results: list[dict]) -> dict:
-    """Several result JSONs (e.g. one per process or a re-run of one task) as one: a later file's rows for a
-    (task, budget) replace an earlier file's, its task line replaces the earlier one."""
+    """Several result JSONs (e.g. one per process, or a re-run of one student with ``--only-auto``) as one: a later
+    file's row for a (task, budget, model) replaces an earlier one, its task line replaces the earlier one; where
+    rows carry ``ok_bits``, p-values are recomputed against the merged reference row."""
     out = {**results[0], "tasks": [], "rows": []}
     tasks: dict[str, dict] = {}
-    rows: dict[tuple, list[dict]] = {}
+    rows: dict[tuple, dict[str, dict]] = {}
     for res in results:
         for t in res["tasks"]:
             tasks[t["task"]] = {**t, "_date": res["date"], "_code": t.get("code") or res.get("code")}
-        by_key: dict[tuple, list[dict]] = {}
         for r in res["rows"]:
-            by_key.setdefault((r["task"], r["budget"]), []).append(r)
-        rows.update(by_key)
+            rows.setdefault((r["task"], r["budget"]), {})[r["model"]] = {**r, "_code": res.get("code")}
+    ref = results[-1]["settings"].get("reference")
+    for group in rows.values():
+        bits = (group.get(ref) or {}).get("ok_bits")
+        if not bits:
+            continue
+        ref_ok = np.array([c == "1" for c in bits], dtype=float)
+        for r in group.values():
+            if r["model"] != ref and r.get("ok_bits") and len(r["ok_bits"]) == len(bits):
+                r["p_vs_ref"] = M.mcnemar_p(ref_ok, np.array([c == "1" for c in r["ok_bits"]], dtype=float))[0]
     order = {t: k for k, t in enumerate(tasks)}
     out["tasks"] = list(tasks.values())
-    out["rows"] = [r for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])) for r in rows[key]]
+    out["rows"] = [r for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])) for r in rows[key].values()]
     out["sources"] = [{"date": r["date"], "wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"), "load_avg_1m": r["machine"]["load_avg_1m"],
                        "tasks": sorted({t["task"] for t in r["tasks"]}), "code": r.get("code")} for r in results]
     out["wall_s"] = sum(r.get("wall_s") or 0 for r in results)
@@ -663,6 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "later files replace earlier ones' task/budget rows)")
     ap.add_argument("--readme", action="store_true", help="also write the tables into bench/suite/README.md")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-auto", action="store_true", help="train only protege's auto student (no peers): re-measure "
+                                                               "the ladder; render with --render beside a run that has the peers")
     ap.add_argument("--jobs", type=int, default=1, help="tasks split over this many processes (each on --threads "
                                                         "threads), results merged; 2 uses both cores of this machine")
     a = ap.parse_args(argv)
@@ -702,7 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False))
             tmp.replace(a.json)
 
-    res = run_suite(names, budgets, makers=default_makers(pairs, static=not a.no_static), e2e=e2e,
+    makers = default_makers(pairs, static=not a.no_static)
+    res = run_suite(names, budgets, makers=makers[:1] if a.only_auto else makers, e2e=e2e,
                     error_rate=a.error_rate, seed=a.seed, out=Path(a.out), log=log, save=save)
     save(res)
     print(markdown(res))
