@@ -376,32 +376,33 @@ def test_teacher_scoring_zero_gives_null_retained_not_nan(tmp_path):
     assert not re.search(r"\b(nan|inf)\b", re.sub(r'src="data:[^"]*"', "", html), re.I)
 
 
-def test_label_review_refuses_text_tasks_with_a_pointer(extract_run, tmp_path):
-    """`protege review` / `curate --apply-review` work on labels: on an extract task they say so (exit 2),
-    point at the report's worst-errors table, and write nothing."""
+def test_review_sheet_on_a_local_teacher_extract_run(extract_run):
+    """`protege review` on an extract run: the teacher's wrong gold answers (2 of 3 colours: it says red to
+    everything) as JSON next to gold; the sheet's column for the fix is corrected_output (see
+    tests/test_text_baseline_review.py for the read-back)."""
     from typer.testing import CliRunner
 
     from protege.cli import app
 
     out, task_file = extract_run["out"], extract_run["task_file"]
     res = CliRunner().invoke(app, ["review", str(task_file), "--out", str(out)])
-    assert res.exit_code == 2 and "classify tasks" in res.output and "report.html" in res.output
-    assert not (out / "review").exists()
-    sheet = tmp_path / "review.csv"
-    sheet.write_text("id,corrected_label\nx,drop\n")
-    res = CliRunner().invoke(app, ["curate", str(task_file), "--out", str(out), "--apply-review", str(sheet)])
-    assert res.exit_code == 2 and "classify tasks only" in res.output
+    assert res.exit_code == 0, res.output
+    errors = json.loads((out / "review" / "errors.json").read_text())
+    gold = read_jsonl(out / "generate" / "gold.jsonl")
+    assert errors["n"] == len(gold) == N_GOLD
+    assert all(json.loads(r["output"]) == {"colour": "red"} for r in gold)
+    assert errors["errors"] == sum(r["label"] != "red" for r in synthetic_rows(N_GOLD, start=10_000)) > 0
+    header = (out / "review" / "review.csv").read_text().splitlines()[0].split(",")
+    assert "corrected_output" in header and "corrected_label" not in header
 
 
-def test_baseline_refuses_text_tasks_and_jsonl_export_uses_the_text_prompt(extract_run, tmp_path):
+def test_jsonl_export_uses_the_text_prompt(extract_run, tmp_path):
     from typer.testing import CliRunner
 
     from protege.cli import app
     from protege.teachers.prompts import system_text
 
     out, task_file = extract_run["out"], extract_run["task_file"]
-    res = CliRunner().invoke(app, ["baseline", str(task_file), "--out", str(out), "--n", "3"])
-    assert res.exit_code == 2 and "classify tasks" in res.output and not (out / "baseline").exists()
     res = CliRunner().invoke(app, ["export", str(out), "--format", "jsonl", "--task", str(task_file),
                                    "--out", str(tmp_path / "ft")])
     assert res.exit_code == 0, res.output
