@@ -252,6 +252,10 @@ def test_curate_drops_answers_that_break_the_schema():
 
 def test_extract_report_json_contract_and_known_teacher_score(extract_run):
     r = _strict_json(extract_run["out"] / "report.json")
+    rt = r["student"]["runtime"]  # the fast path (ctranslate2 int8, constrained), checked against transformers
+    assert rt["name"] == "ctranslate2 int8" and rt["constrained_fields"] == ["colour"]
+    assert rt["n_reference"] == N_GOLD and 0.0 <= rt["same_answer_as_reference"] <= 1.0
+    assert rt["decoded_tokens_per_answer"] < rt["answer_tokens_per_answer"]
     assert CONTRACT <= set(r)
     assert r["task"] == "tiny-extract" and r["kind"] == "extract" and r["metric"] == "field_f1" and r["n_eval"] == N_GOLD
     # the teacher answers {"colour": "red"} to everything: right on the red third of the gold items
