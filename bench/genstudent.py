@@ -88,6 +88,25 @@ def train(work: Path, data: list[dict], args) -> dict:
     return stats
 
 
+def train_ab(data: list[dict], args) -> None:
+    """Training step time, TRL's defaults (activation checkpointing, random batches) vs protege's (neither
+    recomputation nor mixed-length batches), ``--ab-steps`` steps each from the same base weights."""
+    from protege.students.causal_lm import CausalLMStudent
+
+    xs, ys = [d["text"] for d in data], [json.dumps(d["answer"]) for d in data]
+    res = {}
+    for name, ckpt, grouped in (("TRL defaults: checkpointing on, random batches", True, False),
+                                ("protege: checkpointing off, length-grouped batches", False, True)):
+        s = CausalLMStudent.from_base(*SMOL, system_prompt=parcels.INSTRUCTION, max_new_tokens=args.max_new)
+        t0 = time.perf_counter()
+        s.fit(xs, ys, kd="none", epochs=1, lr=args.lr, batch_size=args.batch, max_length=args.max_length,
+              max_steps=args.ab_steps, group_by_length=grouped, checkpointing=ckpt)
+        res[name] = (time.perf_counter() - t0) / args.ab_steps
+        print(f"{name}: {res[name]:.1f} s/step ({args.ab_steps} steps of {args.batch})", flush=True)
+    a, b = res.values()
+    print(f"step time: {b / a:.0%} of TRL's defaults (load avg {os.getloadavg()[0]:.1f})")
+
+
 def single(student, texts, **kw) -> tuple[list[str], list[dict], list[float]]:
     student.generate(texts[:1], batch_size=1, **kw)  # warm-up
     outs, secs, raw = [], [], []
@@ -115,7 +134,10 @@ def main() -> None:
     ap.add_argument("--teacher", default="gpt-4o-mini")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
+    ap.add_argument("--ab-steps", type=int, default=0, help="only time training steps: TRL defaults vs protege's")
     args = ap.parse_args()
+    if args.ab_steps:
+        return train_ab(parcels.make(args.n_train, seed=7), args)
 
     import torch
 

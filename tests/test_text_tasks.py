@@ -331,6 +331,8 @@ def test_extract_report_html_sections(extract_run):
     assert "Where the errors are" not in page.h2 and "Calibration and the cascade" not in page.h2
     assert {i["alt"] for i in page.imgs} == {"scores", "latency", "break-even chart"}
     assert "valid JSON" in text and "teacher output [score]" in text
+    assert "Student decodes with ctranslate2 int8, schema-constrained (1 fields forced" in text
+    assert "Same answer as transformers on" in text and f"of {N_GOLD} gold items" in text
     assert not re.search(r"\b(nan|inf)\b", re.sub(r'src="data:[^"]*"', "", text), re.I)
 
 

@@ -144,7 +144,8 @@ class CausalLMStudent:
             epochs: float = 2.0, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1,
             weight_decay: float = 0.0, warmup: float = 0.05, max_length: int = 512, lora=None, seed: int = 0,
             max_steps: int = -1, output_dir: str | Path | None = None,
-            sample_weight: Sequence[float] | None = None, group_by_length: bool = True) -> "CausalLMStudent":
+            sample_weight: Sequence[float] | None = None, group_by_length: bool = True,
+            checkpointing: bool = False) -> "CausalLMStudent":
         """SFT on (input, teacher output) pairs, plus token KD when the teacher's distributions exist.
 
         ``kd="auto"`` picks "logits" with a ``teacher`` model, "topk" with stored ``topk`` rows, else
@@ -152,6 +153,8 @@ class CausalLMStudent:
         (``r, alpha, dropout, target_modules``) or None for a full fine-tune. ``sample_weight``: one weight
         per pair, multiplying its tokens' loss (real labelled data above teacher answers). ``group_by_length``:
         batches of similar lengths (transformers' ``LengthGroupedSampler``), so less of each step is padding.
+        ``checkpointing``: activation checkpointing, which TRL turns on by default — it recomputes the forward
+        pass during backward (~1/3 more compute) to save memory a small student on a CPU does not need.
         """
         import torch
         from datasets import Dataset
@@ -189,7 +192,8 @@ class CausalLMStudent:
                 disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
                 data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
                 use_cpu=multi_process_cpu(),
-                train_sampling_strategy="group_by_length" if group_by_length else "random")
+                train_sampling_strategy="group_by_length" if group_by_length else "random",
+                activation_checkpointing=checkpointing)
             t_pad = None if teacher_tokenizer is None else \
                 (teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None
                  else teacher_tokenizer.eos_token_id)
