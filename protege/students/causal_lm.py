@@ -46,7 +46,7 @@ class CausalLMStudent:
         self.max_input_tokens: int | None = None  # inputs are clipped to this many tokens
         self.history: list[dict] = []
         # inference: the fast runtime (protege.students.fast_lm) and the schema fields it may constrain
-        self.runtime, self.compute_type, self.fields = "transformers", "int8", None
+        self.runtime, self.compute_type, self.fields = "transformers", "float32", None
         self.fast = None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -326,7 +326,7 @@ class CausalLMStudent:
         student = cls(model, tok, cfg.get("protege_system_prompt", ""), int(cfg.get("protege_max_new_tokens", 128)))
         student.labels, student.max_input_tokens = cfg.get("protege_labels"), cfg.get("protege_max_input_tokens")
         student.runtime = cfg.get("protege_runtime", "transformers")
-        student.compute_type, student.fields = cfg.get("protege_compute_type", "int8"), cfg.get("protege_fields")
+        student.compute_type, student.fields = cfg.get("protege_compute_type", "float32"), cfg.get("protege_fields")
         student.attach_fast(p)
         return student
 

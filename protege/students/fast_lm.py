@@ -2,7 +2,8 @@
 
 transformers' eager ``generate`` spends most of a small model's decode step in Python and framework
 overhead (~11 tokens/s for SmolLM2-135M on 2 cores); CTranslate2 runs the same weights through fused C++
-kernels, int8 by default. Measured candidates and the choice are in bench/genstudent.py and the README.
+kernels (float32 by default: the same answers; int8 is faster and changes some). Measured candidates
+and the choice are in bench/genstudent.py and the README.
 The student folder stays a plain HF model (the reference); the CTranslate2 copy is converted from it on
 first use and cached beside it (``<student>/ct2-<int8|float32>/``), so a retrained student is never
 served from a stale conversion (the folder is rewritten whole by the train stage).
@@ -49,7 +50,7 @@ def ct2_folder(student_dir: str | Path, compute_type: str) -> Path:
     return Path(student_dir) / ("ct2-int8" if compute_type.startswith("int8") else "ct2-float32")
 
 
-def convert(student_dir: str | Path, compute_type: str = "int8") -> Path:
+def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
     """The CTranslate2 copy of a saved HF causal-LM folder (LoRA already merged on save), converted once."""
     dest = ct2_folder(student_dir, compute_type)
     if (dest / "model.bin").is_file():
@@ -69,7 +70,7 @@ def convert(student_dir: str | Path, compute_type: str = "int8") -> Path:
 class CT2Decoder:
     """Greedy decoding of token-id prompts with a CTranslate2 ``Generator`` (thread-safe; batches a list)."""
 
-    def __init__(self, folder: str | Path, tokenizer, compute_type: str = "int8", threads: int = 0):
+    def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0):
         import ctranslate2
 
         self.tok, self.compute_type = tokenizer, compute_type
@@ -162,7 +163,7 @@ def _exp(x: float) -> float:
     return math.exp(max(-50.0, min(0.0, float(x))))
 
 
-def fast_decoder(student_dir: str | Path, tokenizer, runtime: str = "auto", compute_type: str = "int8") -> CT2Decoder | None:
+def fast_decoder(student_dir: str | Path, tokenizer, runtime: str = "auto", compute_type: str = "float32") -> CT2Decoder | None:
     """The fast decoder a student folder asks for: ``auto`` = CTranslate2 when installed, else None (transformers);
     ``ctranslate2`` = required; ``transformers`` = None."""
     if runtime == "transformers" or (runtime == "auto" and not ctranslate2_available()):
