@@ -185,12 +185,10 @@ def curate(task: Path = TaskArg, out: Path = OutOpt, force: bool = typer.Option(
     o = _out(t, out)
     if apply_review is not None:
         from protege.stages.review import store_corrections
-        from protege.task import TaskError
+        from protege.stages.review_text import store_text_corrections
 
-        if not kind_of(t).labelled:
-            raise TaskError(f"--apply-review reads label corrections: classify tasks only (this task is kind: {t.kind})")
-
-        dest, new = store_corrections(apply_review, o, t.labels)
+        dest, new = (store_corrections(apply_review, o, t.labels) if kind_of(t).labelled
+                     else store_text_corrections(apply_review, o, t))
         console.print(f"review: {len(new)} corrections read from {apply_review}, stored in {dest}")
     d = run_curate(t, o, force=force)
     s = json.loads((d / "stats.json").read_text())
@@ -216,25 +214,29 @@ def review(task: Path = TaskArg, out: Path = OutOpt,
     """Export teacher-vs-gold and teacher-vs-itself disagreements (CSV + HTML) and the teacher's systematic errors.
 
     With --queue / --answer: list and answer the requests `protege serve` queued for a person."""
+    from protege.kinds import kind_of
     from protege.stages.review import export_review
+    from protege.stages.review_text import export_text_review
 
     t = _load(task)
     if queue or answer:
         from protege.cli_serve import review_queue
 
         return review_queue(t, _out(t, out), answer or [], reviewer, console)
-    r = export_review(t, _out(t, out))
-    err = r["errors"]
-    if err["n"]:
-        tb = Table(title=f"teacher vs gold: {err['errors']} of {err['n']} wrong, worst labels first")
-        for c in ("gold label", "n", "recall", "precision", "most often answered instead"):
+    r = (export_review if kind_of(t).labelled else export_text_review)(t, _out(t, out))
+    err, by = r["errors"], r["errors"].get("by", "label")
+    if err["n"] and err["per_label"]:
+        tb = Table(title=f"teacher vs gold: {err['errors']} of {err['n']} wrong, worst {by}s first")
+        for c in (f"gold {by}", "n", "recall", "precision", "most often answered instead"):
             tb.add_column(c)
         for d in err["per_label"]:
             tb.add_row(d["label"], str(d["n"]), "—" if d["recall"] is None else f"{d['recall']:.0%}",
                        "—" if d["precision"] is None else f"{d['precision']:.0%}", d["most_confused_with"] or "—")
         console.print(tb)
     console.print(f"review: {r['n_items']} items {r['reasons']} → {r['csv']}  ({r['html']})")
-    console.print("fill corrected_label (a label, or 'drop'), then: protege curate TASK --apply-review " + r["csv"])
+    what = "a label" if kind_of(t).labelled else "the right answer" + (" as JSON" if kind_of(t).json else "")
+    console.print(f"fill {r.get('column', 'corrected_label')} ({what}, or 'drop'), then: protege curate TASK "
+                  f"--apply-review {r['csv']}")
 
 
 @app.command()

@@ -252,6 +252,10 @@ def test_curate_drops_answers_that_break_the_schema():
 
 def test_extract_report_json_contract_and_known_teacher_score(extract_run):
     r = _strict_json(extract_run["out"] / "report.json")
+    rt = r["student"]["runtime"]  # the fast path (ctranslate2 int8, constrained), checked against transformers
+    assert rt["name"] == "ctranslate2 float32" and rt["constrained_fields"] == ["colour"]
+    assert rt["n_reference"] == N_GOLD and rt["same_answer_as_reference"] == 1.0
+    assert rt["decoded_tokens_per_answer"] < rt["answer_tokens_per_answer"]
     assert CONTRACT <= set(r)
     assert r["task"] == "tiny-extract" and r["kind"] == "extract" and r["metric"] == "field_f1" and r["n_eval"] == N_GOLD
     # the teacher answers {"colour": "red"} to everything: right on the red third of the gold items
@@ -327,6 +331,8 @@ def test_extract_report_html_sections(extract_run):
     assert "Where the errors are" not in page.h2 and "Calibration and the cascade" not in page.h2
     assert {i["alt"] for i in page.imgs} == {"scores", "latency", "break-even chart"}
     assert "valid JSON" in text and "teacher output [score]" in text
+    assert "Student decodes with ctranslate2 float32, schema-constrained (1 fields forced" in text
+    assert "Same answer as transformers on" in text and f"of {N_GOLD} gold items" in text
     assert not re.search(r"\b(nan|inf)\b", re.sub(r'src="data:[^"]*"', "", text), re.I)
 
 
@@ -376,32 +382,33 @@ def test_teacher_scoring_zero_gives_null_retained_not_nan(tmp_path):
     assert not re.search(r"\b(nan|inf)\b", re.sub(r'src="data:[^"]*"', "", html), re.I)
 
 
-def test_label_review_refuses_text_tasks_with_a_pointer(extract_run, tmp_path):
-    """`protege review` / `curate --apply-review` work on labels: on an extract task they say so (exit 2),
-    point at the report's worst-errors table, and write nothing."""
+def test_review_sheet_on_a_local_teacher_extract_run(extract_run):
+    """`protege review` on an extract run: the teacher's wrong gold answers (2 of 3 colours: it says red to
+    everything) as JSON next to gold; the sheet's column for the fix is corrected_output (see
+    tests/test_text_baseline_review.py for the read-back)."""
     from typer.testing import CliRunner
 
     from protege.cli import app
 
     out, task_file = extract_run["out"], extract_run["task_file"]
     res = CliRunner().invoke(app, ["review", str(task_file), "--out", str(out)])
-    assert res.exit_code == 2 and "classify tasks" in res.output and "report.html" in res.output
-    assert not (out / "review").exists()
-    sheet = tmp_path / "review.csv"
-    sheet.write_text("id,corrected_label\nx,drop\n")
-    res = CliRunner().invoke(app, ["curate", str(task_file), "--out", str(out), "--apply-review", str(sheet)])
-    assert res.exit_code == 2 and "classify tasks only" in res.output
+    assert res.exit_code == 0, res.output
+    errors = json.loads((out / "review" / "errors.json").read_text())
+    gold = read_jsonl(out / "generate" / "gold.jsonl")
+    assert errors["n"] == len(gold) == N_GOLD
+    assert all(json.loads(r["output"]) == {"colour": "red"} for r in gold)
+    assert errors["errors"] == sum(r["label"] != "red" for r in synthetic_rows(N_GOLD, start=10_000)) > 0
+    header = (out / "review" / "review.csv").read_text().splitlines()[0].split(",")
+    assert "corrected_output" in header and "corrected_label" not in header
 
 
-def test_baseline_refuses_text_tasks_and_jsonl_export_uses_the_text_prompt(extract_run, tmp_path):
+def test_jsonl_export_uses_the_text_prompt(extract_run, tmp_path):
     from typer.testing import CliRunner
 
     from protege.cli import app
     from protege.teachers.prompts import system_text
 
     out, task_file = extract_run["out"], extract_run["task_file"]
-    res = CliRunner().invoke(app, ["baseline", str(task_file), "--out", str(out), "--n", "3"])
-    assert res.exit_code == 2 and "classify tasks" in res.output and not (out / "baseline").exists()
     res = CliRunner().invoke(app, ["export", str(out), "--format", "jsonl", "--task", str(task_file),
                                    "--out", str(tmp_path / "ft")])
     assert res.exit_code == 0, res.output

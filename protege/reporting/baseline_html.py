@@ -84,7 +84,8 @@ def render_baseline_html(r: dict, items: list[dict]) -> str:
                  f"{mach.get('load_avg_1m') or 0:.1f}, {e(str(mach.get('date')))}. {e(mach.get('warning', ''))}</small></p>")
     err = t["errors"]
     if err["errors"]:
-        p.append("<h2>Teacher errors by gold label (worst first)</h2><table><tr><th>label</th><th class=num>n</th>"
+        by = err.get("by", "label")
+        p.append(f"<h2>Teacher errors by gold {by} (worst first)</h2><table><tr><th>{by}</th><th class=num>n</th>"
                  "<th class=num>recall</th><th>most often answered instead</th></tr>")
         for d in err["per_label"]:
             rec = "—" if d["recall"] is None else f"{d['recall']:.0%}"
@@ -96,13 +97,15 @@ def render_baseline_html(r: dict, items: list[dict]) -> str:
              "<th>teacher</th>" + ("<th>small model</th>" if items and "small" in items[0] else "")
              + "".join(f"<th>{e(n)}</th>" for n in vnames) + "</tr>")
 
-    def cell(lab, gold):
-        return f"<td class={'ok' if lab == gold else 'wrong'}>{e(str(lab))}</td>"
+    def cell(lab, gold, ok=None):  # ok: the kind's own comparison (extract: same fields, key order aside)
+        right = lab == gold if ok is None else ok
+        return f"<td class={'ok' if right else 'wrong'}>{e(str(lab))}</td>"
 
     for it in items[:40]:
-        text = it["text"]
+        text, ok = it["text"], it.get("ok", {})
         p.append(f"<tr><td>{e(text[:220])}{'…' if len(text) > 220 else ''}</td><td>{e(it['gold'])}</td>"
-                 + cell(it["teacher"], it["gold"]) + (cell(it.get("small"), it["gold"]) if "small" in it else "")
-                 + "".join(cell(it["variants"][n], it["gold"]) for n in vnames) + "</tr>")
+                 + cell(it["teacher"], it["gold"], ok.get("teacher"))
+                 + (cell(it.get("small"), it["gold"], ok.get("small")) if "small" in it else "")
+                 + "".join(cell(it["variants"][n], it["gold"], ok.get(n)) for n in vnames) + "</tr>")
     p.append("</table>")
     return "\n".join(p)

@@ -91,7 +91,29 @@ def _main_table(r: dict) -> str:
                     f"<td class=num>{_f(d.get('ms_per_item_p95'), '.3g')}</td><td class=num>{_f(d.get('items_per_s_batched'), ',.0f')}</td>"
                     f"<td class=num>{_money(d['usd_per_1k'])}</td><td class=num>{_money(d.get('usd_per_month'))}</td>"
                     f"<td class=num>{_f(d.get('params'), ',')}</td></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f"<table>{head}{''.join(rows)}</table>" + _runtime_line(r["student"].get("runtime"))
+
+
+def _runtime_line(rt: dict | None) -> str:
+    """A causal-LM student's decode runtime, checked against transformers (see protege.stages.evaluate.runtime)."""
+    if not rt:
+        return ""
+    s = f"Student decodes with {_e(rt['name'])}"
+    if rt.get("constrained_fields"):
+        s += f", schema-constrained ({len(rt['constrained_fields'])} fields forced, only values decoded)"
+    if rt.get("decoded_tokens_per_answer") is not None:
+        s += f"; {rt['decoded_tokens_per_answer']:.1f} tokens decoded per answer"
+        if rt.get("answer_tokens_per_answer"):
+            s += f" of {rt['answer_tokens_per_answer']:.1f}"
+    if rt.get("same_answer_as_reference") is not None:
+        s += (f". Same answer as transformers on {rt['same_answer_as_reference']:.0%} of {rt['n_reference']} gold items "
+              f"{_ci(rt['same_answer_ci'], '.0%')}")
+    ref = (rt.get("reference_latency") or {}).get("p50_ms")
+    if ref:
+        s += f"; transformers takes {ref:,.0f} ms per item here"
+        if rt.get("latency_vs_reference"):
+            s += f" (this runtime: {rt['latency_vs_reference']:.0%} of that)"
+    return f"<p><small>{s}.</small></p>"
 
 
 def _score_series(r: dict) -> list:

@@ -36,6 +36,7 @@ from protege.data import load_gold, load_real_train, read_jsonl, write_json, wri
 from protege.stages.dedup import exact_duplicates, near_duplicates, overlaps
 from protege.kinds import KINDS, kind_of
 from protege.stages.review import corrections_path, read_corrections
+from protege.stages.review_text import apply_text_corrections, read_text_corrections
 from protege.stages.keys import CURATE, file_hash
 from protege.task import CurateConfig, TaskSpec
 
@@ -273,10 +274,11 @@ def curate(task: TaskSpec, out: Path, *, force: bool = False) -> Path:
     gold = load_gold(task)
     classify = kind_of(task).labelled
     corrections: dict[str, str] = {}
-    for p in reviews if classify else []:  # later files win; review sheets are label corrections (classify)
-        corrections.update(read_corrections(p, task.labels))
-    rows, review = apply_corrections([{**r, "source": "teacher"} for r in pool], corrections, task.labels,
-                                     {g["id"]: g["label"] for g in gold})
+    for p in reviews:  # later files win; classify sheets hold labels, extract / generate sheets whole answers
+        corrections.update(read_corrections(p, task.labels) if classify else read_text_corrections(p, task))
+    pool, gold_by_id = [{**r, "source": "teacher"} for r in pool], {g["id"]: g["label"] for g in gold}
+    rows, review = (apply_corrections(pool, corrections, task.labels, gold_by_id) if classify
+                    else apply_text_corrections(task, pool, corrections, gold_by_id))
     if classify:
         real = [{**r, "probs": one_hot(r["label"], task.labels), "confidence": 1.0, "agreement": 1.0, "source": "real",
                  "status": "ok"} for r in load_real_train(task)]

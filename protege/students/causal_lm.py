@@ -45,6 +45,9 @@ class CausalLMStudent:
         self.labels: list[str] | None = None  # classify tasks: predict() maps answers onto these
         self.max_input_tokens: int | None = None  # inputs are clipped to this many tokens
         self.history: list[dict] = []
+        # inference: the fast runtime (protege.students.fast_lm) and the schema fields it may constrain
+        self.runtime, self.compute_type, self.fields = "transformers", "float32", None
+        self.fast = None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -141,13 +144,17 @@ class CausalLMStudent:
             epochs: float = 2.0, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1,
             weight_decay: float = 0.0, warmup: float = 0.05, max_length: int = 512, lora=None, seed: int = 0,
             max_steps: int = -1, output_dir: str | Path | None = None,
-            sample_weight: Sequence[float] | None = None) -> "CausalLMStudent":
+            sample_weight: Sequence[float] | None = None, group_by_length: bool = True,
+            checkpointing: bool = False) -> "CausalLMStudent":
         """SFT on (input, teacher output) pairs, plus token KD when the teacher's distributions exist.
 
         ``kd="auto"`` picks "logits" with a ``teacher`` model, "topk" with stored ``topk`` rows, else
         "none". ``alpha`` weighs KD against cross-entropy. ``lora``: a ``LoraSettings``-like object
         (``r, alpha, dropout, target_modules``) or None for a full fine-tune. ``sample_weight``: one weight
-        per pair, multiplying its tokens' loss (real labelled data above teacher answers).
+        per pair, multiplying its tokens' loss (real labelled data above teacher answers). ``group_by_length``:
+        batches of similar lengths (transformers' ``LengthGroupedSampler``), so less of each step is padding.
+        ``checkpointing``: activation checkpointing, which TRL turns on by default — it recomputes the forward
+        pass during backward (~1/3 more compute) to save memory a small student on a CPU does not need.
         """
         import torch
         from datasets import Dataset
@@ -184,7 +191,9 @@ class CausalLMStudent:
                 logging_steps=max(1, steps // 4), save_strategy="no", eval_strategy="no", report_to="none",
                 disable_tqdm=True, remove_unused_columns=False, completion_only_loss=True, max_length=None, seed=seed,
                 data_seed=seed, bf16=bf16, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-                use_cpu=multi_process_cpu())
+                use_cpu=multi_process_cpu(),
+                train_sampling_strategy="group_by_length" if group_by_length else "random",
+                activation_checkpointing=checkpointing)
             t_pad = None if teacher_tokenizer is None else \
                 (teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None
                  else teacher_tokenizer.eos_token_id)
@@ -214,10 +223,41 @@ class CausalLMStudent:
 
     # -- inference -----------------------------------------------------------------------------
     def generate(self, texts: Sequence[str], *, max_new_tokens: int | None = None, batch_size: int = 8,
-                 description: str | None = None) -> list[dict]:
-        prompts = [render(self.tokenizer, self.messages(t)) for t in texts]
-        return decode(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                      batch_size=batch_size, description=description)
+                 description: str | None = None, reference: bool = False) -> list[dict]:
+        """Greedy answers: through the fast runtime when one is attached (schema-constrained where it can be),
+        else — or with ``reference=True`` — transformers' ``generate``, the reference the fast path is checked on."""
+        limit = max_new_tokens or self.max_new_tokens
+        if self.fast is None or reference:
+            prompts = [render(self.tokenizer, self.messages(t)) for t in texts]
+            return decode(self.model, self.tokenizer, prompts, max_new_tokens=limit, batch_size=batch_size,
+                          description=description)
+        from protege.progress import bar
+
+        ids = [self.prompt_ids(t) for t in texts]
+        static = self.static_prefix() if self.fields else ()
+        out: list[dict] = []
+        with bar(description or "decode", len(ids) if description else 0) as advance:
+            for i in range(0, len(ids), batch_size):
+                chunk = ids[i: i + batch_size]
+                out += (self.fast.decode_fields(chunk, self.fields, limit, static=static) if self.fields
+                        else self.fast.decode(chunk, limit))
+                advance(len(chunk))
+        return out
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer(render(self.tokenizer, self.messages(text)), add_special_tokens=False).input_ids
+
+    def static_prefix(self) -> list[int]:
+        """The prompt tokens every input shares (system prompt and schema): cached once by the fast runtime."""
+        if getattr(self, "_static", None) is None:
+            self._static = common_prefix([self.prompt_ids("a"), self.prompt_ids("zq")])
+        return self._static
+
+    def attach_fast(self, folder: str | Path) -> None:
+        """Use the runtime this student was saved with (``student.runtime``) for ``generate``; None = transformers."""
+        from protege.students.fast_lm import fast_decoder
+
+        self.fast = fast_decoder(folder, self.tokenizer, self.runtime, self.compute_type)
 
     def predict(self, texts: Sequence[str], **kw) -> list[str | None]:
         """Answers; for a classify task (``labels`` set) mapped onto the label set (None if not a label)."""
@@ -263,8 +303,14 @@ class CausalLMStudent:
         model.config.protege_labels = self.labels
         model.config.protege_max_input_tokens = self.max_input_tokens
         model.config.protege_version = __version__
+        model.config.protege_runtime, model.config.protege_compute_type = self.runtime, self.compute_type
+        model.config.protege_fields = self.fields
         model.save_pretrained(p)
         self.tokenizer.save_pretrained(p)
+        from protege.students.fast_lm import ctranslate2_available, convert
+
+        if self.runtime == "ctranslate2" or (self.runtime == "auto" and ctranslate2_available()):
+            convert(p, self.compute_type)  # exported with the student: the first request pays no conversion
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CausalLMStudent":
@@ -279,4 +325,18 @@ class CausalLMStudent:
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         student = cls(model, tok, cfg.get("protege_system_prompt", ""), int(cfg.get("protege_max_new_tokens", 128)))
         student.labels, student.max_input_tokens = cfg.get("protege_labels"), cfg.get("protege_max_input_tokens")
+        student.runtime = cfg.get("protege_runtime", "transformers")
+        student.compute_type, student.fields = cfg.get("protege_compute_type", "float32"), cfg.get("protege_fields")
+        student.attach_fast(p)
         return student
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix all ``seqs`` share, less one token (a prompt must keep at least one of its own)."""
+    if not seqs:
+        return []
+    n = min(len(s) for s in seqs)
+    k = 0
+    while k < n and all(s[k] == seqs[0][k] for s in seqs):
+        k += 1
+    return list(seqs[0][: max(0, min(k, n - 1))])

@@ -44,7 +44,7 @@ from protege.metrics import bootstrap_ci
 from protege.stages.review import systematic_errors
 from protege.stages.baseline.checks import calibration_vector, consistency, prompt_variants, remap, verdict  # noqa: F401
 from protege.stages.baseline.costs import call_costs, cost_case, cost_view, machine, student_latency  # noqa: F401
-from protege.task import TaskError, TaskSpec, TeacherConfig
+from protege.task import TaskSpec, TeacherConfig
 from protege.teachers.base import Answer, Teacher
 from protege.registry import make_teacher
 
@@ -111,13 +111,15 @@ def _labels_of(answers: list[list[Answer]], labels: list[str], calib, sample: in
 
 def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | None = None) -> dict:
     """Run the weekend experiment on ``n`` gold items; write ``<out>/baseline``; return baseline.json."""
-    if not kind_of(task).labelled:
-        raise TaskError(f"protege baseline compares label answers, so it covers classify tasks; this task is kind: "
-                        f"{task.kind}. For a first read on it, run `protege run` with a small data.limit: the report "
-                        f"scores teacher and student against gold with CIs, and its cost section gives break-even")
     out, cfg = Path(out), task.baseline
     n = n or cfg.n
     volume = task.volume_per_month if volume is None else volume
+    if not kind_of(task).labelled:  # extract / generate: answers are JSON / text, scored with the kind's metric
+        from protege.stages.baseline.text import baseline_text
+
+        result, items = baseline_text(task, out, n=n, volume=volume, small_cfg=cfg.small_model or default_small_model(task))
+        _write(task, out, result, items, n)
+        return result
     labels = task.labels
     gold = gold_sample(task, n)
     texts, y = [g["text"] for g in gold], [g["label"] for g in gold]

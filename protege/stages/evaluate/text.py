@@ -159,6 +159,12 @@ def evaluate_text(task: TaskSpec, out: Path) -> dict:
         "errors": {"student": int((s_items < 1).sum()),
                    "copied_from_teacher": int(sum(s_items[i] < 1 and s_out[i] == t_out[i] for i in range(len(gold))))},
     }
+    from protege.stages.evaluate.runtime import runtime_report
+
+    rt = runtime_report(student, kind, texts, s_gen, n_ref=task.evaluate.reference_items, n_single=task.evaluate.n_single)
+    report["student"]["runtime"] = rt
+    if rt.get("reference_latency") and s_ms:
+        rt["latency_vs_reference"] = s_ms / rt["reference_latency"]["p50_ms"]
     report["student"]["agreement"] = report["fidelity"]["agreement"]
     report["student"]["agreement_ci"] = report["fidelity"]["agreement_ci"]
     notes = null_notes(report)

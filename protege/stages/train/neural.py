@@ -108,6 +108,11 @@ def fit_text_student(task, inputs: Sequence[str], outputs: Sequence[str], topk: 
                                             system_prompt=prompt, qlora=bool(s.lora and s.lora.qlora),
                                             max_new_tokens=max_new)
     student.max_input_tokens = task.teacher.max_input_tokens
+    student.runtime, student.compute_type = s.runtime, s.compute_type
+    if s.constrained:
+        from protege.students.fast_lm import string_fields
+
+        student.fields = string_fields(task.schema_)
     student.fit(list(inputs), list(outputs), teacher=teacher if kd == "logits" else None, teacher_tokenizer=teacher_tok,
                 teacher_messages=[teacher_messages(task, x) for x in inputs] if kd == "logits" else None,
                 topk=list(topk) if kd == "topk" else None, kd=kd, alpha=t.alpha, beta=s.beta, temperature=1.0,

@@ -1,0 +1,176 @@
+"""Fast greedy decoding for causal-LM students: CTranslate2 on the CPU, and schema-constrained extraction.
+
+transformers' eager ``generate`` spends most of a small model's decode step in Python and framework
+overhead (~11 tokens/s for SmolLM2-135M on 2 cores); CTranslate2 runs the same weights through fused C++
+kernels (float32 by default: the same answers; int8 is faster and changes some). Measured candidates
+and the choice are in bench/genstudent.py and the README.
+The student folder stays a plain HF model (the reference); the CTranslate2 copy is converted from it on
+first use and cached beside it (``<student>/ct2-<int8|float32>/``), so a retrained student is never
+served from a stale conversion (the folder is rewritten whole by the train stage).
+
+**Schema-constrained decoding** (extract tasks whose schema is an object of required string fields):
+keys, quotes, braces and separators are forced; the model only generates each value, stopping at the
+token that closes its quote. ``{"a": "`` is appended to the prompt, the value decoded, then ``", "b": "``,
+and so on. Fewer tokens are decoded (the report counts them) and every answer is valid JSON in schema
+order. The common prompt prefix (system prompt + schema) is cached once (``static_prompt``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+COMPUTE_TYPES = ("int8", "int8_float32", "float32")
+
+
+def ctranslate2_available() -> bool:
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def string_fields(schema: dict | None) -> list[str] | None:
+    """The field names when every top-level property is a required plain string, else None (not constrainable)."""
+    if not schema or schema.get("type") != "object":
+        return None
+    props = schema.get("properties") or {}
+    if not props or set(schema.get("required") or []) != set(props):
+        return None
+    if any(not isinstance(p, dict) or p.get("type") != "string" or set(p) - {"type", "description"}
+           for p in props.values()):
+        return None
+    return list(props)
+
+
+def ct2_folder(student_dir: str | Path, compute_type: str) -> Path:
+    return Path(student_dir) / ("ct2-int8" if compute_type.startswith("int8") else "ct2-float32")
+
+
+def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
+    """The CTranslate2 copy of a saved HF causal-LM folder (LoRA already merged on save), converted once."""
+    dest = ct2_folder(student_dir, compute_type)
+    if (dest / "model.bin").is_file():
+        return dest
+    import ctranslate2
+
+    tmp = Path(tempfile.mkdtemp(prefix=".ct2-", dir=Path(student_dir)))
+    try:
+        conv = ctranslate2.converters.TransformersConverter(str(student_dir), load_as_float16=False)
+        conv.convert(str(tmp / "m"), quantization="int8" if compute_type.startswith("int8") else "float32", force=True)
+        os.replace(tmp / "m", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class CT2Decoder:
+    """Greedy decoding of token-id prompts with a CTranslate2 ``Generator`` (thread-safe; batches a list)."""
+
+    def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0):
+        import ctranslate2
+
+        self.tok, self.compute_type = tokenizer, compute_type
+        self.gen = ctranslate2.Generator(str(folder), device="cpu", compute_type=compute_type,
+                                         intra_threads=threads or min(os.cpu_count() or 1, 8), inter_threads=1)
+        stops = [tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"]
+        vocab = tokenizer.get_vocab()
+        self.stop = [t for t in dict.fromkeys(stops) if t and t in vocab]
+        self.quote_ends = None  # tokens containing '"': the end of a constrained value (built on first use)
+        self.name = f"ctranslate2 {compute_type}"
+
+    def _toks(self, ids: Sequence[int]) -> list[str]:
+        return self.tok.convert_ids_to_tokens(list(ids))
+
+    def decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[dict]:
+        """``{"text", "token_ids", "finished", "seconds", "confidence", "decoded_tokens"}`` per prompt, one batch."""
+        t0 = time.perf_counter()
+        res = self.gen.generate_batch([self._toks(p) for p in prompts], max_length=max_new_tokens, sampling_topk=1,
+                                      include_prompt_in_result=False, end_token=self.stop, return_scores=True,
+                                      return_end_token=True)
+        dt = (time.perf_counter() - t0) / max(1, len(prompts))
+        stop_ids = set(self.tok.convert_tokens_to_ids(self.stop))
+        out = []
+        for r in res:
+            seq = list(r.sequences_ids[0])
+            finished = bool(seq) and seq[-1] in stop_ids
+            body = seq[:-1] if finished else seq
+            out.append({"text": self.tok.decode(body, skip_special_tokens=True), "token_ids": seq, "finished": finished,
+                        "seconds": dt, "confidence": _exp(r.scores[0]) if r.scores else None,
+                        "decoded_tokens": len(seq)})
+        return out
+
+    def decode_fields(self, prompts: Sequence[Sequence[int]], fields: Sequence[str], max_value_tokens: int = 48,
+                      static: Sequence[int] = ()) -> list[dict]:
+        """Schema-constrained: only the values of ``fields`` are decoded, all prompts in one batch per field."""
+        if self.quote_ends is None:
+            # byte-level BPE spells '"' as itself; SentencePiece too: a token string holding it ends the value
+            self.quote_ends = [t for t in self.tok.get_vocab() if '"' in t] + self.stop
+        t0 = time.perf_counter()
+        n = len(prompts)
+        prefix, values = ["{"] * n, [dict() for _ in range(n)]
+        decoded, logp, ok = [0] * n, [0.0] * n, [True] * n
+        kw = {"static_prompt": self._toks(static), "cache_static_prompt": True} if static else {}
+        for k, name in enumerate(fields):
+            for i in range(n):
+                prefix[i] += ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+            batch = [self._toks(list(p)[len(static):] + self.tok(prefix[i], add_special_tokens=False).input_ids)
+                     for i, p in enumerate(prompts)]
+            res = self.gen.generate_batch(batch, max_length=max_value_tokens, sampling_topk=1,
+                                          include_prompt_in_result=False, end_token=self.quote_ends,
+                                          return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
+            for i, r in enumerate(res):
+                seq = list(r.sequences_ids[0])
+                text = self.tok.decode(seq, skip_special_tokens=False)
+                if '"' in text:
+                    value = text[: text.index('"')]
+                else:  # ran out of tokens (or hit a stop token) inside the value
+                    value, ok[i] = self.tok.decode(seq, skip_special_tokens=True), False
+                values[i][name] = value
+                prefix[i] += value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                decoded[i] += len(seq)
+                logp[i] += float(r.scores[0]) if r.scores else 0.0
+        dt = (time.perf_counter() - t0) / max(1, n)
+        out = []
+        for i in range(n):
+            text = json.dumps(values[i], ensure_ascii=False)
+            total = len(self.tok(text, add_special_tokens=False).input_ids)
+            out.append({"text": text, "token_ids": None, "finished": ok[i], "seconds": dt,
+                        "confidence": _exp(logp[i] / max(1, decoded[i])), "decoded_tokens": decoded[i],
+                        "answer_tokens": total})
+        return out
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
+        """(token id, log-prob) as decoded; the stop token ends the stream and is not yielded."""
+        stop_ids = set(self.tok.convert_tokens_to_ids(self.stop))
+        kw = {"sampling_topk": 1} if not temperature else {"sampling_temperature": temperature, "sampling_topk": 0,
+                                                           "sampling_topp": 1.0}
+        if seed is not None:
+            kw["sampling_seed"] = seed
+        for step in self.gen.generate_tokens(self._toks(prompt), max_length=max_new_tokens, end_token=self.stop,
+                                             return_log_prob=True, **kw):
+            if step.token_id in stop_ids:
+                return
+            yield step.token_id, float(step.log_prob or 0.0)
+
+
+def _exp(x: float) -> float:
+    import math
+
+    return math.exp(max(-50.0, min(0.0, float(x))))
+
+
+def fast_decoder(student_dir: str | Path, tokenizer, runtime: str = "auto", compute_type: str = "float32") -> CT2Decoder | None:
+    """The fast decoder a student folder asks for: ``auto`` = CTranslate2 when installed, else None (transformers);
+    ``ctranslate2`` = required; ``transformers`` = None."""
+    if runtime == "transformers" or (runtime == "auto" and not ctranslate2_available()):
+        return None
+    if not ctranslate2_available():
+        raise ImportError("student.runtime: ctranslate2 is not installed: pip install 'protege[fast]' "
+                          "(or set student.runtime: transformers)")
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(f"student.compute_type {compute_type!r}: expected one of {COMPUTE_TYPES}")
+    return CT2Decoder(convert(student_dir, compute_type), tokenizer, compute_type)

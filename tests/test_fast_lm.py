@@ -1,0 +1,121 @@
+"""The fast causal-LM path (CTranslate2) against its reference (transformers), and schema-constrained decoding.
+
+A tiny 2-layer Llama with the SmolLM2 tokenizer, saved as a real student folder: float32 CTranslate2 must
+decode token for token what transformers decodes; a student trained to answer one JSON object must give
+the same object when only its value is decoded, with fewer tokens decoded than the answer has.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from protege.students.causal_lm import CausalLMStudent, common_prefix
+from protege.students.fast_lm import ct2_folder, string_fields
+from tiny import smollm2_tokenizer, synthetic_rows, tiny_llama
+
+pytest.importorskip("ctranslate2")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ANSWER = '{"colour": "red", "size": "big"}'
+SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
+          "required": ["colour", "size"]}
+
+
+def _student(model, tok, **over) -> CausalLMStudent:
+    s = CausalLMStudent(model, tok, system_prompt="Say the colour and size as JSON.", max_new_tokens=16)
+    s.runtime, s.compute_type = "ctranslate2", "float32"
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+def test_string_fields_only_for_flat_required_string_schemas():
+    assert string_fields(SCHEMA) == ["colour", "size"]
+    assert string_fields({**SCHEMA, "required": ["colour"]}) is None
+    assert string_fields({"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}) is None
+    assert string_fields({"type": "object", "properties": {"e": {"type": "string", "enum": ["a"]}},
+                          "required": ["e"]}) is None
+    assert string_fields(None) is None
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == [1, 2] and common_prefix([[1, 2], [1, 2]]) == [1]
+
+
+def test_ctranslate2_float32_decodes_exactly_like_transformers(tmp_path):
+    tok = smollm2_tokenizer()
+    s = _student(tiny_llama(len(tok), seed=4), tok)
+    s.save_pretrained(tmp_path / "st")
+    assert (ct2_folder(tmp_path / "st", "float32") / "model.bin").is_file()  # exported on save
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    assert loaded.fast is not None and loaded.fast.name == "ctranslate2 float32"
+    texts = [r["text"] for r in synthetic_rows(6)]
+    fast = loaded.generate(texts, batch_size=4)
+    ref = loaded.generate(texts, batch_size=1, reference=True)
+    assert [f["text"] for f in fast] == [r["text"] for r in ref]
+    assert all(f["decoded_tokens"] == len(r["token_ids"]) for f, r in zip(fast, ref))
+    # a folder saved for transformers stays on transformers
+    s2 = _student(tiny_llama(len(tok), seed=4), tok, runtime="transformers")
+    s2.save_pretrained(tmp_path / "plain")
+    assert CausalLMStudent.from_pretrained(tmp_path / "plain").fast is None
+    assert not ct2_folder(tmp_path / "plain", "float32").exists()
+
+
+def _json_speaker(tok):
+    """A tiny Llama trained (plain torch, a few seconds) to answer ANSWER to any prompt of the student."""
+    model = tiny_llama(len(tok), seed=2, init_range=0.02)
+    s = _student(model, tok)
+    tgt = tok(ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(60):
+        for p in prompts[(step % 2) * 4:(step % 2) * 4 + 4]:
+            model(input_ids=torch.tensor([p + tgt]), labels=torch.tensor([[-100] * len(p) + tgt])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_constrained_decoding_forces_the_keys_and_decodes_only_values(tmp_path):
+    tok = smollm2_tokenizer()
+    s = _student(_json_speaker(tok), tok, fields=string_fields(SCHEMA))
+    s.save_pretrained(tmp_path / "st")
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    assert loaded.fields == ["colour", "size"]
+    texts = [r["text"] for r in synthetic_rows(5, start=900)]
+    ref = loaded.generate(texts, reference=True)
+    assert all(r["text"] == ANSWER for r in ref), [r["text"] for r in ref]
+    fast = loaded.generate(texts, batch_size=3)
+    assert [json.loads(f["text"]) for f in fast] == [json.loads(ANSWER)] * len(texts)
+    total = len(tok(ANSWER, add_special_tokens=False).input_ids)
+    # decoded: each value plus its closing-quote token; forced: braces, keys, quotes, separators
+    assert all(f["answer_tokens"] == total and f["decoded_tokens"] < total / 2 for f in fast)
+    assert all(0.5 < f["confidence"] <= 1.0 for f in fast)
+
+
+def test_served_student_batches_concurrent_requests(tmp_path):
+    """The gateway's predictor: concurrent greedy requests are decoded in one CTranslate2 batch, each answer
+    the same as alone; streamed tokens come from the same runtime."""
+    import threading
+
+    from protege.serve.predictor import load_predictor
+
+    tok = smollm2_tokenizer()
+    _student(tiny_llama(len(tok), seed=5), tok).save_pretrained(tmp_path / "st")
+    p = load_predictor(tmp_path / "st", "m")
+    assert p.fast is not None and p.batcher is not None
+    texts = [r["text"] for r in synthetic_rows(8)]
+    alone = [p.predict([t])[0].content for t in texts]
+    p.batcher.window_s = 0.2  # all eight threads join one batch
+    got: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, p.predict([texts[i]])[0].content))
+               for i in range(len(texts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [got[i] for i in range(len(texts))] == alone
+    assert max(p.batcher.batches) > 1
+    streamed = tok.decode([t for t, _ in p.tokens(texts[0])], skip_special_tokens=True).strip()
+    assert streamed == alone[0]
