@@ -7,7 +7,7 @@ cross-validated agreement with the teacher, refit the winner on every row.
    (highest agreement; ties to the earlier, simpler grid entry) is its CV result: agreement with a bootstrap
    CI over the out-of-fold items, per-label recall (the teacher's label as truth).
 3. **Latency**: each rung refitted on all rows is timed one item per call on one core — CPU time of the calling
-   thread (``time.thread_time``), median over 20 items, best of 3 passes (:func:`single_ms`), so a busy
+   thread (``time.thread_time``), median over 20 items, best of 5 passes (:func:`single_ms`), so a busy
    machine does not make a rung look slower than one free core runs it.
    A rung over ``student.max_ms`` is not eligible (it is still trained when static-distilled needs it as its
    labeller, and reported).
@@ -52,7 +52,7 @@ def stratified_folds(hard: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.n
     return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
 
 
-def single_ms(predict, texts: Sequence[str], n: int = 20, passes: int = 3) -> float:
+def single_ms(predict, texts: Sequence[str], n: int = 20, passes: int = 5) -> float:
     """ms per one-item call on one core: CPU time of the calling thread (``time.thread_time``), the median over
     ``n`` items, the lowest of ``passes`` passes — on a shared machine, other processes inflate even CPU time
     (shared caches, SMT siblings) in bursts; the best pass's median is what the rung costs on a core of its own."""
@@ -225,7 +225,7 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
                           "by_rung": {r: _oof_probs(z) for r, z in best_logits.items() if r != name}}
     ladder = {"max_ms": max_ms, "folds": k, "chosen": name, "why": why, "rungs": stats, "time_budget_s": time_budget_s,
               "rule": "best CV agreement within max_ms; a faster rung within one paired standard error wins",
-              "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 3 passes"}
+              "ms_p50_measure": "CPU time of one-item calls on one thread (time.thread_time): median over 20 items, best of 5 passes"}
     lc = {}
     if curve and (left() is None or left() > 0):
         lc = learning_curve(by_name[name], chosen_params[name], folds, d, ok[name])
