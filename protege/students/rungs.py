@@ -322,10 +322,11 @@ class EncoderRung:
         extrapolated; within a few % of the real fit here) and the refit's int8 export (~20 s for MiniLM)."""
         d, s = self.d, self.task.student
         tr = folds[0][0]
-        sample = [d.texts[i] for i in np.random.default_rng(d.seed).permutation(len(d.texts))[:256]]
-        m = self._model("torch")
-        per_row = m.estimate_fit_seconds(sample, epochs=s.epochs, n_rows=1, batch_size=s.batch_size)
-        return float(per_row * (len(tr) + len(d.texts)) + 25.0)
+        if getattr(self, "_per_row", None) is None:  # timed once: the ladder asks before it starts and again later
+            sample = [d.texts[i] for i in np.random.default_rng(d.seed).permutation(len(d.texts))[:256]]
+            self._per_row = self._model("torch").estimate_fit_seconds(sample, epochs=s.epochs, n_rows=1,
+                                                                      batch_size=s.batch_size)
+        return float(self._per_row * (len(tr) + len(d.texts)) + 25.0)
 
     def _fit(self, idx, p, inference: str = "onnx-int8"):
         d, s, t = self.d, self.task.student, self.task.train
