@@ -268,8 +268,8 @@ class _TimedRung:
     """A rung that records which process prepared it and when its work ran; its CV is the teacher's label on a
     fixed share of items (as tests/test_ladder.py's _Fixed)."""
 
-    def __init__(self, name, d, right, work_s=0.8):
-        self.name, self.d, self.right, self.work_s = name, d, right, work_s
+    def __init__(self, name, d, right, work_s=0.8, barrier=None):
+        self.name, self.d, self.right, self.work_s, self.barrier = name, d, right, work_s, barrier
         self.grid = [{"right": right}]
 
     def prepare(self):
@@ -278,6 +278,12 @@ class _TimedRung:
 
     def cv(self, folds, grid, frac=1.0):
         time.sleep(self.work_s)
+        if self.barrier is not None:  # (dir, names): wait (up to 120 s) until every named rung has started its CV
+            folder, names = self.barrier
+            (folder / self.name).touch()
+            deadline = time.time() + 120
+            while time.time() < deadline and not all((folder / n).exists() for n in names):
+                time.sleep(0.05)
         k = len(self.d.labels)
         pick = np.where(np.random.default_rng(len(self.name)).random(len(self.d.hard)) < self.right, self.d.hard,
                         (self.d.hard + 1) % k)
@@ -323,17 +329,19 @@ def _ladder_data(n=300, k=3):
                 weight=np.ones(n, np.float32), labels=[f"l{i}" for i in range(k)])
 
 
-def test_independent_rungs_train_at_once_on_ray_and_the_ladder_is_unchanged(cluster):
+def test_independent_rungs_train_at_once_on_ray_and_the_ladder_is_unchanged(cluster, tmp_path):
     from protege.students.ladder import run_ladder
 
-    def rungs(d, work_s):
-        a, b = _TimedRung("a", d, 0.7, work_s), _TimedRung("b", d, 0.9, work_s)
+    def rungs(d, work_s, barrier=None):
+        a, b = _TimedRung("a", d, 0.7, work_s, barrier), _TimedRung("b", d, 0.9, work_s, barrier)
         return [a, b, _Builds("c", d, 0.8, b)]
 
     d = _ladder_data()
     serial = rungs(d, 0.0)
     _, s_students, s_ladder, _ = run_ladder(d, serial, max_ms=50.0, cv_folds=3, curve=False)
-    on_ray = rungs(d, 2.0)  # longer than a worker process takes to start on a busy machine
+    # each waits in its CV until both have started: they can only both finish in time if they run at once (a
+    # serial run would wait out the 120 s barrier), however slowly a loaded machine starts the workers
+    on_ray = rungs(d, 0.0, (tmp_path, ["a", "b"]))
     _, r_students, r_ladder, _ = run_ladder(d, on_ray, max_ms=50.0, cv_folds=3, curve=False, ray=ray)
 
     a, b, c = on_ray
