@@ -203,7 +203,8 @@ def test_killed_driver_then_rerun_merges_its_workers_files_and_repays_nothing(tm
         files = list((out / WORKER_DIR).glob("worker-*.sqlite"))
         assert files, "the killed driver's workers left no ledger"
         ok_before = {(_user(r[1]), r[5]) for f in files for r in _rows(f)}
-        assert 100 <= len(ok_before) < n
+        # the server answered >= 100; the workers had committed most of them (the rest were in flight at the kill)
+        assert 50 <= len(ok_before) < n
         assert not (out / "generate").exists()
 
         mark = len(app.state.s.log)
