@@ -498,7 +498,8 @@ def merge(results: list[dict]) -> dict:
             continue
         ref_ok = np.array([c == "1" for c in bits], dtype=float)
         for r in group.values():
-            if r["model"] != ref and r.get("ok_bits") and len(r["ok_bits"]) == len(bits):
+            if r["model"] != ref and not r["model"].startswith("teacher") and r.get("ok_bits") and \
+                    len(r["ok_bits"]) == len(bits):
                 r["p_vs_ref"] = M.mcnemar_p(ref_ok, np.array([c == "1" for c in r["ok_bits"]], dtype=float))[0]
     order = {t: k for k, t in enumerate(tasks)}
     out["tasks"] = list(tasks.values())
