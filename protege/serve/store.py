@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protege.sqlite_wal import connect_wal
+
 MIGRATIONS = [
     # 1
     """
@@ -98,10 +100,8 @@ def text_key(text: str) -> str:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db = connect_wal(path, timeout=30)
     db.create_function("protege_text_key", 1, text_key, deterministic=True)  # migration 2 backfills with it
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
     return db
 
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from protege.sqlite_wal import connect_wal
 from protege.teachers.leases import MIGRATION as _LEASES_MIGRATION
 
 MIGRATIONS: list[str] = [
@@ -95,9 +95,7 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = connect_wal(self.path, timeout=30)
         self._migrate()
 
     def _migrate(self) -> None:
