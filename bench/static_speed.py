@@ -1,12 +1,14 @@
-"""Speed of the static student, old code vs new code, in one run on the demo's BBC articles.
+"""Speed of the static student — old code, today's numpy path, today's compiled path — in one run on the demo's
+BBC articles.
 
     nice .venv/bin/python bench/static_speed.py [--old-ref 34fcbe3] [--repeats 5] [--work /tmp/protege-static-speed]
 
 Builds the demo data (``protege.demo.write_demo``), trains a static student on it once (256-d MiniLM static
 embeddings + word 1–2-grams, the demo's student; labels from a keyword rule on the unlabelled inputs, so no
 teacher and no gold label is needed — speed does not depend on what the labels are) and saves it. Then it
-loads that one saved folder twice: with the current ``protege.students`` code and with the code at
-``--old-ref`` (``git show`` into a temporary module, nothing in the checkout is touched), checks that both
+loads that one saved folder three times: with the current ``protege.students`` code (compiled path, and
+numpy path with ``use_compiled = False``) and with the code at
+``--old-ref`` (``git show`` into a temporary module, nothing in the checkout is touched), checks that all
 give the same probabilities on the 426 gold articles, and times ``predict_proba`` the way the evaluate stage
 does (``protege.timing.measure``: one call per item for p50/p95, the whole gold set in one call for
 items/s), old and new interleaved, ``--repeats`` times; medians are printed with the load average, since
@@ -120,12 +122,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         Old = old_student_class(a.old_ref, Path(tmp))
-        students = {"old": Old.from_pretrained(folder), "new": StaticClassifier.from_pretrained(folder)}
-        p_old, p_new = (students[k].predict_proba(gold) for k in ("old", "new"))
+        numpy_path = StaticClassifier.from_pretrained(folder)
+        numpy_path.use_compiled = False
+        students = {"old": Old.from_pretrained(folder), "numpy": numpy_path,
+                    "new": StaticClassifier.from_pretrained(folder)}
+        if not students["new"]._compiled():
+            print("numba is not installed: 'new' is the numpy path too")
+        p_old, p_np, p_new = (students[k].predict_proba(gold) for k in ("old", "numpy", "new"))
         single_new = np.concatenate([students["new"].predict_proba([t]) for t in gold])
-        diff = float(np.abs(p_old - p_new).max())
+        diff = float(max(np.abs(p_old - p_new).max(), np.abs(p_np - p_new).max()))
         diff1 = float(np.abs(p_old - single_new).max())
-        same = bool((p_old.argmax(1) == p_new.argmax(1)).all())
+        same = bool((p_old.argmax(1) == p_new.argmax(1)).all() and (p_np.argmax(1) == p_new.argmax(1)).all())
         load0 = os.getloadavg()
         rows: dict[str, dict[str, list[float]]] = {k: {m: [] for m in ("p50", "p95", "ips", "cpu_p50", "cpu_ips")}
                                                    for k in students}
@@ -146,16 +153,17 @@ def main() -> None:
     med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in rows.items()}
     words = statistics.mean(len(t.split()) for t in gold)
     print(f"static student, demo gold set: {len(gold)} BBC articles, {words:.0f} words each on average; "
-          f"old = git {a.old_ref}, new = working tree; median of {a.repeats} repeats "
+          f"old = git {a.old_ref}, numpy = working tree with use_compiled=False, new = working tree (compiled); median of {a.repeats} repeats "
           f"(single: {a.n_single} one-item calls; batched: all {len(gold)} in one call, median of 3)")
     print(f"same predictions: {same}; max |p_old - p_new| = {diff:.2e} batched, {diff1:.2e} one item at a time")
     print(f"{'':6}{'p50 ms':>10}{'p95 ms':>10}{'items/s batched':>18}   |  CPU time:{'p50 ms':>9}{'items/s':>10}")
     for k in students:
         print(f"{k:6}{med[k]['p50']:>10.3f}{med[k]['p95']:>10.3f}{med[k]['ips']:>18,.0f}   |  "
               f"{'':9}{med[k]['cpu_p50']:>9.3f}{med[k]['cpu_ips']:>10,.0f}")
-    print(f"{'ratio':6}{med['old']['p50'] / med['new']['p50']:>9.1f}x{med['old']['p95'] / med['new']['p95']:>9.1f}x"
-          f"{med['new']['ips'] / med['old']['ips']:>17.1f}x   |  {'':9}"
-          f"{med['old']['cpu_p50'] / med['new']['cpu_p50']:>8.1f}x{med['new']['cpu_ips'] / med['old']['cpu_ips']:>9.1f}x")
+    for ref in ("old", "numpy"):
+        print(f"{'/' + ref:6}{med[ref]['p50'] / med['new']['p50']:>9.1f}x{med[ref]['p95'] / med['new']['p95']:>9.1f}x"
+              f"{med['new']['ips'] / med[ref]['ips']:>17.1f}x   |  {'':9}"
+              f"{med[ref]['cpu_p50'] / med['new']['cpu_p50']:>8.1f}x{med['new']['cpu_ips'] / med[ref]['cpu_ips']:>9.1f}x")
     print(f"load average (1/5/15 min) before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "
           f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; cpus: {os.cpu_count()}; nice: {os.nice(0)}")
     print("all runs:", json.dumps({k: {m: [round(x, 4) for x in v] for m, v in r.items()} for k, r in rows.items()}))

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from protege import __version__
 from protege.students.ngrams import NgramFeatures, ngram_features
+from protege.students import static_kernels as _kernels
 from protege.students.words import (
     _NGRAM_TOKEN,
     WordCache,
@@ -67,6 +68,8 @@ class LogitClassifier:
 
 class StaticClassifier(LogitClassifier):
     """sklearn-style ``fit / predict / predict_proba`` plus HF-style ``save_pretrained / from_pretrained``."""
+
+    use_compiled: bool | None = None  # None: the compiled path wherever it applies; False: always numpy
 
     def __init__(self, embeddings: np.ndarray, tokenizer, labels: list[str], max_tokens: int = 2048,
                  ngrams: NgramFeatures | None = None, word_cache_bytes: int = 16 << 20):
@@ -237,6 +240,8 @@ class StaticClassifier(LogitClassifier):
 
     # -- inference -----------------------------------------------------------------------------
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        if self._compiled():
+            return self._compiled_logits([clean_text(t) for t in texts])
         ids, ptr, ng = self._token_ids(list(texts), cells=True)
         z = self._embed(ids, ptr) @ self.W + self.b
         if isinstance(ng, tuple):  # one text: its n-gram cells' weights times their rows of V
@@ -244,6 +249,35 @@ class StaticClassifier(LogitClassifier):
         elif ng is not None:
             z += ng @ self.V
         return z
+
+    def _compiled(self) -> bool:
+        """Whether the compiled path (:mod:`protege.students.static_kernels`) serves this student: numba
+        imports, the tokenizer splits per word, n-grams (if any) are word 1–2-grams, and ``use_compiled`` is
+        not False (the tests and bench/static_speed.py set it to compare the two paths)."""
+        ng = self.ngrams
+        return (self.use_compiled is not False and _kernels.available() and self._per_word
+                and isinstance(self._word_cache, WordTable)
+                and (ng is None or not len(ng) or (ng.analyzer == "word" and ng.n <= 2)))
+
+    def _compiled_logits(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        ng = self.ngrams if self.ngrams is not None and len(self.ngrams) else None
+        key = (self.W, self.V, self.b, self.table, ng, ng and ng.vocab, ng and ng.idf)
+        if not all(x is y for x, y in zip(getattr(self, "_kernel_for", ()), key)) or not hasattr(self, "_kernel_for"):
+            WT = np.ascontiguousarray(self.W.T, dtype=np.float32)
+            if ng is not None:
+                words, index, uni = ng._index()
+                args = (uni, index.slots, index.bits, index.window, len(words) + 1, ng.n, ng.idf, self.V)
+            else:
+                empty = np.zeros((1, 2), dtype=np.int64)
+                args = (np.zeros(1, np.int64), empty, 1, 1, 1, 0, np.zeros(0, np.float32), self.V)
+            self._kernel_args = (self.table, WT, self.b) + args
+            self._kernel_for = key  # the arrays themselves (held, so compared by identity safely)
+        a = self._kernel_args
+        return self._word_cache.run(
+            texts, ng._index()[0] if ng is not None else None,
+            lambda row, ptr, meta, wp, ngp: _kernels.logits(row, ptr, meta, wp, ngp, self.max_tokens, *a))
 
     @property
     def n_params(self) -> int:

@@ -122,10 +122,12 @@ class WordTable:
     def __init__(self, tokenizer, max_bytes: int = 16 << 20, max_word: int = 48):
         self.tokenizer, self.max_bytes, self.max_word = tokenizer, int(max_bytes), max_word
         self._lock = threading.Lock()
+        self._index = None  # the compiled scan's hash of the words (static_kernels.WordIndex), made on first use
         self._reset(None)
 
     def _reset(self, ng_words: dict | None) -> None:
         self._ng_words = ng_words  # the n-gram vocabulary's word → id the rows were built for
+        self._index = None
         self._d: dict[str, int] = {}
         self._keys: list[str | None] = []  # row → word (None: a long word, kept for one call only)
         self._rows = np.zeros((0, 5), dtype=np.int32)
@@ -187,6 +189,31 @@ class WordTable:
             ng_ptr = np.concatenate([[0], np.cumsum(meta[:, _NL])[ends] - 1, [len(ng)]])
         return ids, ids_ptr.astype(np.int64), ng, ng_ptr
 
+    def run(self, texts: list[str], ngram_words: dict | None, kernel):
+        """``kernel(row, word_ptr, rows, wp_pool, ng_pool)`` over already-cleaned ``texts``' words, found by the
+        compiled scan (:mod:`protege.students.static_kernels`: no Python string per word), under the lock —
+        a compaction renumbers rows, so nothing may hold them past this call."""
+        from protege.students import static_kernels as K
+
+        buf, text_ptr = K.utf8_batch(texts)
+        with self._lock:
+            if ngram_words is not self._ng_words:
+                self._reset(ngram_words)
+            if self._index is None:
+                self._index = K.WordIndex()
+                self._index.rebuild([None] + self._keys[1 : self._n])
+            self._tick += 1
+            row, start, end, word_ptr = self._index.scan(buf, text_ptr)
+            miss = np.flatnonzero(row < 0)
+            if len(miss):
+                raw = buf.tobytes()
+                row[miss] = self._add([raw[a:z].decode("utf-8") for a, z in zip(start[miss].tolist(), end[miss].tolist())])
+            self._stamp[row] = (self._tick << 32) + np.arange(len(row))
+            out = kernel(row, word_ptr, self._rows, self._wp, self._ng)
+            if self.bytes + self._junk > self.max_bytes:
+                self._compact()
+        return out
+
     def _add(self, missed: list[str]) -> np.ndarray:
         """Rows for the words of ``missed`` (in order, repeats allowed), tokenizing each distinct one once."""
         new = list(dict.fromkeys(missed))
@@ -210,6 +237,8 @@ class WordTable:
         keep = [len(w) <= self.max_word for w in new]
         self._keys += [w if k else None for w, k in zip(new, keep)]
         mine = {w: first + j for j, w in enumerate(new)}
+        if self._index is not None:
+            self._index.add(first, [w if k else None for w, k in zip(new, keep)])
         self._d.update((w, r) for w, r in mine.items() if len(w) <= self.max_word)
         kept = np.asarray(keep, dtype=bool)
         self.bytes += int(est[kept].sum())
@@ -237,6 +266,8 @@ class WordTable:
         self._keys = keys
         self._d = dict(zip(keys, range(len(keys))))
         self.bytes, self._junk = int(meta[:, _BYTES].sum()), 0
+        if self._index is not None:
+            self._index.rebuild([None] + keys[1:])
 
 
 def _append(arr: np.ndarray, n: int, new) -> tuple[np.ndarray, int]:
