@@ -149,6 +149,9 @@ class _AutoModel:
         return self.winner.predict_proba(list(texts))
 
 
+LADDER_BUDGET_S: dict[str, float | None] = {"s": None}  # None: the task file's student.time_budget_s (default 1200)
+
+
 def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=None, out: Path = Path("runs/suite")):
     """protege's ``student.kind: auto`` (the ladder), through protege's own train path: the task folder a user
     would write (bench/suite/tasks.write_task_folder: ``data.inputs`` = the whole pool, gold = the gold file;
@@ -168,6 +171,8 @@ def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=No
                           inputs=[r["text"] for r in suite_task.pool])
     spec = load_spec(path)
     assert spec.student.kind == "auto", spec.student.kind
+    if LADDER_BUDGET_S.get("s") is not None:  # --ladder-budget: the suite's 21 ladders in 45 min, not 21 x 20
+        spec.student = spec.student.model_copy(update={"time_budget_s": LADDER_BUDGET_S["s"]})
     if probs is None:
         probs = np.eye(len(labels))[[labels.index(y) for y in teacher_labels]]
     rows = [{"text": t, "label": y, "probs": [float(x) for x in p], "source": "teacher", "weight": 1.0}
@@ -257,7 +262,8 @@ AUTO = "protege auto (ladder)"
 
 def default_makers(setfit_pairs: int = 1000, static: bool = True) -> list[Maker]:
     makers = [Maker(AUTO, fit_protege_auto, n_single=50, needs_task=True,
-                    note="student.kind: auto (default); reference for p-values")]
+                    note="student.kind: auto (default); reference for p-values" + (
+                        f"; student.time_budget_s {LADDER_BUDGET_S['s']:.0f}" if LADDER_BUDGET_S["s"] else ""))]
     if static:
         makers.append(Maker("protege static", fit_protege_static, note="student.kind: static (the old default)"))
     makers += [
@@ -603,30 +609,30 @@ def write_readme(res: dict, path: Path = HERE / "README.md") -> None:
     path.write_text(text[:a] + "\n" + markdown(res) + text[b:], encoding="utf-8")
 
 
-def split_tasks(names: list[str], jobs: int) -> list[list[str]]:
-    """Tasks dealt to ``jobs`` processes, biggest pool first, each to the least-loaded process (pool size as the
-    cost estimate: the ladder's CV and the static-distilled rung scale with it)."""
-    size = {}
+def plan_units(names: list[str], budgets: list[int]) -> list[tuple[str, int]]:
+    """Every (task, effective budget) the suite trains, most expensive first: a budget past the pool is the whole
+    pool (so 4k and 16k on a 3.9k pool are one unit), and the cost estimate is the labels plus a fixed 1,000 (the
+    ladder's CV, the peers' fits and the static-distilled rung scale with the labels; every unit pays for its
+    gold scoring and start-up)."""
+    units = []
     for n in names:
         try:
-            size[n] = load_task(n).stats()["n_pool"]
+            pool = load_task(n).stats()["n_pool"]
         except MissingData:
-            size[n] = 0
-    parts: list[list[str]] = [[] for _ in range(min(jobs, len(names)))]
-    load = [0] * len(parts)
-    for n in sorted(names, key=lambda n: -size[n]):
-        i = load.index(min(load))
-        parts[i].append(n)
-        load[i] += size[n] + 1000
-    return [p for p in parts if p]
+            units.append((n, min(budgets)))  # the child records the skip
+            continue
+        units += [(n, b) for b in sorted({min(b, pool) for b in budgets})]
+    return sorted(units, key=lambda u: -(u[1] + 1000))
 
 
-def run_jobs(names: list[str], a, argv: list[str], e2e: str | None) -> dict:
-    """Run the suite as ``a.jobs`` child processes of this script (``--tasks`` split by :func:`split_tasks`, one
-    JSON each) and merge their results; wall and CPU seconds of the whole are recorded."""
+def run_jobs(names: list[str], budgets: list[int], a, argv: list[str], e2e: str | None) -> dict:
+    """Run the suite as child processes of this script, one per (task, budget) unit (:func:`plan_units`), at most
+    ``a.jobs`` at once, the longest first, the next one started as soon as one ends — the processes finish
+    within about one unit of each other whatever the tasks' sizes — and merge their JSONs. Wall and CPU seconds
+    of the whole are recorded, and each process's CPU seconds are in its part."""
     import resource
 
-    drop = {"--jobs", "--tasks", "--json", "--readme", "--e2e"}
+    drop = {"--jobs", "--tasks", "--json", "--readme", "--e2e", "--budgets"}
     base, skip = [], False
     for x in argv:
         if skip:
@@ -637,22 +643,32 @@ def run_jobs(names: list[str], a, argv: list[str], e2e: str | None) -> dict:
             skip = "=" not in x and key != "--readme"
             continue
         base.append(x)
-    parts = split_tasks(names, a.jobs)
+    units = plan_units(names, budgets)
     out = Path(a.json).with_suffix("") if a.json else Path(a.out) / "jobs"
     t0 = time.perf_counter()
-    procs, files = [], []
-    for i, part in enumerate(parts):
-        f = Path(f"{out}.part{i}.json")
-        files.append(f)
-        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--tasks", ",".join(part), "--json", str(f),
-               "--e2e", e2e if e2e in part else "none"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        print(f"suite: a job failed (exit codes {codes}); merging what finished", file=sys.stderr)
+    running: list[tuple[subprocess.Popen, tuple[str, int]]] = []
+    files, failed = [], []
+    queue = list(units)
+    while queue or running:
+        while queue and len(running) < a.jobs:
+            task, budget = queue.pop(0)
+            f = Path(f"{out}.{task}.{budget}.json")
+            files.append(f)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--tasks", task, "--budgets", str(budget),
+                   "--json", str(f), "--e2e", e2e if e2e == task and budget == min(b for t, b in units if t == task)
+                   else "none"]  # the e2e run uses the smallest budget (run_suite)
+            running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL), (task, budget)))
+        time.sleep(0.5)
+        for proc, unit in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, unit))
+                if proc.returncode:
+                    failed.append(unit)
+    if failed:
+        print(f"suite: units failed: {failed}; merging what finished", file=sys.stderr)
     res = merge([json.loads(f.read_text()) for f in files if f.exists()])
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res.update(wall_s=time.perf_counter() - t0, cpu_s=ru.ru_utime + ru.ru_stime, jobs=len(parts))
+    res.update(wall_s=time.perf_counter() - t0, cpu_s=ru.ru_utime + ru.ru_stime, jobs=a.jobs, units=len(units))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, ensure_ascii=False))
     return res
@@ -677,9 +693,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only-auto", action="store_true", help="train only protege's auto student (no peers): re-measure "
                                                                "the ladder; render with --render beside a run that has the peers")
-    ap.add_argument("--jobs", type=int, default=1, help="tasks split over this many processes (each on --threads "
-                                                        "threads), results merged; 2 uses both cores of this machine")
+    ap.add_argument("--ladder-budget", type=float, default=300.0,
+                    help="student.time_budget_s for every auto ladder, seconds (default 300: the whole suite fits "
+                         "45 min on 2 cores; a user's default is 1200, which lets the fine-tuned encoder rung in "
+                         "on small pools); 0: the task file's")
+    ap.add_argument("--jobs", type=int, default=1, help="run (task, budget) units as this many processes at once "
+                                                        "(each on --threads threads), results merged; 2 uses both cores")
     a = ap.parse_args(argv)
+    LADDER_BUDGET_S["s"] = a.ladder_budget or None
     if a.render:
         files = [Path(f) for f in a.render.split(",")]
         for f in files:
@@ -701,10 +722,10 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = a.setfit_pairs if a.setfit_pairs is not None else (256 if a.quick else 1000)
     e2e = None if a.e2e == "none" else (a.e2e or names[0])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if a.jobs > 1 and len(names) > 1:
-        res = run_jobs(names, a, argv if argv is not None else sys.argv[1:], e2e)
+    if a.jobs > 1 and (len(names) > 1 or len(budgets) > 1):
+        res = run_jobs(names, budgets, a, argv if argv is not None else sys.argv[1:], e2e)
         print(markdown(res))
-        print(f"wall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s over {res['jobs']} processes")
+        print(f"wall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s in {res['units']} units, {res['jobs']} at a time")
         if a.readme:
             write_readme(res)
         return res
