@@ -35,7 +35,7 @@ from protege.artifacts import is_fresh, require, stage_writer
 from protege.data import load_gold, load_real_train, read_jsonl, write_json, write_jsonl
 from protege.stages.dedup import exact_duplicates, near_duplicates, overlaps
 from protege.kinds import KINDS, kind_of
-from protege.stages.review import corrections_path, read_corrections
+from protege.stages.review import apply_reviewed, corrections_path, read_corrections
 from protege.stages.review_text import apply_text_corrections, read_text_corrections
 from protege.stages.keys import CURATE, file_hash
 from protege.task import CurateConfig, TaskSpec
@@ -175,33 +175,10 @@ def apply_corrections(pool: list[dict], corrections: dict[str, str], labels: Seq
     one-hot distribution; ``gold`` (id → gold label) items are never returned — they are counted as
     teacher errors the reviewer confirmed (reviewer = gold) or gold labels they dispute.
     """
-    by_id = {r["id"]: r for r in pool}
-    out, stats = [], {"n_corrections": len(corrections), "pool_relabelled": 0, "pool_confirmed": 0,
-                      "pool_dropped": 0, "gold_confirmed": 0, "gold_disputed": [], "unknown_ids": []}
-    for r in pool:
-        c = corrections.get(r["id"])
-        if c is None:
-            out.append(r)
-        elif c == DROP:
-            out.append({**r, "_drop": "review_dropped"})
-            stats["pool_dropped"] += 1
-        else:
-            stats["pool_relabelled" if c != r.get("label") else "pool_confirmed"] += 1
-            out.append({"id": r["id"], "text": r["text"], "label": c, "probs": one_hot(c, labels), "confidence": 1.0,
-                        "agreement": 1.0, "status": "ok", "source": "review", "teacher_label": r.get("label"),
-                        "teacher_confidence": r.get("confidence")})
-    for k, c in corrections.items():
-        if k in by_id:
-            continue
-        if k in gold:
-            if c == gold[k] or c == DROP:
-                stats["gold_confirmed"] += c != DROP
-            else:
-                stats["gold_disputed"].append({"id": k, "gold": gold[k], "reviewer": c})
-        else:
-            stats["unknown_ids"].append(k)
-    stats["unknown_ids"] = stats["unknown_ids"][:20]
-    return out, stats
+    return apply_reviewed(pool, corrections, gold, "label", lambda a, b: a == b, lambda r, c: {
+        "id": r["id"], "text": r["text"], "label": c, "probs": one_hot(c, labels), "confidence": 1.0,
+        "agreement": 1.0, "status": "ok", "source": "review", "teacher_label": r.get("label"),
+        "teacher_confidence": r.get("confidence")})
 
 
 def one_hot(label: str, labels: Sequence[str]) -> list[float]:

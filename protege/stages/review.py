@@ -23,7 +23,7 @@ import html
 import io
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from protege.kinds import kind_of
 from protege.artifacts import require
@@ -56,28 +56,69 @@ def review_items(pool: Sequence[dict], gold_teacher: Sequence[dict], gold: Seque
         t = teacher_on_gold.get(g["id"])
         if t is None or t.get("label") == g["label"]:
             continue
-        items[g["id"]] = _item(g["id"], "gold", "teacher≠gold", g["text"], t, gold_label=g["label"])
+        items[g["id"]] = review_item(g["id"], "gold", "teacher≠gold", g["text"], t, g["label"])
     ok = [r for r in pool if r.get("status") == "ok"]
     for r in ok:
         if int(r.get("samples") or 1) >= 2 and float(r.get("agreement", 1.0)) < 1.0:
-            items[r["id"]] = _item(r["id"], "pool", "teacher≠itself", r["text"], r)
+            items[r["id"]] = review_item(r["id"], "pool", "teacher≠itself", r["text"], r)
     unsure = sorted((r for r in ok if r["id"] not in items), key=lambda r: (float(r.get("confidence") or 0), r["id"]))
     for r in unsure[:least_confident]:
-        items[r["id"]] = _item(r["id"], "pool", "teacher unsure", r["text"], r)
+        items[r["id"]] = review_item(r["id"], "pool", "teacher unsure", r["text"], r)
     for r in pool:
         if r.get("status") != "ok":
-            items[r["id"]] = _item(r["id"], "pool", "teacher failed", r["text"], r)
+            items[r["id"]] = review_item(r["id"], "pool", "teacher failed", r["text"], r)
+    return review_order(items, prefill)
+
+
+def review_order(items: dict[str, dict], prefill: dict[str, str], field: str = "label") -> list[dict]:
+    """The items most confidently wrong first (a confident teacher error teaches the student most harm), with
+    ``corrected_<field>`` pre-filled from an earlier review."""
     out = sorted(items.values(), key=lambda x: (-(x["teacher_confidence"] or 0.0), x["id"]))
     for x in out:
-        x["corrected_label"] = prefill.get(x["id"], "")
+        x[f"corrected_{field}"] = prefill.get(x["id"], "")
     return out
 
 
-def _item(id_: str, source: str, reason: str, text: str, t: dict, gold_label: str = "") -> dict:
+def apply_reviewed(pool: list[dict], corrections: dict[str, str], gold: dict[str, str], field: str,
+                   same: Callable[[str, str | None], bool], reviewed: Callable[[dict, str], dict]
+                   ) -> tuple[list[dict], dict]:
+    """Pool rows with a reviewer's answer become ``reviewed(row, answer)`` (``source="review"``), ``drop`` marks a
+    row dropped; gold ids are never returned, only counted: a confirmed teacher error (the reviewer gave the gold
+    answer, or dropped it) or a disputed gold answer. ``same(a, b)``: whether two answers agree (``b`` may be
+    None); the pool row's answer is ``row[field]``. Returns (rows, review stats)."""
+    by_id = {r["id"]: r for r in pool}
+    out, stats = [], {"n_corrections": len(corrections), "pool_relabelled": 0, "pool_confirmed": 0,
+                      "pool_dropped": 0, "gold_confirmed": 0, "gold_disputed": [], "unknown_ids": []}
+    for r in pool:
+        c = corrections.get(r["id"])
+        if c is None:
+            out.append(r)
+        elif c == DROP:
+            out.append({**r, "_drop": "review_dropped"})
+            stats["pool_dropped"] += 1
+        else:
+            stats["pool_confirmed" if same(c, r.get(field)) else "pool_relabelled"] += 1
+            out.append(reviewed(r, c))
+    for k, c in corrections.items():
+        if k in by_id:
+            continue
+        if k in gold:
+            if c == DROP or same(c, gold[k]):
+                stats["gold_confirmed"] += c != DROP
+            else:
+                stats["gold_disputed"].append({"id": k, "gold": gold[k], "reviewer": c})
+        else:
+            stats["unknown_ids"].append(k)
+    stats["unknown_ids"] = stats["unknown_ids"][:20]
+    return out, stats
+
+
+def review_item(id_: str, source: str, reason: str, text: str, t: dict, gold: str = "", field: str = "label") -> dict:
+    """One row of the review sheet: the teacher's answer (``t[field]``: ``label`` or ``output``) and why it is here."""
     conf = t.get("confidence")
-    return {"id": id_, "source": source, "reason": reason, "teacher_label": t.get("label") or "",
+    return {"id": id_, "source": source, "reason": reason, f"teacher_{field}": t.get(field) or "",
             "teacher_confidence": None if conf is None else round(float(conf), 4),
-            "teacher_agreement": t.get("agreement"), "gold_label": gold_label, "corrected_label": "", "note": "",
+            "teacher_agreement": t.get("agreement"), f"gold_{field}": gold, f"corrected_{field}": "", "note": "",
             "text": text}
 
 

