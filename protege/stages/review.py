@@ -201,14 +201,20 @@ def store_corrections(src: str | Path, out: Path, labels: Sequence[str]) -> tupl
     Kept in the run folder so that every later ``curate`` / ``run`` applies the same corrections.
     Returns (stored path, the corrections read from ``src``).
     """
+    return merge_corrections(src, out, lambda p: read_corrections(p, labels), "label")
 
-    new = read_corrections(src, labels)
+
+def merge_corrections(src: str | Path, out: Path, read: Callable[[str | Path], dict[str, str]], field: str
+                      ) -> tuple[Path, dict[str, str]]:
+    """``read(src)`` (which validates it whole, raising before anything is written) merged into the run's
+    ``review/corrections.csv``, ``src`` winning per id. Returns (stored path, what ``src`` held)."""
+    new = read(src)
     dest = corrections_path(out)
-    merged = read_corrections(dest, labels) if dest.is_file() else {}
+    merged = read(dest) if dest.is_file() else {}
     merged.update(new)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "corrected_label"])
+    w.writerow(["id", f"corrected_{field}"])
     for k in sorted(merged):
         w.writerow([k, merged[k]])
     write_text(dest, buf.getvalue())

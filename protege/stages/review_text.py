@@ -30,6 +30,7 @@ from protege.kinds import kind_of
 from protege.stages.review import (
     DROP,
     apply_reviewed,
+    merge_corrections,
     corrections_path,
     render_review_html,
     review_item,
@@ -116,17 +117,7 @@ def read_text_corrections(path: str | Path, task: TaskSpec) -> dict[str, str]:
 
 def store_text_corrections(src: str | Path, out: Path, task: TaskSpec) -> tuple[Path, dict[str, str]]:
     """Validate ``src`` whole, then merge it into ``<out>/review/corrections.csv`` (``src`` wins per id)."""
-    new = read_text_corrections(src, task)
-    dest = corrections_path(out)
-    merged = read_text_corrections(dest, task) if dest.is_file() else {}
-    merged.update(new)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "corrected_output"])
-    for k in sorted(merged):
-        w.writerow([k, merged[k]])
-    write_text(dest, buf.getvalue())
-    return dest, new
+    return merge_corrections(src, out, lambda p: read_text_corrections(p, task), "output")
 
 
 def apply_text_corrections(task: TaskSpec, pool: list[dict], corrections: dict[str, str],
