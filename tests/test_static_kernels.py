@@ -63,6 +63,7 @@ def test_the_scan_splits_exactly_like_str_split():
 
 
 def test_the_whitespace_table_is_pythons():
+    K.compile_kernels()
     want = {c.encode("utf-8") for c in WHITESPACE}
     got = {bytes([b]) for b in np.flatnonzero(K._ASCII_WS)} | {int(m).to_bytes(2 if m < 1 << 16 else 3, "big")
                                                                for m in K._MULTI_WS}

@@ -25,17 +25,40 @@ n-grams are word n-grams; the numpy path stays for everything else (and as the r
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+import threading
 
 import numpy as np
 
-try:  # optional at import: protege works without it (numpy path)
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; this is for platforms without its wheels
-    numba = None
+_COMPILED = False
+_LOCK = threading.Lock()
 
 def available() -> bool:
-    return numba is not None
+    """numba is installed (a dependency; this is for platforms without its wheels: the numpy path serves)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def compile_kernels() -> None:
+    """Turn this module's kernels into numba functions, once per process, on first use — importing numba costs
+    ~0.5 s, which a CLI command that never predicts should not pay. The helpers are inlined into their callers:
+    a call that passes arrays costs reference-count updates (atomic) per array, more than a helper's work on one
+    byte. ``cache=True`` keeps the machine code on disk beside this module, so only the first process compiles."""
+    global _COMPILED
+    if _COMPILED:
+        return
+    with _LOCK:
+        if _COMPILED:
+            return
+        import numba
+
+        g = globals()
+        g["_ASCII_WS"], g["_MULTI_WS"] = _whitespace_tables()
+        for name in ("_space_len", "_hash", "_find", "_index_get"):
+            g[name] = numba.njit(cache=True, nogil=True, inline="always")(g[name])
+        for name in ("scan", "_insert_all", "logits"):
+            g[name] = numba.njit(cache=True, nogil=True)(g[name])
+        _COMPILED = True
 
 
 def _whitespace_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -53,20 +76,9 @@ def _whitespace_tables() -> tuple[np.ndarray, np.ndarray]:
     return ascii_ws, np.array(sorted(multi), dtype=np.int64)
 
 
-_ASCII_WS, _MULTI_WS = _whitespace_tables()
+_ASCII_WS = _MULTI_WS = None  # set by compile_kernels (the scan of every code point takes ~0.1 s)
 
 
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
-
-
-def _inline(fn):
-    """A helper compiled into its callers: a call that passes arrays costs reference-count updates (atomic)
-    per array, ~30 ns — more than the helper's work on one byte."""
-    return numba.njit(cache=True, nogil=True, inline="always")(fn) if numba is not None else fn
-
-
-@_inline
 def _space_len(buf, i, n, ascii_ws, multi_ws):
     """Bytes of the whitespace character starting at ``buf[i]`` (0: not whitespace)."""
     c = buf[i]
@@ -86,7 +98,6 @@ def _space_len(buf, i, n, ascii_ws, multi_ws):
     return 0
 
 
-@_inline
 def _hash(buf, start, end):
     h = np.uint64(0xCBF29CE484222325)
     for j in range(start, end):
@@ -94,7 +105,6 @@ def _hash(buf, start, end):
     return h if h != np.uint64(0) else np.uint64(1)  # 0 marks an empty slot
 
 
-@_inline
 def _find(buf, start, end, h, keys, rows, pool, pstart, plen, mask):
     """Row of the word ``buf[start:end]`` (hash ``h``), or -1."""
     n = end - start
@@ -115,7 +125,6 @@ def _find(buf, start, end, h, keys, rows, pool, pstart, plen, mask):
     return -1
 
 
-@_jit
 def scan(buf, text_ptr, keys, rows, pool, pstart, plen, mask, ascii_ws, multi_ws):
     """Split each text (``buf[text_ptr[i]:text_ptr[i + 1]]``) into words and find their rows.
 
@@ -151,7 +160,6 @@ def scan(buf, text_ptr, keys, rows, pool, pstart, plen, mask, ascii_ws, multi_ws
     return row[:m], w_start[:m], w_end[:m], word_ptr
 
 
-@_jit
 def _insert_all(keys, rows, mask, new_rows, pool, pstart, plen):
     for r in new_rows:
         h = _hash(pool, pstart[r], pstart[r] + plen[r])
@@ -161,7 +169,6 @@ def _insert_all(keys, rows, mask, new_rows, pool, pstart, plen):
         keys[s], rows[s] = h, r
 
 
-@_inline
 def _index_get(slots, bits, window, key):
     """``IntIndex.get`` for one key."""
     home = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits))
@@ -174,7 +181,6 @@ def _index_get(slots, bits, window, key):
     return -1
 
 
-@_jit
 def logits(row, word_ptr, meta, wp, ngp, limit, table, WT, b, uni, slots, bits, window, base, ng_n, ng_idf, V):
     """Per text: ``normalize(sum of its first `limit` WordPiece rows of `table`) @ WT.T + b`` plus, with
     ``ng_n`` ≥ 1, its 1-grams' (and with 2, 2-grams') TF-IDF row (sublinear TF, L2-normalised) ``@ V``."""
@@ -257,6 +263,7 @@ class WordIndex:
     inserted, a compaction (rows renumbered) rebuilds it."""
 
     def __init__(self) -> None:
+        compile_kernels()
         self.keys = np.zeros(64, dtype=np.uint64)
         self.rows = np.zeros(64, dtype=np.int64)
         self.pool = np.zeros(0, dtype=np.uint8)
