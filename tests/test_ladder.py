@@ -393,6 +393,7 @@ def test_time_budget_skips_rungs_that_would_not_fit_and_says_so():
     by = {r["name"]: r for r in lad["rungs"]}
     assert cheap.ran and not dear.ran and lad["chosen"] == "static" and "encoder" not in students
     assert "estimated 1000000 s" in by["encoder"]["skipped"] and by["encoder"]["cv_agreement"] is None
+    assert "more than the whole student.time_budget_s (60 s)" in by["encoder"]["skipped"]  # judged before any rung ran
     assert lad["time_budget_s"] == 60.0 and lad["seconds"] >= 0
     assert over_budget(dear, [], None) is None  # no budget: everything runs
     assert over_budget(cheap, [], 0.0).startswith("time budget spent")

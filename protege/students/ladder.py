@@ -169,7 +169,7 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     stats, ok, best_logits, students, chosen_params = [], {}, {}, {}, {}
     t_start = time.perf_counter()
     left = lambda: None if time_budget_s is None else time_budget_s - (time.perf_counter() - t_start)  # noqa: E731
-    skip = {r.name: why for r in rungs if (why := over_budget(r, folds, left()))}
+    skip = {r.name: why for r in rungs if (why := over_budget(r, folds, left(), whole=True))}
     ahead = fit_ahead([r for r in rungs if r.name not in skip], folds, timing_texts, d.hard, ray)
     for rung in rungs:
         t0 = time.perf_counter()
@@ -235,13 +235,14 @@ def run_ladder(d: Data, rungs: list, *, max_ms: float, cv_folds: int, log=lambda
     return winner, students, ladder, lc
 
 
-def over_budget(rung, folds, left: float | None) -> str | None:
+def over_budget(rung, folds, left: float | None, whole: bool = False) -> str | None:
     """Why ``rung`` should not start with ``left`` seconds of the ladder's budget (None: it may). A rung may say
     itself why it does not apply (``skip_reason()``: the encoder below its minimum rows). A rung that can
     estimate its cost (``estimate_s(folds)``: the encoder times a few real training steps) is skipped when the
     estimate exceeds what is left; any rung is skipped once nothing is left. Rungs that cannot estimate run —
     the cheap ones (static, frozen) cost seconds to minutes. The ladder ignores this for its first rung (no
-    student at all is worse than a late one)."""
+    student at all is worse than a late one). ``whole``: ``left`` is the whole budget (the check before any rung
+    runs, for the rungs that train at once on Ray), which the reason then says."""
     why = rung.skip_reason() if hasattr(rung, "skip_reason") else None
     if why or left is None:
         return why
@@ -252,7 +253,8 @@ def over_budget(rung, folds, left: float | None) -> str | None:
     except Exception as e:  # noqa: BLE001 - a rung that cannot even time a step (a missing extra) cannot train
         return f"could not estimate its training time: {type(e).__name__}: {e}"[:300]
     if est is not None and est > left:
-        return f"estimated {est:.0f} s, {left:.0f} s left of student.time_budget_s"
+        return (f"estimated {est:.0f} s, more than the whole student.time_budget_s ({left:.0f} s)" if whole
+                else f"estimated {est:.0f} s, {left:.0f} s left of student.time_budget_s")
     return None
 
 
