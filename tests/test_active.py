@@ -184,3 +184,14 @@ def test_the_active_student_reads_text_without_word_breaks_as_character_ngrams(t
     unspaced = ["体育新闻球队在比赛中获得冠军并且教练表示非常满意" + str(i) for i in range(40)]
     assert student_for(task, spaced).ngrams.analyzer == "word"
     assert student_for(task, unspaced).ngrams.analyzer.startswith("char")  # char_wb: characters within "words"
+
+
+def test_active_labelling_refuses_ray_instead_of_ignoring_it(tmp_path, server, env):
+    from protege.stages.generate import generate
+    from protege.task import load_task
+
+    task = load_task(write_task(tmp_path / "t", server[0]))
+    before = len(server[1].log)
+    with pytest.raises(ValueError, match="does not run on Ray"):
+        generate(task, tmp_path / "run", ray="")
+    assert len(server[1].log) == before and not (tmp_path / "run" / "generate").exists()

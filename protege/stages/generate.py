@@ -216,6 +216,10 @@ def generate(task: TaskSpec, out: Path, *, force: bool = False, shard: tuple[int
 
         if shard is not None or not kind_of(task).labelled:
             raise ValueError("generate.strategy: active is for kind: classify, unsharded; use strategy: random")
+        if ray is not None or task.teacher.engine == "ray":  # rounds of ~100 calls, each waiting on a refit
+            raise ValueError("generate.strategy: active does not run on Ray (each round labels one small batch, "
+                             "then refits the student before choosing the next); drop --ray / teacher.engine: ray, "
+                             "or use strategy: random on Ray")
         return generate_active(task, out, fp=generate_fingerprint(task), label_with_ledger=label_with_ledger,
                                summarise=summarise, write_artifact=_write_artifact, teacher_timing=teacher_timing,
                                force=force)
