@@ -106,3 +106,16 @@ def test_frozen_word_embeddings_stay_and_the_rest_trains(tiny_bert):  # noqa: F8
     emb = st.model.get_input_embeddings().weight
     assert torch.equal(emb.detach(), emb0) and emb.requires_grad  # untouched, and trainable again afterwards
     assert not torch.equal(st.model.classifier.weight.detach(), head0)
+
+
+def test_the_baseline_times_an_encoder_student_on_the_runtime_it_will_serve_on(tiny_bert, tmp_path):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from protege.stages.baseline.costs import student_latency
+    from protege.task import parse_task
+    from tiny import base_task, deep_merge
+
+    task = parse_task(deep_merge(base_task(), {"student": {"kind": "encoder", "model": str(tiny_bert),
+                                                           "max_length": 32}}), tmp_path)
+    got = student_latency(task, tmp_path / "run", ["a short text", "another one"] * 10, None)
+    assert got["source"].endswith("onnx-int8") and got["single_s_p50"] > 0
