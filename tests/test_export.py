@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -147,10 +148,15 @@ def test_hf_export_via_the_cli_from_a_run_folder(static_run, tmp_path):
     from protege.students import load_student
 
     dest = tmp_path / "hf"
+    cache = static_run["run"] / "train" / "student" / "ct2-float32"  # a runtime's derived copy: not exported
+    cache.mkdir(exist_ok=True)
+    (cache / "model.bin").write_bytes(b"x" * 100)
     r = CliRunner().invoke(app, ["export", str(static_run["run"]), "--format", "hf", "--out", str(dest)],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert {"model.safetensors", "tokenizer.json", "config.json", "protege.json", "README.md"} <= {p.name for p in dest.iterdir()}
+    assert not (dest / "ct2-float32").exists()
+    shutil.rmtree(cache)  # the run folder is shared with the module's other tests
     meta = json.loads((dest / "protege.json").read_text())
     assert meta["labels"] == LABELS and meta["threshold"] == 0.7 and meta["scores"]["student"] == 0.8
     back = load_student(dest)
