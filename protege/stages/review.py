@@ -153,12 +153,12 @@ def systematic_errors(gold: Sequence[str], teacher: Sequence[str | None], labels
 
 # -- files -------------------------------------------------------------------------------------
 
-def write_review_csv(path: Path, items: Sequence[dict]) -> None:
+def write_review_csv(path: Path, items: Sequence[dict], columns: Sequence[str] = COLUMNS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for it in items:
-        w.writerow({k: "" if it.get(k) is None else it.get(k) for k in COLUMNS})
+        w.writerow({k: "" if it.get(k) is None else it.get(k) for k in columns})
     write_text(path, buf.getvalue())
 
 

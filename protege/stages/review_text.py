@@ -35,6 +35,7 @@ from protege.stages.review import (
     render_review_html,
     review_item,
     review_order,
+    write_review_csv,
 )
 from protege.task import TaskError, TaskSpec
 
@@ -71,12 +72,7 @@ def _row(id_: str, source: str, reason: str, text: str, t: dict, gold: str = "")
 
 
 def write_text_review_csv(path: Path, items: Sequence[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for it in items:
-        w.writerow({k: "" if it.get(k) is None else it.get(k) for k in COLUMNS})
-    write_text(path, buf.getvalue())
+    write_review_csv(path, items, COLUMNS)
 
 
 def read_text_corrections(path: str | Path, task: TaskSpec) -> dict[str, str]:

@@ -43,7 +43,7 @@ from protege.metrics import bootstrap_ci
 from protege.stages.review import systematic_errors
 from protege.stages.baseline.checks import calibration_vector, consistency, prompt_variants, remap, verdict  # noqa: F401
 from protege.stages.baseline.costs import (  # noqa: F401
-    NO_SMALL_MODEL, call_costs, cost_case, cost_view, machine, price_student, student_latency)
+    NO_SMALL_MODEL, call_costs, cost_case, cost_view, machine, close_result, student_latency)
 from protege.task import TaskSpec, TeacherConfig
 from protege.teachers.base import Answer, Teacher
 from protege.registry import make_teacher
@@ -201,10 +201,7 @@ def baseline(task: TaskSpec, out: Path, *, n: int | None = None, volume: int | N
             "ledger": small["stats"], **cost_view(small["cost"])}
     else:
         result["small_model"] = {"skipped": NO_SMALL_MODEL}
-    price_student(result, task, out, texts, small, t_cost, volume)
-    result["verdict"] = verdict(result, cfg)
-    result["seconds"] = time.perf_counter() - t0
-    result["machine"] = machine()
+    close_result(result, task, out, texts, small, t_cost, volume, t0)
     items = side_by_side(gold, t_rows, base, calib, variants, small["rows"] if small else None, labels, repeats)
     result["sample"] = items[:20]
     _write(task, out, result, items, n)

