@@ -116,3 +116,15 @@ def test_runtime_choice(tmp_path):
     assert pick_runtime("auto", tmp_path / "h8") in ("ctranslate2", None)
     with pytest.raises(ValueError, match="multiple of 16"):
         pick_runtime("ortgenai", tmp_path / "h8")
+
+
+def test_task_file_refuses_int4_on_ctranslate2_and_takes_it_on_ortgenai(tmp_path):
+    from protege.task import TaskError, load_task
+    from tiny import write_task
+
+    student = {"kind": "causal_lm", "model": str(tmp_path), "compute_type": "int4"}
+    bad = write_task(tmp_path / "a", overrides={"student": {**student, "runtime": "ctranslate2"}})
+    with pytest.raises(TaskError, match="student.compute_type.*ortgenai"):
+        load_task(bad)
+    ok = load_task(write_task(tmp_path / "b", overrides={"student": {**student, "runtime": "ortgenai"}}))
+    assert ok.student.runtime == "ortgenai" and ok.student.compute_type == "int4"
