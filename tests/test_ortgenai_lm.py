@@ -57,6 +57,10 @@ def test_lookup_draft_continues_the_latest_match_of_the_longest_tail():
     assert lookup_draft([0, 1, 2], src, 3) == [7, 8]  # latest occurrence of (1, 2)
     assert lookup_draft([9, 1, 2, 3], src, 2) == [4, 9]  # (1, 2, 3) beats (2, 3)
     assert lookup_draft([6, 6], src, 3) == [] and lookup_draft([2], src, 3) == []  # no 1-gram drafts
+    # ...except a 2+ character token matching its spaced twin: "PK" after a quote is " PK" in the prompt
+    words = ["", "PK", "PK", "4", "x"]
+    assert lookup_draft([0, 1], [4, 2, 3, 3, 4], 2, words=words) == [3, 3]
+    assert lookup_draft([0, 3], [4, 3, 3, 4], 2, words=words) == []  # one character: too weak a match
 
 
 def test_float32_decodes_exactly_like_transformers_and_the_conversion_is_cached(tmp_path):

@@ -116,14 +116,23 @@ def _logprob(row: np.ndarray, t: int) -> float:
     return float(row[t]) - m - math.log(float(np.exp(row - m).sum()))
 
 
-def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
+def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 2,
+                 words: Sequence[str] | None = None) -> list[int]:
     """Prompt lookup: the ``k`` tokens that followed the latest occurrence in ``source`` of the longest tail
-    n-gram of ``seq`` (``max_ngram`` down to ``min_ngram`` tokens); [] when none occurs."""
+    n-gram of ``seq`` (``max_ngram`` down to ``min_ngram`` tokens); [] when none occurs. With ``words`` (each
+    token's text without its leading space, by id), a last token of 2+ characters also matches its spaced twin
+    in ``source``: a value's first token (``PK`` after ``"``) is spelled `` PK`` in the prompt."""
     for n in range(min(max_ngram, len(seq)), min_ngram - 1, -1):
         tail = list(seq[-n:])
         for i in range(len(source) - n - 1, -1, -1):
             if list(source[i:i + n]) == tail:
                 return list(source[i + n:i + n + k])
+    if words is not None and seq:
+        w = words[seq[-1]]
+        if len(w) >= 2:
+            for i in range(len(source) - 2, -1, -1):
+                if words[source[i]] == w:
+                    return list(source[i + 1:i + 1 + k])
     return []
 
 
@@ -144,6 +153,9 @@ class OrtGenAIDecoder:
         stops = [tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"]
         self.stop_ids = {vocab[t] for t in stops if t and t in vocab}
         self.quote_ends: set[int] | None = None  # tokens holding '"': the end of a constrained value
+        self.words = [""] * max(len(tokenizer), max(vocab.values()) + 1)  # token text without a leading space
+        for t, i in vocab.items():
+            self.words[i] = t[1:] if t[:1] in ("Ġ", "▁") else t
         self.lock = threading.Lock()
         self.gen, self.ids, self.max_len = None, [], 0
         self.passes = 0  # forward passes run (what drafts save), for the bench
@@ -186,8 +198,8 @@ class OrtGenAIDecoder:
             lps.append(_logprob(row, t))
             if t in stops or len(out) >= max_new:
                 return out, lps
-            draft = lookup_draft(prefix[-2:] + out, source,
-                                 min(self.draft_tokens, max_new - len(out))) if self.draft_tokens else []
+            draft = lookup_draft(prefix[-2:] + out, source, min(self.draft_tokens, max_new - len(out)),
+                                 words=self.words) if self.draft_tokens else []
             rows = self._feed(prefix + out + draft, len(prefix) + len(out) - 1)
             j = 0
             while j < len(draft) and int(rows[j].argmax()) == draft[j]:
