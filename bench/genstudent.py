@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--usd-per-hour", type=float, default=0.10)
     ap.add_argument("--teacher", default="gpt-4o-mini")
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--rows", default="", help="only these fast-runtime rows (1-based positions in the list of "
+                    "configurations: 1 ct2 f32 constrained, 2 ct2 int8 constrained, 3 ortgenai f32, 4 ortgenai f32 "
+                    "constrained, 5 the same without drafts, 6 ortgenai int8 constrained, 7 ortgenai int4 constrained)")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     ap.add_argument("--ab-steps", type=int, default=0, help="only time training steps: TRL defaults vs protege's")
     args = ap.parse_args()
@@ -176,6 +179,8 @@ def main() -> None:
     configs = [("ctranslate2", "float32", True, None), ("ctranslate2", "int8", True, None),
                ("ortgenai", "float32", False, 6), ("ortgenai", "float32", True, 6), ("ortgenai", "float32", True, 0),
                ("ortgenai", "int8", True, 6), ("ortgenai", "int4", True, 6)]
+    if args.rows:  # a subset, by position in ``configs`` (1-based), e.g. --rows 1,4,6
+        configs = [configs[int(i) - 1] for i in args.rows.split(",")]
     for rt, ct, constrained, drafts in configs:
         if rt == "ctranslate2":
             student.fast = CT2Decoder(convert(work / "student", ct), student.tokenizer, ct, threads=args.threads)
