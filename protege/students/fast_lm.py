@@ -166,9 +166,10 @@ def _exp(x: float) -> float:
 
 # What ``student.runtime: auto`` tries, in order: the first one installed that can run the model is used.
 # onnxruntime-genai first: on the parcel bench (bench/genstudent.py, README "genstudent"; SmolLM2-135M, 50 gold
-# items, one run on 2 shared cores), float32 and schema-constrained, it answered every item as transformers
-# does in 2312 ms p50 against CTranslate2's 2858 ms (prefix KV reuse, forced tokens appended to one cache,
-# exact prompt-lookup drafts: 24 forward passes for 34 decoded tokens; CTranslate2 re-prefills each field).
+# items, 2 shared cores), float32 and schema-constrained, it answered every item as transformers does in
+# 2312 / 2396 ms p50 against CTranslate2's 2858 / 3448 ms in the same two runs (prefix KV reuse, forced tokens
+# appended to one cache, exact prompt-lookup drafts: 22 forward passes for 34 decoded tokens; CTranslate2
+# re-prefills each field).
 # It needs head sizes that are multiples of 16 (ortgenai_problem); CTranslate2 runs the rest.
 AUTO_ORDER = ("ortgenai", "ctranslate2")
 RUNTIMES = ("auto", "ortgenai", "ctranslate2", "transformers")
