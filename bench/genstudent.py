@@ -1,4 +1,4 @@
-"""A generative student that pays off? SmolLM2-135M on parcel-notice extraction, transformers vs CTranslate2.
+"""A generative student that pays off? SmolLM2-135M on parcel-notice extraction: transformers vs CTranslate2 vs ORT GenAI.
 
     nice .venv/bin/python bench/genstudent.py [--work /tmp/protege-genstudent] [--n-train 200] [--n-gold 50]
 
@@ -9,10 +9,11 @@ In one run (the trained student is cached in ``--work``; ``--retrain`` trains ag
 2. trains SmolLM2-135M-Instruct (the offline chat model) with SFT, full fine-tune, briefly, and reports the
    training throughput (tokens/s, padding share) against the FLOPs bound 6 · params · tokens / (peak matmul
    FLOP/s measured here with torch);
-3. answers every gold item one at a time with transformers' greedy ``generate`` (the reference, float32) and with
-   CTranslate2 (int8 / float32, free or schema-constrained), and reports per runtime: single-item p50 latency
-   and its ratio to transformers, same answer as transformers (fields and values; exact text too), field F1
-   vs gold, tokens decoded per answer;
+3. answers every gold item one at a time with transformers' greedy ``generate`` (the reference, float32), with
+   CTranslate2 (schema-constrained, float32 / int8) and with onnxruntime-genai (float32 free and constrained,
+   constrained without prompt-lookup drafts, int8 / int4 constrained), and reports per runtime: single-item p50
+   latency and its ratio to transformers, same answer as transformers (fields and values; exact text too),
+   field F1 vs gold, tokens decoded per answer, forward passes per answer (onnxruntime-genai);
 4. prices a call: the student at ``--usd-per-hour`` (2 cores) from its p50 latency, against an API teacher at
    list price (``--teacher``, protege's price table) for the same prompt and answer tokens.
 """
@@ -119,6 +120,13 @@ def single(student, texts, **kw) -> tuple[list[str], list[dict], list[float]]:
     return outs, raw, secs
 
 
+def _cpu() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/protege-genstudent")
@@ -133,6 +141,9 @@ def main() -> None:
     ap.add_argument("--usd-per-hour", type=float, default=0.10)
     ap.add_argument("--teacher", default="gpt-4o-mini")
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--rows", default="", help="only these fast-runtime rows (1-based positions in the list of "
+                    "configurations: 1 ct2 f32 constrained, 2 ct2 int8 constrained, 3 ortgenai f32, 4 ortgenai f32 "
+                    "constrained, 5 the same without drafts, 6 ortgenai int8 constrained, 7 ortgenai int4 constrained)")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     ap.add_argument("--ab-steps", type=int, default=0, help="only time training steps: TRL defaults vs protege's")
     args = ap.parse_args()
@@ -145,6 +156,7 @@ def main() -> None:
     from protege.kinds import kind
     from protege.students.causal_lm import CausalLMStudent
     from protege.students.fast_lm import CT2Decoder, convert
+    from protege.students.ortgenai_lm import OrtGenAIDecoder, convert as convert_ortgenai
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -162,16 +174,27 @@ def main() -> None:
     ref, ref_raw, ref_s = single(student, texts, reference=True)
     rows = [{"runtime": "transformers float32 (reference)", "outs": ref, "secs": ref_s,
              "decoded": statistics.mean(len(d["token_ids"]) for d in ref_raw)}]
-    for ct, constrained in (("float32", False), ("int8", False), ("float32", True), ("int8", True)):
-        student.fast = CT2Decoder(convert(work / "student", ct), student.tokenizer, ct, threads=args.threads)
-        student.fields = list(parcels.FIELDS) if constrained else None
-        outs, raw, secs = single(student, texts)
-        rows.append({"runtime": f"ctranslate2 {ct}" + (" constrained" if constrained else ""), "outs": outs,
-                     "secs": secs, "decoded": statistics.mean(d["decoded_tokens"] for d in raw)})
-    # batched throughput of the served configuration (int8, constrained), all gold items in batches of 16
-    t0 = time.perf_counter()
-    student.generate(texts, batch_size=16)
-    batched_ms = (time.perf_counter() - t0) / len(texts) * 1000
+    loads = [os.getloadavg()[0]]
+    fields = list(parcels.FIELDS)
+    configs = [("ctranslate2", "float32", True, None), ("ctranslate2", "int8", True, None),
+               ("ortgenai", "float32", False, 6), ("ortgenai", "float32", True, 6), ("ortgenai", "float32", True, 0),
+               ("ortgenai", "int8", True, 6), ("ortgenai", "int4", True, 6)]
+    if args.rows:  # a subset, by position in ``configs`` (1-based), e.g. --rows 1,4,6
+        configs = [configs[int(i) - 1] for i in args.rows.split(",")]
+    for rt, ct, constrained, drafts in configs:
+        if rt == "ctranslate2":
+            student.fast = CT2Decoder(convert(work / "student", ct), student.tokenizer, ct, threads=args.threads)
+        else:
+            student.fast = OrtGenAIDecoder(convert_ortgenai(work / "student", ct), student.tokenizer, ct,
+                                           threads=args.threads, draft_tokens=drafts)
+        student.fields = fields if constrained else None
+        outs, raw, secs = single(student, texts)  # includes one warm-up item
+        name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "")
+        passes = student.fast.passes / (len(texts) + 1) if rt == "ortgenai" else None
+        rows.append({"runtime": name, "outs": outs, "secs": secs, "passes": passes,
+                     "decoded": statistics.mean(d["decoded_tokens"] for d in raw)})
+        loads.append(os.getloadavg()[0])
+        print(f"{name}: p50 {statistics.median(secs) * 1000:.0f} ms (load {loads[-1]:.1f})", flush=True)
     load1 = os.getloadavg()[0]
 
     p_in, p_out = price_for(args.teacher)
@@ -181,17 +204,19 @@ def main() -> None:
     teacher_call = token_cost_usd(t_in, t_out, p_in, p_out)
     ref_p50 = statistics.median(ref_s)
     print(f"\nSmolLM2-135M student, parcel extraction: {args.n_train} train / {len(gold)} gold items; "
-          f"{args.threads} threads; load avg {load0:.1f} -> {load1:.1f}")
+          f"{args.threads} threads; load avg (1 min) {load0:.1f} -> {load1:.1f}, after each row: "
+          + " ".join(f"{x:.1f}" for x in loads))
     if t_stats:
         print(f"training: {t_stats['steps']} steps, {t_stats['train_seconds']:.0f} s, {t_stats['tokens_per_s']:.0f} "
               f"tokens/s (group_by_length={t_stats['group_by_length']}); FLOPs bound 6*{t_stats['params'] / 1e6:.0f}M*"
               f"{t_stats['tokens']} / {t_stats['peak_matmul_gflops']:.0f} GFLOP/s = {t_stats['flops_bound_seconds']:.0f} s "
               f"({t_stats['of_bound']:.0%} of bound); padding {t_stats['padding_share']:.0%} of batch tokens "
               f"(random batches: {t_stats['padding_share_random']:.0%})")
-    hdr = (f"{'runtime':38} {'p50 ms':>8} {'vs ref':>7} {'same ans':>9} {'same text':>9} {'field F1':>9} "
-           f"{'tok dec':>7} {'$/1M calls':>10}")
+    hdr = (f"{'runtime':48} {'p50 ms':>8} {'vs ref':>7} {'same ans':>9} {'same text':>9} {'field F1':>9} "
+           f"{'tok dec':>7} {'passes':>6} {'$/1M calls':>10}")
     print(hdr + "\n" + "-" * len(hdr))
-    result = {"args": vars(args), "train": t_stats, "load_avg": [load0, load1], "teacher": {
+    result = {"args": vars(args), "train": t_stats, "load_avg": [load0, load1], "load_avg_after_each_row": loads,
+              "cpu": _cpu(), "teacher": {
         "model": args.teacher, "tokens_in": t_in, "tokens_out": t_out, "usd_per_call": teacher_call}, "rows": []}
     for r in rows:
         p50 = statistics.median(r["secs"])
@@ -199,16 +224,19 @@ def main() -> None:
         exact = statistics.mean(a.strip() == b.strip() for a, b in zip(r["outs"], ref))
         f1 = float(ext.score(golds, r["outs"])[0].mean())
         usd = p50 * args.usd_per_hour / 3600
-        print(f"{r['runtime']:38} {p50 * 1000:8.0f} {p50 / ref_p50:7.1%} {same:9.1%} {exact:9.1%} {f1:9.3f} "
-              f"{r['decoded']:7.1f} {usd * 1e6:10.2f}")
+        passes = f"{r['passes']:6.1f}" if r.get("passes") else f"{'':6}"
+        print(f"{r['runtime']:48} {p50 * 1000:8.0f} {p50 / ref_p50:7.1%} {same:9.1%} {exact:9.1%} {f1:9.3f} "
+              f"{r['decoded']:7.1f} {passes} {usd * 1e6:10.2f}")
         result["rows"].append({"runtime": r["runtime"], "p50_ms": p50 * 1000, "vs_reference": p50 / ref_p50,
                                "same_answer": same, "same_text": exact, "field_f1": f1,
-                               "decoded_tokens": r["decoded"], "usd_per_1m_calls": usd * 1e6})
+                               "decoded_tokens": r["decoded"], "forward_passes": r.get("passes"),
+                               "usd_per_1m_calls": usd * 1e6, "cheaper_than_teacher": usd < teacher_call,
+                               "meets_goal": p50 / ref_p50 <= 0.10 and same >= 0.98 and usd < teacher_call})
     print(f"{args.teacher} at list price (${p_in}/${p_out} per 1M tokens; {t_in:.0f} in + {t_out:.0f} out): "
           f"${teacher_call * 1e6:.2f} per 1M calls")
-    print(f"ctranslate2 int8 constrained, batches of 16: {batched_ms:.0f} ms per item "
-          f"(${batched_ms / 1000 * args.usd_per_hour / 3600 * 1e6:.2f} per 1M calls)")
-    result["batched_ms_per_item"] = batched_ms
+    ok = [r["runtime"] for r in result["rows"] if r["meets_goal"]]
+    print("goal (<= 10% of transformers' latency, >= 98% same answers, cheaper than the teacher): "
+          + (", ".join(ok) if ok else "met by no runtime"))
     (work / "results.json").write_text(json.dumps(result, indent=1))
     print(f"results: {work / 'results.json'}")
 

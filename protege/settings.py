@@ -195,12 +195,14 @@ class StudentConfig(_Strict):
                                                           "teacher's full logits, stored top-k logprobs, or none (SFT).")
     beta: float = Field(0.5, ge=0, le=1, description="causal_lm: generalized JSD beta (0 = forward KL, 1 = reverse "
                         "KL; TRL GKD convention).")
-    runtime: Literal["auto", "ctranslate2", "transformers"] = Field(
-        "auto", description="causal_lm inference for evaluate / serve: ctranslate2 (fast CPU decode, converted "
-        "once into the student folder), transformers (the reference), auto (ctranslate2 when installed).")
-    compute_type: Literal["int8", "int8_float32", "float32"] = Field(
-        "float32", description="causal_lm with ctranslate2: weight precision. float32 gives transformers' answers "
-        "exactly; int8 was ~2.3x faster again in bench/genstudent.py but changed 24-28% of the answers there.")
+    runtime: Literal["auto", "ortgenai", "ctranslate2", "transformers"] = Field(
+        "auto", description="causal_lm inference for evaluate / serve: ortgenai (onnxruntime-genai: prefix KV reuse, "
+        "exact prompt-lookup drafts) or ctranslate2 (fast CPU decode), converted once into the student folder; "
+        "transformers (the reference); auto (the first installed of ortgenai, ctranslate2).")
+    compute_type: Literal["int8", "int8_float32", "int4", "float32"] = Field(
+        "float32", description="causal_lm on a fast runtime: weight precision. float32 gives transformers' answers; "
+        "int8 was ~2-4x faster again in bench/genstudent.py but changed about a quarter of the answers there; "
+        "int4 (ortgenai only) changed most.")
     constrained: bool = Field(True, description="causal_lm, extract tasks whose schema is an object of required "
                               "string fields: force keys, quotes and braces; decode only the values.")
 

@@ -307,10 +307,9 @@ class CausalLMStudent:
         model.config.protege_fields = self.fields
         model.save_pretrained(p)
         self.tokenizer.save_pretrained(p)
-        from protege.students.fast_lm import ctranslate2_available, convert
+        from protege.students.fast_lm import convert_for
 
-        if self.runtime == "ctranslate2" or (self.runtime == "auto" and ctranslate2_available()):
-            convert(p, self.compute_type)  # exported with the student: the first request pays no conversion
+        convert_for(p, self.runtime, self.compute_type)  # exported with the student: no conversion on first request
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CausalLMStudent":

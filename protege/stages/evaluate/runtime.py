@@ -1,6 +1,6 @@
 """A causal-LM student on a fast runtime, checked against its reference: the same greedy answers?
 
-The fast path (CTranslate2, float32 by default, schema-constrained for flat string schemas) is only worth its
+The fast path (onnxruntime-genai or CTranslate2, float32 by default, schema-constrained for flat string schemas) is only worth its
 speed if it answers what the trained model answers. On ``evaluate.reference_items`` gold items the student
 also decodes through transformers' ``generate`` (float32, unconstrained: the model as trained); the report
 gives the share of items with the same answer (extract: same fields and values), both single-item

@@ -1,0 +1,276 @@
+"""Greedy decoding for causal-LM students with ONNX Runtime GenAI: one KV cache, reused as far as prompts agree.
+
+The student folder stays a plain HF model (the reference). Its ONNX copy is built on first use by
+onnxruntime-genai's own model builder (``python -m onnxruntime_genai.models.builder``, offline: it reads the
+folder's safetensors and tokenizer) and cached beside it as ``<student>/ortgenai-<fp32|int8|int4>/``, written to
+a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole.
+
+Why a second runtime beside CTranslate2, and how it decodes (measured in bench/genstudent.py, README
+"genstudent"): a 135M model in float32 on 2 cores is bound by memory bandwidth (~80 ms to stream 540 MB of
+weights per decode step), so the only ways to cut a single item's latency *without changing its answers* are
+fewer forward passes and less prompt to prefill:
+
+* **prefix KV reuse** — one ``og.Generator`` is kept; a new prompt rewinds it (``rewind_to``) to the longest
+  prefix it shares with what is cached (the system prompt and schema: ~175 of ~220 tokens on the parcel task)
+  and appends only the rest;
+* **forced tokens appended, not re-prefilled** — schema-constrained extraction appends ``, "key": "`` to the same
+  cache (``append_tokens``) instead of starting over;
+* **prompt-lookup drafts, verified exactly** — extraction copies much of its answer from the input (tracking
+  codes, names, cities). After each token the longest recent n-gram of the answer is looked up in the prompt
+  and the tokens that followed it there are appended as a draft; one forward pass scores them all (the ONNX
+  graph returns logits for every appended position) and the draft is kept up to the first token greedy
+  decoding would not have chosen — the answer is the greedy answer, only fewer passes are run.
+
+Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
+(the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4"}
+
+
+def ortgenai_available() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+# decoder-only architectures onnxruntime-genai's builder exports (a subset of its list: the families protege's
+# causal-LM students come from)
+ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                 "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM"}
+
+
+def ortgenai_problem(student_dir: str | Path) -> str | None:
+    """Why onnxruntime-genai cannot run this saved model folder, or None. Its CPU attention kernel
+    (GroupQueryAttention) needs a head size that is a multiple of 16."""
+    try:
+        cfg = json.loads((Path(student_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{student_dir} has no readable config.json"
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        return f"architecture {arch} is not one onnxruntime-genai's builder exports here"
+    head = cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(1, cfg.get("num_attention_heads", 1))
+    if head % 16:
+        return f"head size {head} is not a multiple of 16 (onnxruntime-genai's CPU attention kernel)"
+    return None
+
+
+def ortgenai_folder(student_dir: str | Path, compute_type: str) -> Path:
+    return Path(student_dir) / f"ortgenai-{PRECISIONS[compute_type]}"
+
+
+def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
+    """The ONNX Runtime GenAI copy of a saved HF causal-LM folder, built once (offline) and cached beside it."""
+    if compute_type not in PRECISIONS:
+        raise ValueError(f"student.compute_type {compute_type!r}: onnxruntime-genai takes one of {sorted(PRECISIONS)}")
+    dest = ortgenai_folder(student_dir, compute_type)
+    if (dest / "genai_config.json").is_file():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=".ortgenai-", dir=Path(student_dir)))
+    try:
+        # The logits of every appended position are needed to verify drafts: the LM head is not pruned.
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(student_dir).resolve()),
+               "-o", str(tmp / "m"), "-p", PRECISIONS[compute_type], "-e", "cpu", "-c", str(tmp / "cache")]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        if r.returncode != 0 or not (tmp / "m" / "genai_config.json").is_file():
+            tail = (r.stderr or r.stdout or "").strip().splitlines()[-6:]
+            raise RuntimeError(f"onnxruntime-genai could not convert {student_dir} ({compute_type}): "
+                               + " | ".join(tail))
+        try:
+            os.replace(tmp / "m", dest)
+        except OSError:  # another process finished the same conversion first
+            if not (dest / "genai_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _logprob(row: np.ndarray, t: int) -> float:
+    m = float(row.max())
+    return float(row[t]) - m - math.log(float(np.exp(row - m).sum()))
+
+
+def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 2,
+                 words: Sequence[str] | None = None) -> list[int]:
+    """Prompt lookup: the ``k`` tokens that followed the latest occurrence in ``source`` of the longest tail
+    n-gram of ``seq`` (``max_ngram`` down to ``min_ngram`` tokens); [] when none occurs. With ``words`` (each
+    token's text without its leading space, by id), a last token of 2+ characters also matches its spaced twin
+    in ``source``: a value's first token (``PK`` after ``"``) is spelled `` PK`` in the prompt."""
+    for n in range(min(max_ngram, len(seq)), min_ngram - 1, -1):
+        tail = list(seq[-n:])
+        for i in range(len(source) - n - 1, -1, -1):
+            if list(source[i:i + n]) == tail:
+                return list(source[i + n:i + n + k])
+    if words is not None and seq:
+        w = words[seq[-1]]
+        if len(w) >= 2:
+            for i in range(len(source) - 2, -1, -1):
+                if words[source[i]] == w:
+                    return list(source[i + 1:i + 1 + k])
+    return []
+
+
+class OrtGenAIDecoder:
+    """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai."""
+
+    def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
+                 draft_tokens: int = 6):
+        import onnxruntime_genai as og
+
+        self.og, self.tok, self.compute_type, self.draft_tokens = og, tokenizer, compute_type, draft_tokens
+        cfg = og.Config(str(folder))
+        opts = {"intra_op_num_threads": threads or min(os.cpu_count() or 1, 8), "inter_op_num_threads": 1}
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
+        self.model = og.Model(cfg)
+        self.context = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["context_length"])
+        vocab = tokenizer.get_vocab()
+        stops = [tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"]
+        self.stop_ids = {vocab[t] for t in stops if t and t in vocab}
+        self.quote_ends: set[int] | None = None  # tokens holding '"': the end of a constrained value
+        self.words = [""] * max(len(tokenizer), max(vocab.values()) + 1)  # token text without a leading space
+        for t, i in vocab.items():
+            self.words[i] = t[1:] if t[:1] in ("Ġ", "▁") else t
+        self.lock = threading.Lock()
+        self.gen, self.ids, self.max_len = None, [], 0
+        self.passes = 0  # forward passes run (what drafts save), for the bench
+        self.name = f"onnxruntime-genai {compute_type}"
+
+    # -- the shared cache ---------------------------------------------------------------------------------
+    def _generator(self, max_len: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=max_len)
+        return self.og.Generator(self.model, params)
+
+    def _feed(self, target: Sequence[int], need_from: int) -> np.ndarray:
+        """Make the cache hold exactly ``target``; the logits of positions ``need_from`` .. end (one row each)."""
+        if len(target) + self.draft_tokens + 2 > self.max_len:
+            self.max_len = min(self.context, max(2048, 2 * len(target)))
+            if len(target) + 1 > self.max_len:
+                raise ValueError(f"prompt of {len(target)} tokens exceeds the model's context of {self.context}")
+            self.gen, self.ids = self._generator(self.max_len), []
+        k = min(_common(self.ids, target), need_from)
+        if k == 0 and self.ids:
+            self.gen, self.ids = self._generator(self.max_len), []
+        elif k < len(self.ids):
+            self.gen.rewind_to(k)
+        self.gen.append_tokens(np.asarray(target[k:], dtype=np.int32))
+        self.ids = list(target)
+        self.passes += 1
+        logits = np.asarray(self.gen.get_output("logits"))[0]
+        return logits[need_from - k:]
+
+    def _greedy(self, prefix: Sequence[int], max_new: int, stops: set[int], source: Sequence[int]) -> tuple[list, list]:
+        """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs; drafts are
+        looked up in ``source``."""
+        prefix = list(prefix)
+        row = self._feed(prefix, len(prefix) - 1)[-1]
+        out: list[int] = []
+        lps: list[float] = []
+        while True:
+            t = int(row.argmax())
+            out.append(t)
+            lps.append(_logprob(row, t))
+            if t in stops or len(out) >= max_new:
+                return out, lps
+            draft = lookup_draft(prefix[-2:] + out, source, min(self.draft_tokens, max_new - len(out)),
+                                 words=self.words) if self.draft_tokens else []
+            rows = self._feed(prefix + out + draft, len(prefix) + len(out) - 1)
+            j = 0
+            while j < len(draft) and int(rows[j].argmax()) == draft[j]:
+                out.append(draft[j])
+                lps.append(_logprob(rows[j], draft[j]))
+                j += 1
+                if draft[j - 1] in stops or len(out) >= max_new:
+                    return out, lps
+            row = rows[j]
+
+    # -- the CT2Decoder interface -------------------------------------------------------------------------
+    def decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[dict]:
+        """``{"text", "token_ids", "finished", "seconds", "confidence", "decoded_tokens"}`` per prompt, one at a time."""
+        out = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            with self.lock:
+                seq, lps = self._greedy(p, max_new_tokens, self.stop_ids, p)
+            finished = seq[-1] in self.stop_ids
+            body = seq[:-1] if finished else seq
+            out.append({"text": self.tok.decode(body, skip_special_tokens=True), "token_ids": seq,
+                        "finished": finished, "seconds": time.perf_counter() - t0,
+                        "confidence": math.exp(sum(lps) / len(lps)), "decoded_tokens": len(seq)})
+        return out
+
+    def decode_fields(self, prompts: Sequence[Sequence[int]], fields: Sequence[str], max_value_tokens: int = 48,
+                      static: Sequence[int] = ()) -> list[dict]:
+        """Schema-constrained: keys, quotes and separators appended to the cache, only values decoded. The
+        answer so far is tokenised whole each field (what CTranslate2's path feeds too); the cache is rewound
+        only as far as that tokenisation differs. ``static`` is not needed: any shared prefix is reused."""
+        if self.quote_ends is None:
+            self.quote_ends = {i for t, i in self.tok.get_vocab().items() if '"' in t} | self.stop_ids
+        out = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            p = list(p)
+            answer, values, decoded, lp_sum, ok = "{", {}, 0, 0.0, True
+            with self.lock:
+                for k, name in enumerate(fields):
+                    answer += ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+                    forced = self.tok(answer, add_special_tokens=False).input_ids
+                    seq, lps = self._greedy(p + forced, max_value_tokens, self.quote_ends, p)
+                    text = self.tok.decode(seq, skip_special_tokens=False)
+                    if '"' in text:
+                        value = text[: text.index('"')]
+                    else:  # ran out of tokens (or hit a stop token) inside the value
+                        value, ok = self.tok.decode(seq, skip_special_tokens=True), False
+                    values[name] = value
+                    answer += value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                    decoded += len(seq)
+                    lp_sum += sum(lps)
+            text = json.dumps(values, ensure_ascii=False)
+            out.append({"text": text, "token_ids": None, "finished": ok, "seconds": time.perf_counter() - t0,
+                        "confidence": math.exp(max(-50.0, lp_sum / max(1, decoded))), "decoded_tokens": decoded,
+                        "answer_tokens": len(self.tok(text, add_special_tokens=False).input_ids)})
+        return out
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
+        """(token id, log-prob) as decoded, on a generator of its own; the stop token ends the stream unyielded."""
+        gen = self._generator(min(self.context, len(prompt) + max_new_tokens + 1))
+        gen.append_tokens(np.asarray(list(prompt), dtype=np.int32))
+        rng = np.random.default_rng(seed)
+        for _ in range(max_new_tokens):
+            row = np.asarray(gen.get_output("logits"))[0, -1].astype(np.float64)
+            if temperature and temperature > 0:
+                z = row / temperature
+                prob = np.exp(z - z.max())
+                t = int(rng.choice(len(prob), p=prob / prob.sum()))
+            else:
+                t = int(row.argmax())
+            if t in self.stop_ids:
+                return
+            yield t, _logprob(row, t)
+            gen.append_tokens(np.asarray([t], dtype=np.int32))

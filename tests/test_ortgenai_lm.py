@@ -1,0 +1,158 @@
+"""The onnxruntime-genai path against its reference (transformers): the same greedy tokens, valid constrained JSON.
+
+A tiny 2-layer Llama with the SmolLM2 tokenizer, saved as a real student folder and converted offline by
+onnxruntime-genai's model builder (cached in the folder, reused). Float32 greedy decoding — with prefix KV reuse
+and prompt-lookup drafts — must give transformers' tokens exactly; a student trained to answer one JSON object
+gives the same object when only its values are decoded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protege.students.causal_lm import CausalLMStudent
+from protege.students.fast_lm import pick_runtime, string_fields
+from protege.students.ortgenai_lm import lookup_draft, ortgenai_folder
+from tiny import smollm2_tokenizer, synthetic_rows, tiny_llama
+
+pytest.importorskip("onnxruntime_genai")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HIDDEN = 64  # 4 heads of 16: onnxruntime-genai's CPU attention needs head sizes that are multiples of 16
+ANSWER = '{"colour": "red", "size": "big"}'
+SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
+          "required": ["colour", "size"]}
+
+
+def _student(model, tok, **over) -> CausalLMStudent:
+    s = CausalLMStudent(model, tok, system_prompt="Say the colour and size as JSON.", max_new_tokens=16)
+    s.runtime, s.compute_type = "ortgenai", "float32"
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+def _json_speaker(tok):
+    """A tiny Llama trained (plain torch, a few seconds) to answer ANSWER to any prompt of the student."""
+    import torch
+
+    model = tiny_llama(len(tok), seed=2, init_range=0.02, hidden=HIDDEN)
+    s = _student(model, tok)
+    tgt = tok(ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(60):
+        for p in prompts[(step % 2) * 4:(step % 2) * 4 + 4]:
+            model(input_ids=torch.tensor([p + tgt]), labels=torch.tensor([[-100] * len(p) + tgt])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_lookup_draft_continues_the_latest_match_of_the_longest_tail():
+    src = [5, 1, 2, 3, 4, 9, 1, 2, 7, 8]
+    assert lookup_draft([0, 1, 2], src, 3) == [7, 8]  # latest occurrence of (1, 2)
+    assert lookup_draft([9, 1, 2, 3], src, 2) == [4, 9]  # (1, 2, 3) beats (2, 3)
+    assert lookup_draft([6, 6], src, 3) == [] and lookup_draft([2], src, 3) == []  # no 1-gram drafts
+    # ...except a 2+ character token matching its spaced twin: "PK" after a quote is " PK" in the prompt
+    words = ["", "PK", "PK", "4", "x"]
+    assert lookup_draft([0, 1], [4, 2, 3, 3, 4], 2, words=words) == [3, 3]
+    assert lookup_draft([0, 3], [4, 3, 3, 4], 2, words=words) == []  # one character: too weak a match
+
+
+def test_float32_decodes_exactly_like_transformers_and_the_conversion_is_cached(tmp_path):
+    tok = smollm2_tokenizer()
+    s = _student(tiny_llama(len(tok), seed=4, hidden=HIDDEN), tok)
+    s.save_pretrained(tmp_path / "st")
+    folder = ortgenai_folder(tmp_path / "st", "float32")
+    assert (folder / "genai_config.json").is_file()  # exported on save
+    assert not [p for p in (tmp_path / "st").iterdir() if p.name.startswith(".ortgenai-")]  # no temp left
+    stamp = (folder / "model.onnx").stat().st_mtime_ns
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    assert loaded.fast is not None and loaded.fast.name == "onnxruntime-genai float32"
+    assert (folder / "model.onnx").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    # repeated words make prompt-lookup drafts fire; shared system prompt makes the cache rewind, not restart
+    texts = [r["text"] + " red red big red big" for r in synthetic_rows(6)]
+    fast = loaded.generate(texts, batch_size=4)
+    ref = loaded.generate(texts, batch_size=1, reference=True)
+    assert [f["token_ids"] for f in fast] == [r["token_ids"] for r in ref]
+    assert [f["text"] for f in fast] == [r["text"] for r in ref]
+    streamed = [t for t, _ in loaded.fast.stream(loaded.prompt_ids(texts[0]), 16)]
+    assert streamed == [t for t in ref[0]["token_ids"] if t not in loaded.fast.stop_ids]
+
+
+def test_constrained_decoding_gives_json_with_the_schema_keys(tmp_path):
+    tok = smollm2_tokenizer()
+    s = _student(_json_speaker(tok), tok, fields=string_fields(SCHEMA))
+    s.runtime = "ortgenai"
+    s.save_pretrained(tmp_path / "st")
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    texts = [r["text"] for r in synthetic_rows(5, start=900)]
+    fast = loaded.generate(texts, batch_size=3)
+    assert [json.loads(f["text"]) for f in fast] == [json.loads(ANSWER)] * len(texts)
+    total = len(tok(ANSWER, add_special_tokens=False).input_ids)
+    assert all(f["answer_tokens"] == total and f["decoded_tokens"] < total / 2 for f in fast)
+    assert all(0.5 < f["confidence"] <= 1.0 for f in fast)
+    # free decoding of inputs that quote the answer: prompt-lookup drafts fire, and are checked token for token
+    loaded.fields, before = None, loaded.fast.passes
+    quoting = [t + " " + ANSWER for t in texts]
+    free = loaded.generate(quoting)
+    assert [f["token_ids"] for f in free] == [r["token_ids"] for r in loaded.generate(quoting, reference=True)]
+    assert loaded.fast.passes - before < sum(len(f["token_ids"]) for f in free) / 2
+    # a random (untrained) model still gives an object with exactly the schema's keys, in order
+    r = _student(tiny_llama(len(tok), seed=9, hidden=HIDDEN), tok, fields=["colour", "size"])
+    r.save_pretrained(tmp_path / "rand")
+    out = CausalLMStudent.from_pretrained(tmp_path / "rand").generate(texts[:3])
+    assert all(list(json.loads(o["text"])) == ["colour", "size"] for o in out)
+
+
+def test_runtime_choice(tmp_path):
+    assert pick_runtime("transformers") is None
+    assert pick_runtime("ortgenai") == "ortgenai"
+    assert pick_runtime("auto") in ("ortgenai", "ctranslate2")
+    with pytest.raises(ValueError, match="student.runtime"):
+        pick_runtime("vllm")
+    tok = smollm2_tokenizer()
+    tiny_llama(len(tok), seed=1).save_pretrained(tmp_path / "h8")  # head size 8: not for onnxruntime-genai
+    assert pick_runtime("auto", tmp_path / "h8") in ("ctranslate2", None)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pick_runtime("ortgenai", tmp_path / "h8")
+
+
+def test_task_file_refuses_int4_on_ctranslate2_and_takes_it_on_ortgenai(tmp_path):
+    from protege.task import TaskError, load_task
+    from tiny import write_task
+
+    student = {"kind": "causal_lm", "model": str(tmp_path), "compute_type": "int4"}
+    bad = write_task(tmp_path / "a", overrides={"student": {**student, "runtime": "ctranslate2"}})
+    with pytest.raises(TaskError, match="student.compute_type.*ortgenai"):
+        load_task(bad)
+    ok = load_task(write_task(tmp_path / "b", overrides={"student": {**student, "runtime": "ortgenai"}}))
+    assert ok.student.runtime == "ortgenai" and ok.student.compute_type == "int4"
+
+
+def test_served_student_answers_concurrent_requests_as_alone(tmp_path):
+    """The gateway's predictor on onnxruntime-genai: concurrent requests share one cache under a lock (the
+    batcher hands it a batch, decoded one prompt after another), each answer the same as alone."""
+    import threading
+
+    from protege.serve.predictor import load_predictor
+
+    tok = smollm2_tokenizer()
+    _student(tiny_llama(len(tok), seed=5, hidden=HIDDEN), tok).save_pretrained(tmp_path / "st")
+    p = load_predictor(tmp_path / "st", "m")
+    assert p.fast is not None and p.fast.name == "onnxruntime-genai float32"
+    texts = [r["text"] for r in synthetic_rows(6)]
+    alone = [p.predict([t])[0].content for t in texts]
+    p.batcher.window_s = 0.2
+    got: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, p.predict([texts[i]])[0].content))
+               for i in range(len(texts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [got[i] for i in range(len(texts))] == alone and max(p.batcher.batches) > 1
