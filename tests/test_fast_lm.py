@@ -10,26 +10,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from protege.students.causal_lm import CausalLMStudent, common_prefix
 from protege.students.fast_lm import ct2_folder, string_fields
-from tiny import smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("ctranslate2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ANSWER = '{"colour": "red", "size": "big"}'
-SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
-          "required": ["colour", "size"]}
+ANSWER, SCHEMA = JSON_ANSWER, JSON_SCHEMA
 
 
 def _student(model, tok, **over) -> CausalLMStudent:
-    s = CausalLMStudent(model, tok, system_prompt="Say the colour and size as JSON.", max_new_tokens=16)
-    s.runtime, s.compute_type = "ctranslate2", "float32"
-    for k, v in over.items():
-        setattr(s, k, v)
-    return s
+    return json_student(model, tok, over.pop("runtime", "ctranslate2"), **over)
 
 
 def test_string_fields_only_for_flat_required_string_schemas():
@@ -62,19 +55,7 @@ def test_ctranslate2_float32_decodes_exactly_like_transformers(tmp_path):
 
 
 def _json_speaker(tok):
-    """A tiny Llama trained (plain torch, a few seconds) to answer ANSWER to any prompt of the student."""
-    model = tiny_llama(len(tok), seed=2, init_range=0.02)
-    s = _student(model, tok)
-    tgt = tok(ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(60):
-        for p in prompts[(step % 2) * 4:(step % 2) * 4 + 4]:
-            model(input_ids=torch.tensor([p + tgt]), labels=torch.tensor([[-100] * len(p) + tgt])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+    return json_speaker(tok)
 
 
 def test_constrained_decoding_forces_the_keys_and_decodes_only_values(tmp_path):

@@ -15,41 +15,21 @@ import pytest
 from protege.students.causal_lm import CausalLMStudent
 from protege.students.fast_lm import pick_runtime, string_fields
 from protege.students.ortgenai_lm import lookup_draft, ortgenai_folder
-from tiny import smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HIDDEN = 64  # 4 heads of 16: onnxruntime-genai's CPU attention needs head sizes that are multiples of 16
-ANSWER = '{"colour": "red", "size": "big"}'
-SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
-          "required": ["colour", "size"]}
+ANSWER, SCHEMA = JSON_ANSWER, JSON_SCHEMA
 
 
 def _student(model, tok, **over) -> CausalLMStudent:
-    s = CausalLMStudent(model, tok, system_prompt="Say the colour and size as JSON.", max_new_tokens=16)
-    s.runtime, s.compute_type = "ortgenai", "float32"
-    for k, v in over.items():
-        setattr(s, k, v)
-    return s
+    return json_student(model, tok, over.pop("runtime", "ortgenai"), **over)
 
 
 def _json_speaker(tok):
-    """A tiny Llama trained (plain torch, a few seconds) to answer ANSWER to any prompt of the student."""
-    import torch
-
-    model = tiny_llama(len(tok), seed=2, init_range=0.02, hidden=HIDDEN)
-    s = _student(model, tok)
-    tgt = tok(ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(60):
-        for p in prompts[(step % 2) * 4:(step % 2) * 4 + 4]:
-            model(input_ids=torch.tensor([p + tgt]), labels=torch.tensor([[-100] * len(p) + tgt])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+    return json_speaker(tok, hidden=HIDDEN)
 
 
 def test_lookup_draft_continues_the_latest_match_of_the_longest_tail():

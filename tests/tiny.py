@@ -240,3 +240,38 @@ def fake_static_table(monkeypatch, *, seed: int = 0) -> None:
         return np.random.default_rng(seed).normal(size=(vocab, dims)).astype(np.float32), tok_path
 
     monkeypatch.setattr("protege.students.static.distill_static", fake_distill_static)
+
+
+# ---- a tiny causal-LM student that answers one JSON object (tests of the fast decode runtimes) -----------------
+JSON_ANSWER = '{"colour": "red", "size": "big"}'
+JSON_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
+               "required": ["colour", "size"]}
+
+
+def json_student(model, tok, runtime: str, **over):
+    """A ``CausalLMStudent`` on ``runtime`` (float32) with the JSON-asking system prompt; ``over`` sets attributes."""
+    from protege.students.causal_lm import CausalLMStudent
+
+    s = CausalLMStudent(model, tok, system_prompt="Say the colour and size as JSON.", max_new_tokens=16)
+    s.runtime, s.compute_type = runtime, "float32"
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+def json_speaker(tok, hidden: int = 32):
+    """A tiny Llama trained (plain torch, a few seconds) to answer ``JSON_ANSWER`` to any student prompt."""
+    import torch
+
+    model = tiny_llama(len(tok), seed=2, init_range=0.02, hidden=hidden)
+    s = json_student(model, tok, "transformers")
+    tgt = tok(JSON_ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(60):
+        for p in prompts[(step % 2) * 4:(step % 2) * 4 + 4]:
+            model(input_ids=torch.tensor([p + tgt]), labels=torch.tensor([[-100] * len(p) + tgt])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
