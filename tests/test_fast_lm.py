@@ -13,7 +13,7 @@ import pytest
 
 from protege.students.causal_lm import CausalLMStudent, common_prefix
 from protege.students.fast_lm import ct2_folder, string_fields
-from tiny import JSON_ANSWER, JSON_SCHEMA, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("ctranslate2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,7 +78,6 @@ def test_constrained_decoding_forces_the_keys_and_decodes_only_values(tmp_path):
 def test_served_student_batches_concurrent_requests(tmp_path):
     """The gateway's predictor: concurrent greedy requests are decoded in one CTranslate2 batch, each answer
     the same as alone; streamed tokens come from the same runtime."""
-    import threading
 
     from protege.serve.predictor import load_predictor
 
@@ -87,16 +86,6 @@ def test_served_student_batches_concurrent_requests(tmp_path):
     p = load_predictor(tmp_path / "st", "m")
     assert p.fast is not None and p.batcher is not None
     texts = [r["text"] for r in synthetic_rows(8)]
-    alone = [p.predict([t])[0].content for t in texts]
-    p.batcher.window_s = 0.2  # all eight threads join one batch
-    got: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, p.predict([texts[i]])[0].content))
-               for i in range(len(texts))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert [got[i] for i in range(len(texts))] == alone
-    assert max(p.batcher.batches) > 1
+    alone = assert_concurrent_answers_as_alone(p, texts)
     streamed = tok.decode([t for t, _ in p.tokens(texts[0])], skip_special_tokens=True).strip()
     assert streamed == alone[0]

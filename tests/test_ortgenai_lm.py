@@ -15,7 +15,7 @@ import pytest
 from protege.students.causal_lm import CausalLMStudent
 from protege.students.fast_lm import pick_runtime, string_fields
 from protege.students.ortgenai_lm import lookup_draft, ortgenai_folder
-from tiny import JSON_ANSWER, JSON_SCHEMA, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -117,7 +117,6 @@ def test_task_file_refuses_int4_on_ctranslate2_and_takes_it_on_ortgenai(tmp_path
 def test_served_student_answers_concurrent_requests_as_alone(tmp_path):
     """The gateway's predictor on onnxruntime-genai: concurrent requests share one cache under a lock (the
     batcher hands it a batch, decoded one prompt after another), each answer the same as alone."""
-    import threading
 
     from protege.serve.predictor import load_predictor
 
@@ -125,14 +124,4 @@ def test_served_student_answers_concurrent_requests_as_alone(tmp_path):
     _student(tiny_llama(len(tok), seed=5, hidden=HIDDEN), tok).save_pretrained(tmp_path / "st")
     p = load_predictor(tmp_path / "st", "m")
     assert p.fast is not None and p.fast.name == "onnxruntime-genai float32"
-    texts = [r["text"] for r in synthetic_rows(6)]
-    alone = [p.predict([t])[0].content for t in texts]
-    p.batcher.window_s = 0.2
-    got: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, p.predict([texts[i]])[0].content))
-               for i in range(len(texts))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert [got[i] for i in range(len(texts))] == alone and max(p.batcher.batches) > 1
+    assert_concurrent_answers_as_alone(p, [r["text"] for r in synthetic_rows(6)])

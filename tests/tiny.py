@@ -275,3 +275,22 @@ def json_speaker(tok, hidden: int = 32):
         opt.step()
         opt.zero_grad()
     return model.eval()
+
+
+def assert_concurrent_answers_as_alone(predictor, texts: list[str]) -> list[str]:
+    """Threads asking a served causal-LM student at once (one batching window) get what each gets alone;
+    returns the answers alone."""
+    import threading
+
+    alone = [predictor.predict([t])[0].content for t in texts]
+    predictor.batcher.window_s = 0.2  # all the threads join one batch
+    got: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, predictor.predict([texts[i]])[0].content))
+               for i in range(len(texts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [got[i] for i in range(len(texts))] == alone
+    assert max(predictor.batcher.batches) > 1
+    return alone

@@ -264,7 +264,8 @@ class StaticClassifier(LogitClassifier):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         ng = self.ngrams if self.ngrams is not None and len(self.ngrams) else None
         key = (self.W, self.V, self.b, self.table, ng, ng and ng.vocab, ng and ng.idf)
-        if not all(x is y for x, y in zip(getattr(self, "_kernel_for", ()), key)) or not hasattr(self, "_kernel_for"):
+        held = getattr(self, "_kernel_for", None)
+        if held is None or any(x is not y for x, y in zip(held, key)):
             WT = np.ascontiguousarray(self.W.T, dtype=np.float32)
             if ng is not None:
                 words, index, uni = ng._index()

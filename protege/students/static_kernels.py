@@ -25,6 +25,7 @@ n-grams are word n-grams; the numpy path stays for everything else (and as the r
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import threading
@@ -34,8 +35,10 @@ import numpy as np
 _COMPILED = False
 _LOCK = threading.Lock()
 
+@functools.cache
 def available() -> bool:
-    """numba is installed (a dependency; this is for platforms without its wheels: the numpy path serves)."""
+    """numba is installed (a dependency; this is for platforms without its wheels: the numpy path serves).
+    Cached: it is asked on every ``decision_function`` call, and ``find_spec`` walks ``sys.path``."""
     return importlib.util.find_spec("numba") is not None
 
 
