@@ -30,6 +30,11 @@ maker is the reference for the p-values.
 (``--render a.json,b.json [--readme]`` merges result files, prints, and writes bench/suite/README.md).
 
 ``--quick`` (≤ 10 min on 2 busy cores): the five short-text tasks, budget 1,000, SetFit with 256 pairs.
+
+Every auto ladder (and the e2e row's task file) runs with ``student.time_budget_s`` = ``--ladder-budget`` (300 s)
+and ``student.rungs`` = ``--rungs`` (static, frozen, static-distilled: the fine-tuned encoder fits 300 s on two
+cores only at the smallest budgets; ``--rungs all`` puts it back). Each row records ``cpu_s``, the CPU seconds
+its fit and scoring cost in its process, so the suite's time can be read whatever ran beside it.
 """
 
 from __future__ import annotations
@@ -150,6 +155,21 @@ class _AutoModel:
 
 
 LADDER_BUDGET_S: dict[str, float | None] = {"s": None}  # None: the task file's student.time_budget_s (default 1200)
+# The rungs the suite's ladders try (--rungs; None: the task file's, i.e. all four). The default leaves out the
+# fine-tuned encoder: on 2 cores it fits a 300-s ladder only below ~1.5k labels (never at a task's largest budget),
+# where it cost ~150 CPU-s per unit and won once in seven (full-s5: rt-polarity 1k, CV 0.805 vs 0.785).
+SUITE_RUNGS = ["static", "frozen", "static-distilled"]
+LADDER_RUNGS: dict[str, list[str] | None] = {"r": list(SUITE_RUNGS)}
+
+
+def ladder_student_settings() -> dict:
+    """The ``student`` keys the suite sets on every auto ladder (and on the e2e row's task file)."""
+    out: dict = {}
+    if LADDER_BUDGET_S.get("s") is not None:
+        out["time_budget_s"] = LADDER_BUDGET_S["s"]
+    if LADDER_RUNGS.get("r"):
+        out["rungs"] = list(LADDER_RUNGS["r"])
+    return out
 
 
 def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=None, out: Path = Path("runs/suite")):
@@ -171,8 +191,8 @@ def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=No
                           inputs=[r["text"] for r in suite_task.pool])
     spec = load_spec(path)
     assert spec.student.kind == "auto", spec.student.kind
-    if LADDER_BUDGET_S.get("s") is not None:  # --ladder-budget: the suite's 21 ladders in 45 min, not 21 x 20
-        spec.student = spec.student.model_copy(update={"time_budget_s": LADDER_BUDGET_S["s"]})
+    if ladder_student_settings():  # --ladder-budget / --rungs: the suite's 18 ladders in 45 min, not 18 x 20
+        spec.student = spec.student.model_copy(update=ladder_student_settings())
     if probs is None:
         probs = np.eye(len(labels))[[labels.index(y) for y in teacher_labels]]
     rows = [{"text": t, "label": y, "probs": [float(x) for x in p], "source": "teacher", "weight": 1.0}
@@ -222,6 +242,9 @@ def fit_model2vec(texts, teacher_labels, labels, probs=None):
     return _EmbedLR(lambda xs: m2v.encode(list(xs), use_multiprocessing=False), labels).fit(texts, teacher_labels)
 
 
+EMBED_CACHE: dict[str, Path | None] = {"dir": None}  # run_suite sets <out>/cache/minilm-frozen
+
+
 def _minilm_frozen():
     if "minilm" not in _SHARED:
         _SHARED["minilm"] = peers.minilm()
@@ -229,18 +252,53 @@ def _minilm_frozen():
     return _SHARED["minilm"], _SHARED["minilm_cache"]
 
 
+def _text_key(t: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(t.encode("utf-8")).hexdigest()[:20]
+
+
+def _disk_cache_load(cache: dict) -> None:
+    """Fill ``cache`` (text key -> embedding) from every shard under EMBED_CACHE (other units' too)."""
+    d = EMBED_CACHE["dir"]
+    for f in sorted(d.glob("*.npz")) if d is not None and d.is_dir() else ():
+        if f.name in cache.setdefault("__shards__", set()):
+            continue
+        with np.load(f) as z:
+            cache.update(zip(z["keys"].tolist(), z["emb"]))
+        cache["__shards__"].add(f.name)
+
+
+def _disk_cache_save(keys: list[str], emb: np.ndarray) -> None:
+    """One new shard per call, written whole then renamed: units of one task running at once never clash."""
+    d = EMBED_CACHE["dir"]
+    if d is None or not keys:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / f"{os.getpid()}-{time.time_ns()}.npz"
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez(tmp, keys=np.array(keys), emb=np.asarray(emb, dtype=np.float32))
+    os.replace(tmp, f)
+
+
 def fit_minilm_frozen(texts, teacher_labels, labels, probs=None):
-    """Frozen all-MiniLM-L6-v2 sentence embeddings + LR. Training texts' embeddings are cached across budgets
-    (the samples are nested); gold is encoded afresh at predict time, so timings are honest."""
+    """Frozen all-MiniLM-L6-v2 sentence embeddings + LR. Training texts' embeddings are cached across budgets,
+    on disk (the samples are nested: a task's 1k and 4k units reuse what its largest unit encoded; units run as
+    separate processes), so ``train_s`` leaves out encoding texts another unit already encoded; gold is encoded
+    afresh at predict time, so timings are honest."""
     mini, cache = _minilm_frozen()
     enc = lambda xs: mini.encode(list(xs), batch_size=32, show_progress_bar=False)  # noqa: E731
 
     def enc_train(xs):
-        todo = [x for x in dict.fromkeys(xs) if x not in cache]
+        _disk_cache_load(cache)
+        keys = [_text_key(x) for x in xs]
+        todo = list(dict.fromkeys(x for x, k in zip(xs, keys) if k not in cache))
         if todo:
-            for x, e in zip(todo, enc(todo)):
-                cache[x] = e
-        return np.stack([cache[x] for x in xs])
+            E = enc(todo)
+            new = [_text_key(x) for x in todo]
+            cache.update(zip(new, E))
+            _disk_cache_save(new, E)
+        return np.stack([cache[k] for k in keys])
 
     return _EmbedLR(enc, labels).fit(texts, teacher_labels, encode_train=enc_train)
 
@@ -263,13 +321,15 @@ AUTO = "protege auto (ladder)"
 def default_makers(setfit_pairs: int = 1000, static: bool = True) -> list[Maker]:
     makers = [Maker(AUTO, fit_protege_auto, n_single=50, needs_task=True,
                     note="student.kind: auto (default); reference for p-values" + (
-                        f"; student.time_budget_s {LADDER_BUDGET_S['s']:.0f}" if LADDER_BUDGET_S["s"] else ""))]
+                        f"; student.time_budget_s {LADDER_BUDGET_S['s']:.0f}" if LADDER_BUDGET_S["s"] else "") + (
+                        f"; student.rungs {','.join(LADDER_RUNGS['r'])}" if LADDER_RUNGS.get("r") else ""))]
     if static:
         makers.append(Maker("protege static", fit_protege_static, note="student.kind: static (the old default)"))
     makers += [
               Maker("TF-IDF + LR", fit_tfidf),
               Maker("model2vec + LR", fit_model2vec),
-              Maker("MiniLM-L6 (frozen) + LR", fit_minilm_frozen, n_single=30, batch=64)]
+              Maker("MiniLM-L6 (frozen) + LR", fit_minilm_frozen, n_single=30, batch=64,
+                    note="training-text embeddings cached across units (nested samples): train_s leaves them out")]
     if setfit_pairs:
         makers.append(Maker("SetFit-style MiniLM-L6", make_setfit(setfit_pairs), n_single=30, batch=64,
                             note=f"{setfit_pairs} contrastive pairs max"))
@@ -323,7 +383,7 @@ def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers:
                               n_train=budget))
         ref_ok = None
         for mk in makers:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _self_cpu_s()
             try:
                 kw = {"suite_task": task, "out": out} if mk.needs_task else {}
                 model = mk.fit(sample, t_labels, task.labels, probs=t_probs, **kw)
@@ -334,7 +394,7 @@ def run_task(task: SuiteTask, sim: SimulatedTeacher, budgets: list[int], makers:
             train_s = time.perf_counter() - t0
             pred, timing = peers.measure(model.predict, gx, n_single=mk.n_single, batch=mk.batch)
             r = score_row(task.name, budget, mk.name, pred, gy, t_gold, t_acc, ref_ok, timing, train_s, n_train=budget,
-                          note=mk.note, **getattr(model, "suite_extra", {}))
+                          note=mk.note, cpu_s=_self_cpu_s() - c0, **getattr(model, "suite_extra", {}))
             if ref_ok is None:
                 ref_ok = r["_ok"]
             rows.append(r)
@@ -358,7 +418,9 @@ def run_e2e(task: SuiteTask, sim: SimulatedTeacher, sample: list[str], ref_ok: n
     budget = len(sample)
     folder = out / "e2e" / task.name
     shutil.rmtree(folder, ignore_errors=True)
-    path = write_task_folder(task, folder / "task", base_url=base_url, inputs=sample)
+    st = ladder_student_settings()  # --ladder-budget / --rungs reach this row too: its ladder runs as the others do
+    path = write_task_folder(task, folder / "task", base_url=base_url, inputs=sample,
+                             extra={"student": st} if st else None)
     exe = Path(sys.executable).with_name("protege")
     cmd = [str(exe) if exe.exists() else "protege", "run", str(path), "--out", str(folder / "run"), "--force"]
     t0 = time.perf_counter()
@@ -406,6 +468,15 @@ def _cpu_s() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
+def _self_cpu_s() -> float:
+    """CPU seconds of this process (all its threads): a row's ``cpu_s`` is what fitting and scoring that student
+    cost, whatever else ran beside it (the suite's 45-minute budget is counted in these)."""
+    import resource
+
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    return a.ru_utime + a.ru_stime
+
+
 def _strip(rows: list[dict]) -> list[dict]:
     """Rows for the JSON: the per-gold-item correctness as a string of 0/1 (``ok_bits``), so that a merge of runs
     can recompute the paired p-values against whichever reference row it ends up with."""
@@ -424,6 +495,7 @@ def run_suite(task_names: list[str], budgets: list[int], *, makers: list[Maker] 
 
     makers = makers if makers is not None else default_makers()
     out.mkdir(parents=True, exist_ok=True)
+    EMBED_CACHE["dir"] = out / "cache" / "minilm-frozen"
     task_info, rows, e2e_row = [], [], None
     t_start = time.perf_counter()
     code = _versions()  # the protege code this process imported (a commit landing later does not change it)
@@ -697,10 +769,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="student.time_budget_s for every auto ladder, seconds (default 300: the whole suite fits "
                          "45 min on 2 cores; a user's default is 1200, which lets the fine-tuned encoder rung in "
                          "on small pools); 0: the task file's")
+    ap.add_argument("--rungs", default=",".join(SUITE_RUNGS),
+                    help="student.rungs for every auto ladder (default: all but the fine-tuned encoder, which fits "
+                         "the suite's ladder budget only at the smallest label budgets); 'all': the task file's four")
     ap.add_argument("--jobs", type=int, default=1, help="run (task, budget) units as this many processes at once "
                                                         "(each on --threads threads), results merged; 2 uses both cores")
     a = ap.parse_args(argv)
     LADDER_BUDGET_S["s"] = a.ladder_budget or None
+    LADDER_RUNGS["r"] = None if a.rungs == "all" else [r.strip() for r in a.rungs.split(",") if r.strip()]
     if a.render:
         files = [Path(f) for f in a.render.split(",")]
         for f in files:
