@@ -55,3 +55,30 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     text = p.read_text()
     assert "old table" not in text and text.startswith("head\n") and text.endswith(f"{suite_run.README_END}\ntail\n")
     assert "| x | 1000 | **protege auto (ladder)** | 0.860" in text
+
+
+def test_embedding_cache_is_shared_across_unit_processes_through_disk(tmp_path, monkeypatch):
+    """A unit (one process) writes its new embeddings as a shard; another unit's cache reads them; texts not
+    encoded by anyone stay missing, so they are encoded, not taken from a neighbour."""
+    import numpy as np
+
+    monkeypatch.setitem(suite_run.EMBED_CACHE, "dir", tmp_path / "emb")
+    keys = [suite_run._text_key(t) for t in ("a", "b")]
+    suite_run._disk_cache_save(keys, np.array([[1.0, 0.0], [0.0, 1.0]]))
+    suite_run._disk_cache_save([suite_run._text_key("c")], np.array([[0.5, 0.5]]))
+    other: dict = {}
+    suite_run._disk_cache_load(other)
+    assert np.allclose(other[keys[1]], [0.0, 1.0]) and np.allclose(other[suite_run._text_key("c")], [0.5, 0.5])
+    assert suite_run._text_key("d") not in other
+    assert not list((tmp_path / "emb").glob("*.tmp*"))  # shards are written whole, then renamed
+    suite_run._disk_cache_load(other)  # shards already read are not read again
+    assert len(other["__shards__"]) == 2
+
+
+def test_suite_ladders_and_e2e_row_share_the_student_settings(monkeypatch):
+    monkeypatch.setitem(suite_run.LADDER_BUDGET_S, "s", 300.0)
+    monkeypatch.setitem(suite_run.LADDER_RUNGS, "r", ["static", "frozen"])
+    assert suite_run.ladder_student_settings() == {"time_budget_s": 300.0, "rungs": ["static", "frozen"]}
+    monkeypatch.setitem(suite_run.LADDER_BUDGET_S, "s", None)
+    monkeypatch.setitem(suite_run.LADDER_RUNGS, "r", None)
+    assert suite_run.ladder_student_settings() == {}
