@@ -3,7 +3,8 @@
 The student folder stays a plain HF model (the reference). Its ONNX copy is built on first use by
 onnxruntime-genai's own model builder (``python -m onnxruntime_genai.models.builder``, offline: it reads the
 folder's safetensors and tokenizer) and cached beside it as ``<student>/ortgenai-<fp32|int8|int4>/``, written to
-a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole.
+a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole. ``int8_verified``
+uses two of them, ``ortgenai-fp32`` and ``ortgenai-int8``.
 
 Why a second runtime beside CTranslate2, and how it decodes (measured in bench/genstudent.py, README
 "genstudent"): a 135M model in float32 on 2 cores is bound by memory bandwidth (~80 ms to stream 540 MB of
@@ -20,6 +21,15 @@ fewer forward passes and less prompt to prefill:
   and the tokens that followed it there are appended as a draft; one forward pass scores them all (the ONNX
   graph returns logits for every appended position) and the draft is kept up to the first token greedy
   decoding would not have chosen — the answer is the greedy answer, only fewer passes are run.
+* **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
+  blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
+  but changed 4-12% of the parcel answers; no builder option tried kept >= 98% (fp32 activations,
+  ``accuracy_level=1``, ran ~4.7x *slower* than float32 here — MLAS has no fast kernel for 8-bit weights with
+  float32 inputs — and still changed 2 of 50; block sizes 16/128, asymmetric weights and a float32 LM head
+  changed 2-6 of 50; int4 two thirds). So the int8 copy only *proposes*: it decodes a whole value (up to
+  :data:`MODEL_DRAFT` tokens, to the closing quote) on its own cache, and the float32 copy checks the proposal
+  in one pass exactly as it checks prompt-lookup drafts. Answers are float32's, token for token; float32 runs
+  ~5 passes per parcel answer instead of ~22.
 
 Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
 (the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
@@ -42,7 +52,8 @@ from typing import Sequence
 
 import numpy as np
 
-PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4"}
+PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4", "int8_verified": "fp32"}
+MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
 
 
 def ortgenai_available() -> bool:
@@ -79,6 +90,8 @@ def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
     """The ONNX Runtime GenAI copy of a saved HF causal-LM folder, built once (offline) and cached beside it."""
     if compute_type not in PRECISIONS:
         raise ValueError(f"student.compute_type {compute_type!r}: onnxruntime-genai takes one of {sorted(PRECISIONS)}")
+    if compute_type == "int8_verified":  # the drafter, then the float32 copy whose answers are given
+        convert(student_dir, "int8")
     dest = ortgenai_folder(student_dir, compute_type)
     if (dest / "genai_config.json").is_file():
         return dest
@@ -136,14 +149,26 @@ def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: i
     return []
 
 
+def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
+                     draft_tokens: int = 6) -> "OrtGenAIDecoder":
+    """The decoder a student folder's ``compute_type`` asks for, converted first where needed (``int8_verified``:
+    the float32 copy, with the int8 copy as its drafter)."""
+    folder = convert(student_dir, compute_type)
+    drafter = (OrtGenAIDecoder(ortgenai_folder(student_dir, "int8"), tokenizer, "int8", threads, draft_tokens)
+               if compute_type == "int8_verified" else None)
+    return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens, drafter=drafter)
+
+
 class OrtGenAIDecoder:
-    """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai."""
+    """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai.
+    With a ``drafter`` (another decoder, e.g. the int8 copy) its greedy tokens are the drafts, checked here."""
 
     def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
-                 draft_tokens: int = 6):
+                 draft_tokens: int = 6, drafter: "OrtGenAIDecoder | None" = None):
         import onnxruntime_genai as og
 
         self.og, self.tok, self.compute_type, self.draft_tokens = og, tokenizer, compute_type, draft_tokens
+        self.drafter = drafter
         cfg = og.Config(str(folder))
         opts = {"intra_op_num_threads": threads or min(os.cpu_count() or 1, 8), "inter_op_num_threads": 1}
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
@@ -185,30 +210,35 @@ class OrtGenAIDecoder:
         logits = np.asarray(self.gen.get_output("logits"))[0]
         return logits[need_from - k:]
 
+    def _draft(self, seq: list[int], done: int, k: int, stops: set[int], source: Sequence[int]) -> list[int]:
+        """Up to ``k`` tokens proposed to follow ``seq`` (``done`` of them decoded already): the drafter's greedy
+        tokens, else a prompt lookup (after the first decoded token)."""
+        if k <= 0:
+            return []
+        if self.drafter is not None:
+            return self.drafter._greedy(seq, min(k, MODEL_DRAFT), stops, source)[0]
+        if not done or not self.draft_tokens:
+            return []
+        return lookup_draft(seq[-done - 2:], source, min(self.draft_tokens, k), words=self.words)
+
     def _greedy(self, prefix: Sequence[int], max_new: int, stops: set[int], source: Sequence[int]) -> tuple[list, list]:
-        """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs; drafts are
-        looked up in ``source``."""
+        """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs. Each pass
+        appends the tokens decoded so far plus a draft, and keeps the draft up to the first token greedy decoding
+        would not have chosen (that token, or the one after a wholly kept draft, comes from the same pass)."""
         prefix = list(prefix)
-        row = self._feed(prefix, len(prefix) - 1)[-1]
         out: list[int] = []
         lps: list[float] = []
         while True:
-            t = int(row.argmax())
-            out.append(t)
-            lps.append(_logprob(row, t))
-            if t in stops or len(out) >= max_new:
-                return out, lps
-            draft = lookup_draft(prefix[-2:] + out, source, min(self.draft_tokens, max_new - len(out)),
-                                 words=self.words) if self.draft_tokens else []
+            draft = self._draft(prefix + out, len(out), max_new - len(out) - 1, stops, source)
             rows = self._feed(prefix + out + draft, len(prefix) + len(out) - 1)
-            j = 0
-            while j < len(draft) and int(rows[j].argmax()) == draft[j]:
-                out.append(draft[j])
-                lps.append(_logprob(rows[j], draft[j]))
-                j += 1
-                if draft[j - 1] in stops or len(out) >= max_new:
+            for j, row in enumerate(rows):
+                t = int(row.argmax())
+                out.append(t)
+                lps.append(_logprob(row, t))
+                if t in stops or len(out) >= max_new:
                     return out, lps
-            row = rows[j]
+                if j >= len(draft) or t != draft[j]:
+                    break
 
     # -- the CT2Decoder interface -------------------------------------------------------------------------
     def decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[dict]:
