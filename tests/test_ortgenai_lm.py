@@ -147,12 +147,16 @@ def test_int8_verified_gives_float32_answers_with_the_int8_copy_proposing(tmp_pa
     ref = [r["token_ids"] for r in loaded.generate(texts, batch_size=1, reference=True)]
     assert [f["token_ids"] for f in loaded.generate(texts)] == ref
     assert loaded.fast.drafter.passes > 0
+    drafter, loaded.fields = loaded.fast.drafter, ["colour", "size", "shape"]
+    loaded.fast.passes = 0
+    fields_ref = loaded.generate(texts)  # constrained: the drafter proposes every value at once
+    verified_passes, loaded.fast.drafter, loaded.fast.passes = loaded.fast.passes, None, 0
+    assert [f["text"] for f in fields_ref] == [f["text"] for f in loaded.generate(texts)]  # as float32 alone
+    assert verified_passes < loaded.fast.passes
     # a drafter that is another model: its proposals are mostly rejected, the answers stay float32's
     _student(tiny_llama(len(tok), seed=11, hidden=HIDDEN), tok).save_pretrained(tmp_path / "other")
     loaded.fast.drafter = OrtGenAIDecoder(ortgenai_folder(tmp_path / "other", "float32"), tok)
+    assert [f["text"] for f in loaded.generate(texts)] == [f["text"] for f in fields_ref]
+    loaded.fields = None
     assert [f["token_ids"] for f in loaded.generate(texts)] == ref
-    # constrained: the same object as the float32 path decodes
-    loaded.fields = ["colour", "size"]
-    fast = loaded.generate(texts[:3])
-    loaded.fast.drafter = None
-    assert [f["text"] for f in fast] == [f["text"] for f in loaded.generate(texts[:3])]
+    assert drafter.compute_type == "int8"

@@ -154,9 +154,10 @@ def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "fl
     """The decoder a student folder's ``compute_type`` asks for, converted first where needed (``int8_verified``:
     the float32 copy, with the int8 copy as its drafter)."""
     folder = convert(student_dir, compute_type)
-    drafter = (OrtGenAIDecoder(ortgenai_folder(student_dir, "int8"), tokenizer, "int8", threads, draft_tokens)
-               if compute_type == "int8_verified" else None)
-    return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens, drafter=drafter)
+    if compute_type != "int8_verified":
+        return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens)
+    drafter = OrtGenAIDecoder(ortgenai_folder(student_dir, "int8"), tokenizer, "int8", threads, draft_tokens, spin=False)
+    return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens, drafter=drafter, spin=False)
 
 
 class OrtGenAIDecoder:
@@ -164,13 +165,15 @@ class OrtGenAIDecoder:
     With a ``drafter`` (another decoder, e.g. the int8 copy) its greedy tokens are the drafts, checked here."""
 
     def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
-                 draft_tokens: int = 6, drafter: "OrtGenAIDecoder | None" = None):
+                 draft_tokens: int = 6, drafter: "OrtGenAIDecoder | None" = None, spin: bool = True):
         import onnxruntime_genai as og
 
         self.og, self.tok, self.compute_type, self.draft_tokens = og, tokenizer, compute_type, draft_tokens
         self.drafter = drafter
         cfg = og.Config(str(folder))
         opts = {"intra_op_num_threads": threads or min(os.cpu_count() or 1, 8), "inter_op_num_threads": 1}
+        if not spin:  # idle pool threads sleep instead of spinning: two sessions taking turns (int8_verified)
+            opts["session.intra_op.allow_spinning"] = "0"  # would otherwise steal each other's cores
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
         self.model = og.Model(cfg)
         self.context = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["context_length"])
@@ -265,27 +268,80 @@ class OrtGenAIDecoder:
         out = []
         for p in prompts:
             t0 = time.perf_counter()
-            p = list(p)
-            answer, values, decoded, lp_sum, ok = "{", {}, 0, 0.0, True
             with self.lock:
-                for k, name in enumerate(fields):
-                    answer += ("" if k == 0 else ", ") + json.dumps(name) + ': "'
-                    forced = self.tok(answer, add_special_tokens=False).input_ids
-                    seq, lps = self._greedy(p + forced, max_value_tokens, self.quote_ends, p)
-                    text = self.tok.decode(seq, skip_special_tokens=False)
-                    if '"' in text:
-                        value = text[: text.index('"')]
-                    else:  # ran out of tokens (or hit a stop token) inside the value
-                        value, ok = self.tok.decode(seq, skip_special_tokens=True), False
-                    values[name] = value
-                    answer += value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                    decoded += len(seq)
-                    lp_sum += sum(lps)
+                got = self._verified(list(p), fields, max_value_tokens) if self.drafter else \
+                    self._fields(list(p), "{", fields, 0, max_value_tokens)
+            values = {name: g[0] for name, g in zip(fields, got)}
+            decoded, lp_sum = sum(len(g[2]) for g in got), sum(sum(g[3]) for g in got)
             text = json.dumps(values, ensure_ascii=False)
-            out.append({"text": text, "token_ids": None, "finished": ok, "seconds": time.perf_counter() - t0,
+            out.append({"text": text, "token_ids": None, "finished": all(g[1] for g in got),
+                        "seconds": time.perf_counter() - t0,
                         "confidence": math.exp(max(-50.0, lp_sum / max(1, decoded))), "decoded_tokens": decoded,
                         "answer_tokens": len(self.tok(text, add_special_tokens=False).input_ids)})
         return out
+
+    @staticmethod
+    def _key(answer: str, k: int, name: str) -> str:
+        return answer + ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+
+    def _value(self, seq: list[int]) -> tuple[str, bool]:
+        """A value's text from its tokens (up to the closing quote), and whether the quote was reached."""
+        text = self.tok.decode(seq, skip_special_tokens=False)
+        if '"' in text:
+            return text[: text.index('"')], True
+        return self.tok.decode(seq, skip_special_tokens=True), False  # out of tokens (or a stop token) inside
+
+    @staticmethod
+    def _close(answer: str, value: str) -> str:
+        return answer + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int) -> list:
+        """``(value, closed, tokens, log-probs)`` of ``fields[start:]``, decoded one after another after ``answer``."""
+        got = []
+        for k in range(start, len(fields)):
+            answer = self._key(answer, k, fields[k])
+            seq, lps = self._greedy(p + self.tok(answer, add_special_tokens=False).input_ids, max_value_tokens,
+                                    self.quote_ends, p)
+            value, closed = self._value(seq)
+            answer = self._close(answer, value)
+            got.append((value, closed, seq, lps))
+        return got
+
+    def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int) -> list:
+        """``_fields`` with the drafter proposing every remaining value at once: the answer its values spell is
+        appended in one pass, and each field is read off that pass's logits for as long as greedy decoding
+        (what ``_fields`` would feed and choose) agrees with it; at the first disagreement that field is
+        finished by ``_greedy`` and the drafter proposes the rest again."""
+        self.drafter.quote_ends = self.quote_ends
+        answer, got = "{", []
+        while len(got) < len(fields):
+            k = len(got)
+            full = answer
+            for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens)):
+                full = self._close(self._key(full, k + j, fields[k + j]), value)
+            x = p + self.tok(full, add_special_tokens=False).input_ids
+            first = len(p + self.tok(self._key(answer, k, fields[k]), add_special_tokens=False).input_ids)
+            rows = self._feed(x, first - 1)
+            while len(got) < len(fields):
+                key = self._key(answer, len(got), fields[len(got)])
+                t_ = p + self.tok(key, add_special_tokens=False).input_ids
+                seq, lps, done, i = [], [], False, len(t_)
+                while x[:len(t_)] == t_:  # greedy tokens read off the pass while they are x's
+                    seq.append(int(rows[i - first].argmax()))
+                    lps.append(_logprob(rows[i - first], seq[-1]))
+                    done = seq[-1] in self.quote_ends or len(seq) >= max_value_tokens
+                    if done or i >= len(x) or x[i] != seq[-1]:
+                        break
+                    i += 1
+                if not done:
+                    more, more_lps = self._greedy(t_ + seq, max_value_tokens - len(seq), self.quote_ends, p)
+                    seq, lps = seq + more, lps + more_lps
+                value, closed = self._value(seq)
+                answer = self._close(key, value)
+                got.append((value, closed, seq, lps))
+                if not done:
+                    break  # the drafts after a disagreement followed a different answer: propose again
+        return got
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
         """(token id, log-prob) as decoded, on a generator of its own; the stop token ends the stream unyielded."""
