@@ -23,13 +23,15 @@ fewer forward passes and less prompt to prefill:
   decoding would not have chosen — the answer is the greedy answer, only fewer passes are run.
 * **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
   blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
-  but changed 4-12% of the parcel answers; no builder option tried kept >= 98% (fp32 activations,
-  ``accuracy_level=1``, ran ~4.7x *slower* than float32 here — MLAS has no fast kernel for 8-bit weights with
-  float32 inputs — and still changed 2 of 50; block sizes 16/128, asymmetric weights and a float32 LM head
-  changed 2-6 of 50; int4 two thirds). So the int8 copy only *proposes*: it decodes a whole value (up to
-  :data:`MODEL_DRAFT` tokens, to the closing quote) on its own cache, and the float32 copy checks the proposal
-  in one pass exactly as it checks prompt-lookup drafts. Answers are float32's, token for token; float32 runs
-  ~5 passes per parcel answer instead of ~22.
+  but changed 12-17% of the parcel answers, and no builder option tried keeps >= 98% (bench/ortgenai_quant.py:
+  float32 activations, ``accuracy_level=1``, ran 4.7x *slower* than float32 on this CPU — MLAS has no fast
+  kernel for 8-bit weights with float32 inputs — and still changed 2 of 50; block sizes 16/128, asymmetric
+  weights, a float32 LM head changed 2-6 of 50; int4 two thirds). So the int8 copy only *proposes*: for
+  constrained extraction it decodes all remaining values on its own cache, the answer they spell is appended
+  to the float32 cache in one pass, and each value is read off that pass for as long as float32's greedy
+  choice agrees (free decoding: up to :data:`MODEL_DRAFT` tokens per check). Answers are float32's token for
+  token; float32 runs ~1.3 passes per parcel answer instead of ~22. Both sessions run with onnxruntime's pool
+  spinning off: two pools taking turns on two busy cores otherwise spin on each other's (2x slower).
 
 Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
 (the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
