@@ -11,9 +11,10 @@ In one run (the trained student is cached in ``--work``; ``--retrain`` trains ag
    FLOP/s measured here with torch);
 3. answers every gold item one at a time with transformers' greedy ``generate`` (the reference, float32), with
    CTranslate2 (schema-constrained, float32 / int8) and with onnxruntime-genai (float32 free and constrained,
-   constrained without prompt-lookup drafts, int8 / int4 constrained), and reports per runtime: single-item p50
-   latency and its ratio to transformers, same answer as transformers (fields and values; exact text too),
-   field F1 vs gold, tokens decoded per answer, forward passes per answer (onnxruntime-genai);
+   constrained without prompt-lookup drafts, int8 / int4 constrained, int8_verified constrained: the int8 copy
+   proposes, the float32 copy checks), and reports per runtime: single-item p50 latency and its ratio to
+   transformers, same answer as transformers (fields and values; exact text too), field F1 vs gold, tokens
+   decoded per answer, forward passes per answer (onnxruntime-genai; ``+N``: the int8 drafter's passes);
 4. prices a call: the student at ``--usd-per-hour`` (2 cores) from its p50 latency, against an API teacher at
    list price (``--teacher``, protege's price table) for the same prompt and answer tokens.
 """
@@ -143,7 +144,8 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--rows", default="", help="only these fast-runtime rows (1-based positions in the list of "
                     "configurations: 1 ct2 f32 constrained, 2 ct2 int8 constrained, 3 ortgenai f32, 4 ortgenai f32 "
-                    "constrained, 5 the same without drafts, 6 ortgenai int8 constrained, 7 ortgenai int4 constrained)")
+                    "constrained, 5 the same without drafts, 6 ortgenai int8 constrained, 7 ortgenai int4 constrained, "
+                    "8 ortgenai int8_verified constrained)")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     ap.add_argument("--ab-steps", type=int, default=0, help="only time training steps: TRL defaults vs protege's")
     args = ap.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
     from protege.kinds import kind
     from protege.students.causal_lm import CausalLMStudent
     from protege.students.fast_lm import CT2Decoder, convert
-    from protege.students.ortgenai_lm import OrtGenAIDecoder, convert as convert_ortgenai
+    from protege.students.ortgenai_lm import ortgenai_decoder
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -178,20 +180,22 @@ def main() -> None:
     fields = list(parcels.FIELDS)
     configs = [("ctranslate2", "float32", True, None), ("ctranslate2", "int8", True, None),
                ("ortgenai", "float32", False, 6), ("ortgenai", "float32", True, 6), ("ortgenai", "float32", True, 0),
-               ("ortgenai", "int8", True, 6), ("ortgenai", "int4", True, 6)]
+               ("ortgenai", "int8", True, 6), ("ortgenai", "int4", True, 6), ("ortgenai", "int8_verified", True, 6)]
     if args.rows:  # a subset, by position in ``configs`` (1-based), e.g. --rows 1,4,6
         configs = [configs[int(i) - 1] for i in args.rows.split(",")]
     for rt, ct, constrained, drafts in configs:
         if rt == "ctranslate2":
             student.fast = CT2Decoder(convert(work / "student", ct), student.tokenizer, ct, threads=args.threads)
         else:
-            student.fast = OrtGenAIDecoder(convert_ortgenai(work / "student", ct), student.tokenizer, ct,
-                                           threads=args.threads, draft_tokens=drafts)
+            student.fast = ortgenai_decoder(work / "student", student.tokenizer, ct, threads=args.threads,
+                                            draft_tokens=drafts)
         student.fields = fields if constrained else None
         outs, raw, secs = single(student, texts)  # includes one warm-up item
         name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "")
         passes = student.fast.passes / (len(texts) + 1) if rt == "ortgenai" else None
+        drafter = getattr(student.fast, "drafter", None)
         rows.append({"runtime": name, "outs": outs, "secs": secs, "passes": passes,
+                     "draft_passes": drafter.passes / (len(texts) + 1) if drafter else None,
                      "decoded": statistics.mean(d["decoded_tokens"] for d in raw)})
         loads.append(os.getloadavg()[0])
         print(f"{name}: p50 {statistics.median(secs) * 1000:.0f} ms (load {loads[-1]:.1f})", flush=True)
@@ -224,12 +228,14 @@ def main() -> None:
         exact = statistics.mean(a.strip() == b.strip() for a, b in zip(r["outs"], ref))
         f1 = float(ext.score(golds, r["outs"])[0].mean())
         usd = p50 * args.usd_per_hour / 3600
-        passes = f"{r['passes']:6.1f}" if r.get("passes") else f"{'':6}"
+        passes = f"{r['passes']:.1f}" + (f"+{r['draft_passes']:.0f}" if r.get("draft_passes") else "") \
+            if r.get("passes") else ""
         print(f"{r['runtime']:48} {p50 * 1000:8.0f} {p50 / ref_p50:7.1%} {same:9.1%} {exact:9.1%} {f1:9.3f} "
-              f"{r['decoded']:7.1f} {passes} {usd * 1e6:10.2f}")
+              f"{r['decoded']:7.1f} {passes:>6} {usd * 1e6:10.2f}")
         result["rows"].append({"runtime": r["runtime"], "p50_ms": p50 * 1000, "vs_reference": p50 / ref_p50,
                                "same_answer": same, "same_text": exact, "field_f1": f1,
                                "decoded_tokens": r["decoded"], "forward_passes": r.get("passes"),
+                               "drafter_passes": r.get("draft_passes"),
                                "usd_per_1m_calls": usd * 1e6, "cheaper_than_teacher": usd < teacher_call,
                                "meets_goal": p50 / ref_p50 <= 0.10 and same >= 0.98 and usd < teacher_call})
     print(f"{args.teacher} at list price (${p_in}/${p_out} per 1M tokens; {t_in:.0f} in + {t_out:.0f} out): "

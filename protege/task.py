@@ -221,9 +221,9 @@ def _check_student_source(spec: TaskSpec, file: str) -> None:
         raise TaskError(f"{file}: key 'student.gguf_file' is for student.kind: causal_lm (got {s.kind!r}); remove it")
     if s.kind != "causal_lm":
         return
-    if s.compute_type == "int4" and s.runtime == "ctranslate2":
-        raise TaskError(f"{file}: key 'student.compute_type': int4 is for student.runtime: ortgenai (ctranslate2 takes "
-                        f"int8, int8_float32 or float32)")
+    if s.compute_type in ("int4", "int8_verified") and s.runtime == "ctranslate2":
+        raise TaskError(f"{file}: key 'student.compute_type': {s.compute_type} is for student.runtime: ortgenai "
+                        f"(ctranslate2 takes int8, int8_float32 or float32)")
     if s.init_from_teacher:  # the teacher's own weights (checked by TaskSpec._student_rules)
         return
     ref, gguf = (s.model, s.gguf_file) if s.model else (t.model, s.gguf_file or t.gguf_file)

@@ -102,7 +102,7 @@ def test_runtime_choice(tmp_path):
         pick_runtime("ortgenai", tmp_path / "h8")
 
 
-def test_task_file_refuses_int4_on_ctranslate2_and_takes_it_on_ortgenai(tmp_path):
+def test_task_file_refuses_int4_and_int8_verified_on_ctranslate2_and_takes_them_on_ortgenai(tmp_path):
     from protege.task import TaskError, load_task
     from tiny import write_task
 
@@ -112,6 +112,10 @@ def test_task_file_refuses_int4_on_ctranslate2_and_takes_it_on_ortgenai(tmp_path
         load_task(bad)
     ok = load_task(write_task(tmp_path / "b", overrides={"student": {**student, "runtime": "ortgenai"}}))
     assert ok.student.runtime == "ortgenai" and ok.student.compute_type == "int4"
+    verified = {**student, "compute_type": "int8_verified"}
+    with pytest.raises(TaskError, match="int8_verified is for student.runtime: ortgenai"):
+        load_task(write_task(tmp_path / "c", overrides={"student": {**verified, "runtime": "ctranslate2"}}))
+    assert load_task(write_task(tmp_path / "d", overrides={"student": verified})).student.compute_type == "int8_verified"
 
 
 def test_served_student_answers_concurrent_requests_as_alone(tmp_path):
@@ -125,3 +129,34 @@ def test_served_student_answers_concurrent_requests_as_alone(tmp_path):
     p = load_predictor(tmp_path / "st", "m")
     assert p.fast is not None and p.fast.name == "onnxruntime-genai float32"
     assert_concurrent_answers_as_alone(p, [r["text"] for r in synthetic_rows(6)])
+
+
+def test_int8_verified_gives_float32_answers_with_the_int8_copy_proposing(tmp_path):
+    """``int8_verified``: both copies are exported; the answers are float32's token for token whatever the
+    drafter proposes — the int8 copy of the same weights, or another model that disagrees almost everywhere."""
+    from protege.students.ortgenai_lm import OrtGenAIDecoder
+
+    tok = smollm2_tokenizer()
+    s = _student(tiny_llama(len(tok), seed=4, hidden=HIDDEN), tok, compute_type="int8_verified")
+    s.save_pretrained(tmp_path / "st")
+    assert (ortgenai_folder(tmp_path / "st", "int8") / "genai_config.json").is_file()
+    assert ortgenai_folder(tmp_path / "st", "int8_verified") == ortgenai_folder(tmp_path / "st", "float32")
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    assert loaded.fast.name == "onnxruntime-genai int8_verified" and loaded.fast.drafter.compute_type == "int8"
+    texts = [r["text"] + " red red big red big" for r in synthetic_rows(5)]
+    ref = [r["token_ids"] for r in loaded.generate(texts, batch_size=1, reference=True)]
+    assert [f["token_ids"] for f in loaded.generate(texts)] == ref
+    assert loaded.fast.drafter.passes > 0
+    drafter, loaded.fields = loaded.fast.drafter, ["colour", "size", "shape"]
+    loaded.fast.passes = 0
+    fields_ref = loaded.generate(texts)  # constrained: the drafter proposes every value at once
+    verified_passes, loaded.fast.drafter, loaded.fast.passes = loaded.fast.passes, None, 0
+    assert [f["text"] for f in fields_ref] == [f["text"] for f in loaded.generate(texts)]  # as float32 alone
+    assert verified_passes < loaded.fast.passes
+    # a drafter that is another model: its proposals are mostly rejected, the answers stay float32's
+    _student(tiny_llama(len(tok), seed=11, hidden=HIDDEN), tok).save_pretrained(tmp_path / "other")
+    loaded.fast.drafter = OrtGenAIDecoder(ortgenai_folder(tmp_path / "other", "float32"), tok)
+    assert [f["text"] for f in loaded.generate(texts)] == [f["text"] for f in fields_ref]
+    loaded.fields = None
+    assert [f["token_ids"] for f in loaded.generate(texts)] == ref
+    assert drafter.compute_type == "int8"

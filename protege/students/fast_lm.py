@@ -227,9 +227,9 @@ def fast_decoder(student_dir: str | Path, tokenizer, runtime: str = "auto", comp
     (transformers); ``ortgenai`` / ``ctranslate2`` = that one, required; ``transformers`` = None."""
     rt = pick_runtime(runtime, student_dir)
     if rt == "ortgenai":
-        from protege.students.ortgenai_lm import OrtGenAIDecoder, convert as convert_ortgenai
+        from protege.students.ortgenai_lm import ortgenai_decoder
 
-        return OrtGenAIDecoder(convert_ortgenai(student_dir, compute_type), tokenizer, compute_type)
+        return ortgenai_decoder(student_dir, tokenizer, compute_type)
     if rt == "ctranslate2":
         _check_ct2(compute_type)
         return CT2Decoder(convert(student_dir, compute_type), tokenizer, compute_type)

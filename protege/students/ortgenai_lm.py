@@ -3,7 +3,8 @@
 The student folder stays a plain HF model (the reference). Its ONNX copy is built on first use by
 onnxruntime-genai's own model builder (``python -m onnxruntime_genai.models.builder``, offline: it reads the
 folder's safetensors and tokenizer) and cached beside it as ``<student>/ortgenai-<fp32|int8|int4>/``, written to
-a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole.
+a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole. ``int8_verified``
+uses two of them, ``ortgenai-fp32`` and ``ortgenai-int8``.
 
 Why a second runtime beside CTranslate2, and how it decodes (measured in bench/genstudent.py, README
 "genstudent"): a 135M model in float32 on 2 cores is bound by memory bandwidth (~80 ms to stream 540 MB of
@@ -20,6 +21,17 @@ fewer forward passes and less prompt to prefill:
   and the tokens that followed it there are appended as a draft; one forward pass scores them all (the ONNX
   graph returns logits for every appended position) and the draft is kept up to the first token greedy
   decoding would not have chosen — the answer is the greedy answer, only fewer passes are run.
+* **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
+  blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
+  but changed 12-17% of the parcel answers, and no builder option tried keeps >= 98% (bench/ortgenai_quant.py:
+  float32 activations, ``accuracy_level=1``, ran 4.7x *slower* than float32 on this CPU — MLAS has no fast
+  kernel for 8-bit weights with float32 inputs — and still changed 2 of 50; block sizes 16/128, asymmetric
+  weights, a float32 LM head changed 2-6 of 50; int4 two thirds). So the int8 copy only *proposes*: for
+  constrained extraction it decodes all remaining values on its own cache, the answer they spell is appended
+  to the float32 cache in one pass, and each value is read off that pass for as long as float32's greedy
+  choice agrees (free decoding: up to :data:`MODEL_DRAFT` tokens per check). Answers are float32's token for
+  token; float32 runs ~1.3 passes per parcel answer instead of ~22. Both sessions run with onnxruntime's pool
+  spinning off: two pools taking turns on two busy cores otherwise spin on each other's (2x slower).
 
 Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
 (the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
@@ -42,7 +54,8 @@ from typing import Sequence
 
 import numpy as np
 
-PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4"}
+PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4", "int8_verified": "fp32"}
+MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
 
 
 def ortgenai_available() -> bool:
@@ -79,6 +92,8 @@ def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
     """The ONNX Runtime GenAI copy of a saved HF causal-LM folder, built once (offline) and cached beside it."""
     if compute_type not in PRECISIONS:
         raise ValueError(f"student.compute_type {compute_type!r}: onnxruntime-genai takes one of {sorted(PRECISIONS)}")
+    if compute_type == "int8_verified":  # the drafter, then the float32 copy whose answers are given
+        convert(student_dir, "int8")
     dest = ortgenai_folder(student_dir, compute_type)
     if (dest / "genai_config.json").is_file():
         return dest
@@ -136,16 +151,31 @@ def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: i
     return []
 
 
+def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
+                     draft_tokens: int = 6) -> "OrtGenAIDecoder":
+    """The decoder a student folder's ``compute_type`` asks for, converted first where needed (``int8_verified``:
+    the float32 copy, with the int8 copy as its drafter)."""
+    folder = convert(student_dir, compute_type)
+    if compute_type != "int8_verified":
+        return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens)
+    drafter = OrtGenAIDecoder(ortgenai_folder(student_dir, "int8"), tokenizer, "int8", threads, draft_tokens, spin=False)
+    return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens, drafter=drafter, spin=False)
+
+
 class OrtGenAIDecoder:
-    """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai."""
+    """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai.
+    With a ``drafter`` (another decoder, e.g. the int8 copy) its greedy tokens are the drafts, checked here."""
 
     def __init__(self, folder: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
-                 draft_tokens: int = 6):
+                 draft_tokens: int = 6, drafter: "OrtGenAIDecoder | None" = None, spin: bool = True):
         import onnxruntime_genai as og
 
         self.og, self.tok, self.compute_type, self.draft_tokens = og, tokenizer, compute_type, draft_tokens
+        self.drafter = drafter
         cfg = og.Config(str(folder))
         opts = {"intra_op_num_threads": threads or min(os.cpu_count() or 1, 8), "inter_op_num_threads": 1}
+        if not spin:  # idle pool threads sleep instead of spinning: two sessions taking turns (int8_verified)
+            opts["session.intra_op.allow_spinning"] = "0"  # would otherwise steal each other's cores
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
         self.model = og.Model(cfg)
         self.context = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["context_length"])
@@ -185,30 +215,35 @@ class OrtGenAIDecoder:
         logits = np.asarray(self.gen.get_output("logits"))[0]
         return logits[need_from - k:]
 
+    def _draft(self, seq: list[int], done: int, k: int, stops: set[int], source: Sequence[int]) -> list[int]:
+        """Up to ``k`` tokens proposed to follow ``seq`` (``done`` of them decoded already): the drafter's greedy
+        tokens, else a prompt lookup (after the first decoded token)."""
+        if k <= 0:
+            return []
+        if self.drafter is not None:
+            return self.drafter._greedy(seq, min(k, MODEL_DRAFT), stops, source)[0]
+        if not done or not self.draft_tokens:
+            return []
+        return lookup_draft(seq[-done - 2:], source, min(self.draft_tokens, k), words=self.words)
+
     def _greedy(self, prefix: Sequence[int], max_new: int, stops: set[int], source: Sequence[int]) -> tuple[list, list]:
-        """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs; drafts are
-        looked up in ``source``."""
+        """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs. Each pass
+        appends the tokens decoded so far plus a draft, and keeps the draft up to the first token greedy decoding
+        would not have chosen (that token, or the one after a wholly kept draft, comes from the same pass)."""
         prefix = list(prefix)
-        row = self._feed(prefix, len(prefix) - 1)[-1]
         out: list[int] = []
         lps: list[float] = []
         while True:
-            t = int(row.argmax())
-            out.append(t)
-            lps.append(_logprob(row, t))
-            if t in stops or len(out) >= max_new:
-                return out, lps
-            draft = lookup_draft(prefix[-2:] + out, source, min(self.draft_tokens, max_new - len(out)),
-                                 words=self.words) if self.draft_tokens else []
+            draft = self._draft(prefix + out, len(out), max_new - len(out) - 1, stops, source)
             rows = self._feed(prefix + out + draft, len(prefix) + len(out) - 1)
-            j = 0
-            while j < len(draft) and int(rows[j].argmax()) == draft[j]:
-                out.append(draft[j])
-                lps.append(_logprob(rows[j], draft[j]))
-                j += 1
-                if draft[j - 1] in stops or len(out) >= max_new:
+            for j, row in enumerate(rows):
+                t = int(row.argmax())
+                out.append(t)
+                lps.append(_logprob(row, t))
+                if t in stops or len(out) >= max_new:
                     return out, lps
-            row = rows[j]
+                if j >= len(draft) or t != draft[j]:
+                    break
 
     # -- the CT2Decoder interface -------------------------------------------------------------------------
     def decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[dict]:
@@ -235,27 +270,80 @@ class OrtGenAIDecoder:
         out = []
         for p in prompts:
             t0 = time.perf_counter()
-            p = list(p)
-            answer, values, decoded, lp_sum, ok = "{", {}, 0, 0.0, True
             with self.lock:
-                for k, name in enumerate(fields):
-                    answer += ("" if k == 0 else ", ") + json.dumps(name) + ': "'
-                    forced = self.tok(answer, add_special_tokens=False).input_ids
-                    seq, lps = self._greedy(p + forced, max_value_tokens, self.quote_ends, p)
-                    text = self.tok.decode(seq, skip_special_tokens=False)
-                    if '"' in text:
-                        value = text[: text.index('"')]
-                    else:  # ran out of tokens (or hit a stop token) inside the value
-                        value, ok = self.tok.decode(seq, skip_special_tokens=True), False
-                    values[name] = value
-                    answer += value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                    decoded += len(seq)
-                    lp_sum += sum(lps)
+                got = self._verified(list(p), fields, max_value_tokens) if self.drafter else \
+                    self._fields(list(p), "{", fields, 0, max_value_tokens)
+            values = {name: g[0] for name, g in zip(fields, got)}
+            decoded, lp_sum = sum(len(g[2]) for g in got), sum(sum(g[3]) for g in got)
             text = json.dumps(values, ensure_ascii=False)
-            out.append({"text": text, "token_ids": None, "finished": ok, "seconds": time.perf_counter() - t0,
+            out.append({"text": text, "token_ids": None, "finished": all(g[1] for g in got),
+                        "seconds": time.perf_counter() - t0,
                         "confidence": math.exp(max(-50.0, lp_sum / max(1, decoded))), "decoded_tokens": decoded,
                         "answer_tokens": len(self.tok(text, add_special_tokens=False).input_ids)})
         return out
+
+    @staticmethod
+    def _key(answer: str, k: int, name: str) -> str:
+        return answer + ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+
+    def _value(self, seq: list[int]) -> tuple[str, bool]:
+        """A value's text from its tokens (up to the closing quote), and whether the quote was reached."""
+        text = self.tok.decode(seq, skip_special_tokens=False)
+        if '"' in text:
+            return text[: text.index('"')], True
+        return self.tok.decode(seq, skip_special_tokens=True), False  # out of tokens (or a stop token) inside
+
+    @staticmethod
+    def _close(answer: str, value: str) -> str:
+        return answer + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int) -> list:
+        """``(value, closed, tokens, log-probs)`` of ``fields[start:]``, decoded one after another after ``answer``."""
+        got = []
+        for k in range(start, len(fields)):
+            answer = self._key(answer, k, fields[k])
+            seq, lps = self._greedy(p + self.tok(answer, add_special_tokens=False).input_ids, max_value_tokens,
+                                    self.quote_ends, p)
+            value, closed = self._value(seq)
+            answer = self._close(answer, value)
+            got.append((value, closed, seq, lps))
+        return got
+
+    def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int) -> list:
+        """``_fields`` with the drafter proposing every remaining value at once: the answer its values spell is
+        appended in one pass, and each field is read off that pass's logits for as long as greedy decoding
+        (what ``_fields`` would feed and choose) agrees with it; at the first disagreement that field is
+        finished by ``_greedy`` and the drafter proposes the rest again."""
+        self.drafter.quote_ends = self.quote_ends
+        answer, got = "{", []
+        while len(got) < len(fields):
+            k = len(got)
+            full = answer
+            for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens)):
+                full = self._close(self._key(full, k + j, fields[k + j]), value)
+            x = p + self.tok(full, add_special_tokens=False).input_ids
+            first = len(p + self.tok(self._key(answer, k, fields[k]), add_special_tokens=False).input_ids)
+            rows = self._feed(x, first - 1)
+            while len(got) < len(fields):
+                key = self._key(answer, len(got), fields[len(got)])
+                t_ = p + self.tok(key, add_special_tokens=False).input_ids
+                seq, lps, done, i = [], [], False, len(t_)
+                while x[:len(t_)] == t_:  # greedy tokens read off the pass while they are x's
+                    seq.append(int(rows[i - first].argmax()))
+                    lps.append(_logprob(rows[i - first], seq[-1]))
+                    done = seq[-1] in self.quote_ends or len(seq) >= max_value_tokens
+                    if done or i >= len(x) or x[i] != seq[-1]:
+                        break
+                    i += 1
+                if not done:
+                    more, more_lps = self._greedy(t_ + seq, max_value_tokens - len(seq), self.quote_ends, p)
+                    seq, lps = seq + more, lps + more_lps
+                value, closed = self._value(seq)
+                answer = self._close(key, value)
+                got.append((value, closed, seq, lps))
+                if not done:
+                    break  # the drafts after a disagreement followed a different answer: propose again
+        return got
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
         """(token id, log-prob) as decoded, on a generator of its own; the stop token ends the stream unyielded."""
