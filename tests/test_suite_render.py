@@ -82,3 +82,19 @@ def test_suite_ladders_and_e2e_row_share_the_student_settings(monkeypatch):
     monkeypatch.setitem(suite_run.LADDER_BUDGET_S, "s", None)
     monkeypatch.setitem(suite_run.LADDER_RUNGS, "r", None)
     assert suite_run.ladder_student_settings() == {}
+
+
+def test_ladder_table_shows_every_rung_or_why_not():
+    rows = [{"task": "x", "budget": 100, "model": suite_run.AUTO, "auto_rung": "frozen",
+             "ladder": [{"name": "static", "cv_agreement": 0.81, "ms_p50": 0.2, "train_s": 3.0},
+                        {"name": "frozen", "cv_agreement": 0.85, "ms_p50": 2.0, "train_s": 5.0},
+                        {"name": "encoder", "cv_agreement": None, "train_s": 0.0}]},
+            {"task": "x", "budget": 200, "model": suite_run.AUTO, "auto_rung": "static",
+             "ladder": [{"name": "static", "cv_agreement": 0.9, "ms_p50": 0.2, "train_s": 4.0},
+                        {"name": "frozen", "cv_agreement": None, "error": "ImportError: onnxruntime"}]}]
+    lines = suite_run.ladder_table(rows)
+    assert lines[3] == "| task | labels bought | static | frozen | encoder |"
+    assert lines[5] == "| x | 100 | 0.810, 0.20 ms, 3 s | **0.850, 2.00 ms, 5 s** | skipped |"
+    assert lines[6] == ("| x | 200 | **0.900, 0.20 ms, 4 s** | failed: ImportError: onnxruntime | "
+                        "not in the ladder |")
+    assert suite_run.ladder_table([{"task": "x", "budget": 1, "model": "TF-IDF + LR"}]) == []

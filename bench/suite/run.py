@@ -668,7 +668,34 @@ def markdown(res: dict, budgets: Sequence[int] | None = None) -> str:
         lines.append(f"| {r['task']} | {r['budget']} | {name} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, "
                      f"{r['ci'][1]:.3f}] | {_n(r['kept'], '.2f')} | {_n(r['agreement'], '.3f')} | "
                      f"{_n(r['p_vs_ref'], '.2g')} | {_n(r['ms_per_item'], '.3g')} | {_n(r['train_s'], '.1f')} | {rung} |")
+    lines += ladder_table(res["rows"])
     return "\n".join(lines) + "\n"
+
+
+def ladder_table(rows: list[dict]) -> list[str]:
+    """Every rung of every auto ladder: CV agreement with the teacher (teacher-labelled held-out folds, never
+    gold), single-item ms on one thread, training seconds — or why it did not run; the chosen one in bold."""
+    ladders = [r for r in rows if r.get("ladder")]
+    names = list(dict.fromkeys(x["name"] for r in ladders for x in r["ladder"]))
+    if not ladders:
+        return []
+    out = ["", "The ladders (per rung: CV agreement with the teacher, ms per item on one thread, training s; "
+           "chosen in bold):", "", "| task | labels bought | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+    for r in ladders:
+        by = {x["name"]: x for x in r["ladder"]}
+        cells = []
+        for n in names:
+            x = by.get(n)
+            if x is None:
+                cells.append("not in the ladder")
+            elif x.get("cv_agreement") is None:
+                cells.append("skipped" if not x.get("error") else f"failed: {x['error'][:40]}")
+            else:
+                c = f"{x['cv_agreement']:.3f}, {_n(x.get('ms_p50'), '.2f')} ms, {_n(x.get('train_s'), '.0f')} s"
+                cells.append(f"**{c}**" if n == r.get("auto_rung") else c)
+        out.append(f"| {r['task']} | {r['budget']} | " + " | ".join(cells) + " |")
+    return out
 
 
 README_START, README_END = "<!-- suite-table:start -->", "<!-- suite-table:end -->"
