@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,22 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parcels  # noqa: E402
-
-
-def build(student: Path, tag: str, precision: str, opts: list[str]) -> Path:
-    dest = student / f"x-{tag}"
-    if (dest / "genai_config.json").is_file():
-        return dest
-    tmp = Path(tempfile.mkdtemp(prefix=".x-", dir=student))
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(student), "-o", str(tmp / "m"),
-           "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")] + (["--extra_options", *opts] if opts else [])
-    r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if r.returncode:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SystemExit(f"builder failed for {tag}: {r.stderr[-2000:]}")
-    os.replace(tmp / "m", dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def main() -> None:
@@ -55,7 +36,7 @@ def main() -> None:
 
     from protege.kinds import kind
     from protege.students.causal_lm import CausalLMStudent
-    from protege.students.ortgenai_lm import OrtGenAIDecoder
+    from protege.students.ortgenai_lm import OrtGenAIDecoder, build
 
     st = Path(args.student)
     n0, n = map(int, args.items.split(","))
@@ -71,7 +52,7 @@ def main() -> None:
     res = {}
     print(f"{n} items; {args.threads} threads; load avg {os.getloadavg()[0]:.1f}", flush=True)
     for tag, (prec, opts) in variants.items():
-        folder = build(st, tag, prec, opts)
+        folder = build(st, st / f"x-{tag}", prec, opts)  # reused when there
         student.fast = OrtGenAIDecoder(folder, student.tokenizer, tag, threads=args.threads, draft_tokens=6)
         student.generate(texts[:1], batch_size=1)  # warm-up
         outs, secs = [], []

@@ -94,20 +94,27 @@ def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
         raise ValueError(f"student.compute_type {compute_type!r}: onnxruntime-genai takes one of {sorted(PRECISIONS)}")
     if compute_type == "int8_verified":  # the drafter, then the float32 copy whose answers are given
         convert(student_dir, "int8")
-    dest = ortgenai_folder(student_dir, compute_type)
+    return build(student_dir, ortgenai_folder(student_dir, compute_type), PRECISIONS[compute_type])
+
+
+def build(student_dir: str | Path, dest: Path, precision: str, extra_options: Sequence[str] = ()) -> Path:
+    """``dest``: the builder's export of ``student_dir`` at ``precision`` (``fp32`` / ``int8`` / ``int4``, with
+    the builder's ``--extra_options key=value ...``), unless already there; written to a temporary folder beside
+    the student and renamed, so a killed conversion never leaves a folder that looks whole."""
     if (dest / "genai_config.json").is_file():
         return dest
     tmp = Path(tempfile.mkdtemp(prefix=".ortgenai-", dir=Path(student_dir)))
     try:
         # The logits of every appended position are needed to verify drafts: the LM head is not pruned.
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(student_dir).resolve()),
-               "-o", str(tmp / "m"), "-p", PRECISIONS[compute_type], "-e", "cpu", "-c", str(tmp / "cache")]
+               "-o", str(tmp / "m"), "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
+        cmd += ["--extra_options", *extra_options] if extra_options else []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         if r.returncode != 0 or not (tmp / "m" / "genai_config.json").is_file():
             tail = (r.stderr or r.stdout or "").strip().splitlines()[-6:]
-            raise RuntimeError(f"onnxruntime-genai could not convert {student_dir} ({compute_type}): "
-                               + " | ".join(tail))
+            raise RuntimeError(f"onnxruntime-genai could not convert {student_dir} ({precision} "
+                               f"{' '.join(extra_options)}): " + " | ".join(tail))
         try:
             os.replace(tmp / "m", dest)
         except OSError:  # another process finished the same conversion first
