@@ -67,12 +67,13 @@ def test_embedding_cache_is_shared_across_unit_processes_through_disk(tmp_path, 
     suite_run._disk_cache_save(keys, np.array([[1.0, 0.0], [0.0, 1.0]]))
     suite_run._disk_cache_save([suite_run._text_key("c")], np.array([[0.5, 0.5]]))
     other: dict = {}
-    suite_run._disk_cache_load(other)
+    seen: set = set()
+    suite_run._disk_cache_load(other, seen)
     assert np.allclose(other[keys[1]], [0.0, 1.0]) and np.allclose(other[suite_run._text_key("c")], [0.5, 0.5])
     assert suite_run._text_key("d") not in other
     assert not list((tmp_path / "emb").glob("*.tmp*"))  # shards are written whole, then renamed
-    suite_run._disk_cache_load(other)  # shards already read are not read again
-    assert len(other["__shards__"]) == 2
+    suite_run._disk_cache_load(other, seen)  # shards already read are not read again
+    assert len(seen) == 2
 
 
 def test_suite_ladders_and_e2e_row_share_the_student_settings(monkeypatch):

@@ -191,8 +191,8 @@ def fit_protege_auto(texts, teacher_labels, labels, probs=None, *, suite_task=No
                           inputs=[r["text"] for r in suite_task.pool])
     spec = load_spec(path)
     assert spec.student.kind == "auto", spec.student.kind
-    if ladder_student_settings():  # --ladder-budget / --rungs: the suite's 18 ladders in 45 min, not 18 x 20
-        spec.student = spec.student.model_copy(update=ladder_student_settings())
+    if st := ladder_student_settings():  # --ladder-budget / --rungs: the suite's 18 ladders in 45 min, not 18 x 20
+        spec.student = spec.student.model_copy(update=st)
     if probs is None:
         probs = np.eye(len(labels))[[labels.index(y) for y in teacher_labels]]
     rows = [{"text": t, "label": y, "probs": [float(x) for x in p], "source": "teacher", "weight": 1.0}
@@ -248,8 +248,8 @@ EMBED_CACHE: dict[str, Path | None] = {"dir": None}  # run_suite sets <out>/cach
 def _minilm_frozen():
     if "minilm" not in _SHARED:
         _SHARED["minilm"] = peers.minilm()
-        _SHARED["minilm_cache"] = {}
-    return _SHARED["minilm"], _SHARED["minilm_cache"]
+        _SHARED["minilm_cache"], _SHARED["minilm_shards"] = {}, set()
+    return _SHARED["minilm"], _SHARED["minilm_cache"], _SHARED["minilm_shards"]
 
 
 def _text_key(t: str) -> str:
@@ -258,15 +258,16 @@ def _text_key(t: str) -> str:
     return hashlib.sha1(t.encode("utf-8")).hexdigest()[:20]
 
 
-def _disk_cache_load(cache: dict) -> None:
-    """Fill ``cache`` (text key -> embedding) from every shard under EMBED_CACHE (other units' too)."""
+def _disk_cache_load(cache: dict, seen: set) -> None:
+    """Fill ``cache`` (text key -> embedding) from every shard under EMBED_CACHE (other units' too) not in
+    ``seen`` (the shard names already read), and add them there."""
     d = EMBED_CACHE["dir"]
     for f in sorted(d.glob("*.npz")) if d is not None and d.is_dir() else ():
-        if f.name in cache.setdefault("__shards__", set()):
+        if f.name in seen:
             continue
         with np.load(f) as z:
             cache.update(zip(z["keys"].tolist(), z["emb"]))
-        cache["__shards__"].add(f.name)
+        seen.add(f.name)
 
 
 def _disk_cache_save(keys: list[str], emb: np.ndarray) -> None:
@@ -286,11 +287,11 @@ def fit_minilm_frozen(texts, teacher_labels, labels, probs=None):
     on disk (the samples are nested: a task's 1k and 4k units reuse what its largest unit encoded; units run as
     separate processes), so ``train_s`` leaves out encoding texts another unit already encoded; gold is encoded
     afresh at predict time, so timings are honest."""
-    mini, cache = _minilm_frozen()
+    mini, cache, shards = _minilm_frozen()
     enc = lambda xs: mini.encode(list(xs), batch_size=32, show_progress_bar=False)  # noqa: E731
 
     def enc_train(xs):
-        _disk_cache_load(cache)
+        _disk_cache_load(cache, shards)
         keys = [_text_key(x) for x in xs]
         todo = list(dict.fromkeys(x for x, k in zip(xs, keys) if k not in cache))
         if todo:
@@ -464,8 +465,8 @@ def _cpu_s() -> float:
     costs regardless of how many other processes competed for the cores."""
     import resource
 
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _self_cpu_s() + b.ru_utime + b.ru_stime
 
 
 def _self_cpu_s() -> float:
