@@ -184,12 +184,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 def chain_coverage(c1, r1, c2, r2, t_right) -> tuple[float, float]:
     """Level 1, then level 2, then the teacher (``serve.levels``): the most coverage whose gold accuracy keeps 99.5%
-    of the teacher's, both thresholds picked on gold over a 41-quantile grid each (optimistic, as the one-level
+    of the teacher's, both thresholds picked on gold over a 201-quantile grid each (optimistic, as the one-level
     pick); and level 2 alone on the same grid."""
     need = TARGET * t_right.mean()
     best, alone = 0.0, 0.0
-    q1 = np.r_[np.inf, np.quantile(c1, np.linspace(0, 1, 41))]
-    q2 = np.r_[np.inf, np.quantile(c2, np.linspace(0, 1, 41))]
+    q1 = np.r_[np.inf, np.unique(np.quantile(c1, np.linspace(0, 1, 201)))]
+    q2 = np.r_[np.inf, np.unique(np.quantile(c2, np.linspace(0, 1, 201)))]
     for t1 in q1:
         a1 = c1 >= t1
         for t2 in q2:
@@ -289,6 +289,7 @@ def main() -> None:
                    help="skip the shipped student's cascade (kind: auto on the whole labelled pool; ~2 min a task)")
     p.add_argument("--ladder-budget", type=float, default=300.0, help="the auto ladder's student.time_budget_s")
     p.add_argument("--out", default="runs/active_cascade", help="task folders the auto ladder reads")
+    p.add_argument("--json", help="also write the rows (curves included) and the settings here")
     a = p.parse_args()
     import torch
 
@@ -309,6 +310,11 @@ def main() -> None:
               f"({r['seconds']:.0f} s)", flush=True)
     print()
     print(table(rows, a))
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps({"settings": {k: v for k, v in vars(a).items() if k != "json"},
+                                            "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1, default=float))
     met = sum(r["active_calls"] is not None and r["active_calls"] <= 0.5 * r["budget"] for r in rows)
     cov = sum(r["cov_gold_pick"] >= 0.8 for r in rows)
     two = sum(r.get("two_cov", 0) >= 0.8 for r in rows)

@@ -160,3 +160,38 @@ def test_int8_verified_gives_float32_answers_with_the_int8_copy_proposing(tmp_pa
     loaded.fields = None
     assert [f["token_ids"] for f in loaded.generate(texts)] == ref
     assert drafter.compute_type == "int8"
+
+
+def test_text_draft_copies_what_followed_the_value_in_the_prompt():
+    from protege.students.ortgenai_lm import text_draft
+
+    tok = smollm2_tokenizer()
+
+    def enc(s):
+        return tok(s, add_special_tokens=False).input_ids
+
+    src = "Parcel for Dublin, arriving soon. Sent from Dubai."
+    # the latest occurrence at a word start, and what followed it there
+    assert tok.decode(text_draft("Dub", src, 3, enc)) == tok.decode(enc("ai.")[:3])
+    assert tok.decode(text_draft("Dubl", src, 2, enc)) == tok.decode(enc("in, arriving")[:2])
+    assert text_draft("Cork", src, 3, enc) == [] and text_draft("Dub", src, 0, enc) == []
+
+
+def test_next_key_in_the_same_pass_saves_passes_and_changes_no_answer(tmp_path):
+    """Constrained decoding with the next field's key appended to each pass (``fold_keys``) gives the answers it
+    gives without: in fewer passes for a model trained to answer, and the same answers for a random one (whose
+    values mostly run to the token limit: the appended keys are computed and dropped)."""
+    tok = smollm2_tokenizer()
+    texts = [r["text"] for r in synthetic_rows(6, start=700)]
+    for name, model, fields in (("trained", _json_speaker(tok), string_fields(SCHEMA)),
+                                ("random", tiny_llama(len(tok), seed=9, hidden=HIDDEN), ["colour", "size", "shape"])):
+        _student(model, tok, fields=fields).save_pretrained(tmp_path / name)
+        s = CausalLMStudent.from_pretrained(tmp_path / name)
+        s.fields = fields
+        counts, answers = {}, {}
+        for fold in (True, False):
+            s.fast.fold_keys, s.fast.passes = fold, 0
+            answers[fold] = [(o["text"], o["decoded_tokens"]) for o in s.generate(texts, batch_size=1)]
+            counts[fold] = s.fast.passes
+        assert answers[True] == answers[False], name
+        assert counts[True] < counts[False] or name == "random", (name, counts)
