@@ -25,8 +25,8 @@ fewer forward passes and less prompt to prefill:
   closing quote and the next field's key as if the value ended there (a copied draft is cut where its word ends);
   where it does end, the next value's first token is read off that pass: one pass fewer per field boundary
   (``_greedy``'s ``follow``). A copy is also looked up as *text* when its tokens differ from the prompt's
-  (``text_draft``: `` Dublin`` in the notice, ``Dub`` + ``lin`` after a quote). Parcel answers: the int8 copy's
-  passes fell from 21.6 to 16.7 per answer (bench/genstudent.py), answers unchanged.
+  (``text_draft``: `` Dublin`` in the notice, ``Dub`` + ``lin`` after a quote). Parcel answers (bench/genstudent.py, 50 items): float32's
+  passes fell from 22.3 to 17.4 per answer, the int8 drafter's from 23.1 to 18, answers unchanged.
 * **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
   blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
   but changed 12-17% of the parcel answers, and no builder option tried keeps >= 98% (bench/ortgenai_quant.py:
