@@ -36,7 +36,8 @@ def main() -> None:
 
     from protege.kinds import kind
     from protege.students.causal_lm import CausalLMStudent
-    from protege.students.ortgenai_lm import OrtGenAIDecoder, build
+    from protege.students.ortgenai_build import build
+    from protege.students.ortgenai_lm import OrtGenAIDecoder
 
     st = Path(args.student)
     n0, n = map(int, args.items.split(","))

@@ -14,7 +14,8 @@ import pytest
 
 from protege.students.causal_lm import CausalLMStudent
 from protege.students.fast_lm import pick_runtime, string_fields
-from protege.students.ortgenai_lm import lookup_draft, ortgenai_folder
+from protege.students.drafts import lookup_draft, text_draft
+from protege.students.ortgenai_build import ortgenai_folder
 from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("onnxruntime_genai")
@@ -163,8 +164,6 @@ def test_int8_verified_gives_float32_answers_with_the_int8_copy_proposing(tmp_pa
 
 
 def test_text_draft_copies_what_followed_the_value_in_the_prompt():
-    from protege.students.ortgenai_lm import text_draft
-
     tok = smollm2_tokenizer()
 
     def enc(s):

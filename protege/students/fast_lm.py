@@ -176,7 +176,7 @@ RUNTIMES = ("auto", "ortgenai", "ctranslate2", "transformers")
 
 
 def runtime_available(runtime: str) -> bool:
-    from protege.students.ortgenai_lm import ortgenai_available
+    from protege.students.ortgenai_build import ortgenai_available
 
     return {"ctranslate2": ctranslate2_available, "ortgenai": ortgenai_available}[runtime]()
 
@@ -184,7 +184,7 @@ def runtime_available(runtime: str) -> bool:
 def pick_runtime(runtime: str, student_dir: str | Path | None = None) -> str | None:
     """The runtime a student's ``runtime`` setting resolves to here (None = transformers). ``auto`` skips a runtime
     that is not installed or cannot run the model in ``student_dir``; a named one raises (ImportError / ValueError)."""
-    from protege.students.ortgenai_lm import ortgenai_problem
+    from protege.students.ortgenai_build import ortgenai_problem
 
     if runtime not in RUNTIMES:
         raise ValueError(f"student.runtime {runtime!r}: expected one of {RUNTIMES}")
@@ -208,7 +208,7 @@ def convert_for(student_dir: str | Path, runtime: str, compute_type: str = "floa
     """Convert a saved student folder for the runtime its settings resolve to (cached; None = transformers)."""
     rt = pick_runtime(runtime, student_dir)
     if rt == "ortgenai":
-        from protege.students.ortgenai_lm import convert as convert_ortgenai
+        from protege.students.ortgenai_build import convert as convert_ortgenai
 
         return convert_ortgenai(student_dir, compute_type)
     if rt == "ctranslate2":

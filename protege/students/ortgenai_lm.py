@@ -1,10 +1,7 @@
 """Greedy decoding for causal-LM students with ONNX Runtime GenAI: one KV cache, reused as far as prompts agree.
 
-The student folder stays a plain HF model (the reference). Its ONNX copy is built on first use by
-onnxruntime-genai's own model builder (``python -m onnxruntime_genai.models.builder``, offline: it reads the
-folder's safetensors and tokenizer) and cached beside it as ``<student>/ortgenai-<fp32|int8|int4>/``, written to
-a temporary folder and renamed, so a killed conversion never leaves a folder that looks whole. ``int8_verified``
-uses two of them, ``ortgenai-fp32`` and ``ortgenai-int8``.
+The student folder stays a plain HF model (the reference); its ONNX copies are built and cached beside it by
+:mod:`protege.students.ortgenai_build`.
 
 Why a second runtime beside CTranslate2, and how it decodes (measured in bench/genstudent.py, README
 "genstudent"): a 135M model in float32 on 2 cores is bound by memory bandwidth (~80 ms to stream 540 MB of
@@ -45,14 +42,9 @@ Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / `
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,75 +52,10 @@ from typing import Sequence
 
 import numpy as np
 
-PRECISIONS = {"float32": "fp32", "int8": "int8", "int8_float32": "int8", "int4": "int4", "int8_verified": "fp32"}
+from protege.students.drafts import lookup_draft, text_draft
+from protege.students.ortgenai_build import convert, ortgenai_folder
+
 MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
-
-
-def ortgenai_available() -> bool:
-    return importlib.util.find_spec("onnxruntime_genai") is not None
-
-
-# decoder-only architectures onnxruntime-genai's builder exports (a subset of its list: the families protege's
-# causal-LM students come from)
-ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM"}
-
-
-def ortgenai_problem(student_dir: str | Path) -> str | None:
-    """Why onnxruntime-genai cannot run this saved model folder, or None. Its CPU attention kernel
-    (GroupQueryAttention) needs a head size that is a multiple of 16."""
-    try:
-        cfg = json.loads((Path(student_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return f"{student_dir} has no readable config.json"
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in ARCHITECTURES:
-        return f"architecture {arch} is not one onnxruntime-genai's builder exports here"
-    head = cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(1, cfg.get("num_attention_heads", 1))
-    if head % 16:
-        return f"head size {head} is not a multiple of 16 (onnxruntime-genai's CPU attention kernel)"
-    return None
-
-
-def ortgenai_folder(student_dir: str | Path, compute_type: str) -> Path:
-    return Path(student_dir) / f"ortgenai-{PRECISIONS[compute_type]}"
-
-
-def convert(student_dir: str | Path, compute_type: str = "float32") -> Path:
-    """The ONNX Runtime GenAI copy of a saved HF causal-LM folder, built once (offline) and cached beside it."""
-    if compute_type not in PRECISIONS:
-        raise ValueError(f"student.compute_type {compute_type!r}: onnxruntime-genai takes one of {sorted(PRECISIONS)}")
-    if compute_type == "int8_verified":  # the drafter, then the float32 copy whose answers are given
-        convert(student_dir, "int8")
-    return build(student_dir, ortgenai_folder(student_dir, compute_type), PRECISIONS[compute_type])
-
-
-def build(student_dir: str | Path, dest: Path, precision: str, extra_options: Sequence[str] = ()) -> Path:
-    """``dest``: the builder's export of ``student_dir`` at ``precision`` (``fp32`` / ``int8`` / ``int4``, with
-    the builder's ``--extra_options key=value ...``), unless already there; written to a temporary folder beside
-    the student and renamed, so a killed conversion never leaves a folder that looks whole."""
-    if (dest / "genai_config.json").is_file():
-        return dest
-    tmp = Path(tempfile.mkdtemp(prefix=".ortgenai-", dir=Path(student_dir)))
-    try:
-        # The logits of every appended position are needed to verify drafts: the LM head is not pruned.
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(student_dir).resolve()),
-               "-o", str(tmp / "m"), "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
-        cmd += ["--extra_options", *extra_options] if extra_options else []
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-        if r.returncode != 0 or not (tmp / "m" / "genai_config.json").is_file():
-            tail = (r.stderr or r.stdout or "").strip().splitlines()[-6:]
-            raise RuntimeError(f"onnxruntime-genai could not convert {student_dir} ({precision} "
-                               f"{' '.join(extra_options)}): " + " | ".join(tail))
-        try:
-            os.replace(tmp / "m", dest)
-        except OSError:  # another process finished the same conversion first
-            if not (dest / "genai_config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
@@ -142,43 +69,6 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 def _logprob(row: np.ndarray, t: int) -> float:
     m = float(row.max())
     return float(row[t]) - m - math.log(float(np.exp(row - m).sum()))
-
-
-def lookup_draft(seq: Sequence[int], source: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 2,
-                 words: Sequence[str] | None = None) -> list[int]:
-    """Prompt lookup: the ``k`` tokens that followed the latest occurrence in ``source`` of the longest tail
-    n-gram of ``seq`` (``max_ngram`` down to ``min_ngram`` tokens); [] when none occurs. With ``words`` (each
-    token's text without its leading space, by id), a last token of 2+ characters also matches its spaced twin
-    in ``source``: a value's first token (``PK`` after ``"``) is spelled `` PK`` in the prompt."""
-    for n in range(min(max_ngram, len(seq)), min_ngram - 1, -1):
-        tail = list(seq[-n:])
-        for i in range(len(source) - n - 1, -1, -1):
-            if list(source[i:i + n]) == tail:
-                return list(source[i + n:i + n + k])
-    if words is not None and seq:
-        w = words[seq[-1]]
-        if len(w) >= 2:
-            for i in range(len(source) - 2, -1, -1):
-                if words[source[i]] == w:
-                    return list(source[i + 1:i + 1 + k])
-    return []
-
-
-def text_draft(value: str, source_text: str, k: int, tokenize, min_chars: int = 1) -> list[int]:
-    """Prompt lookup on *text*: the tokens of what followed the latest occurrence of ``value`` (the answer's
-    current value so far, ``min_chars`` or more) in ``source_text``, at most ``k``. Token n-grams miss a copy
-    whose tokens differ between the prompt and the answer — `` Dublin`` is one token after a space in the
-    notice, ``Dub`` + ``lin`` after a quote in the JSON — while the text matches either way."""
-    if len(value) < min_chars or k <= 0:
-        return []
-    i = source_text.rfind(value)
-    if i < 0:
-        return []
-    if len(value) < 3:  # a short value: prefer its latest occurrence at the start of a word
-        j = max(source_text.rfind(c + value) for c in " \n\t(\"'")
-        i = j + 1 if j >= 0 else i
-    rest = source_text[i + len(value): i + len(value) + 8 * k]
-    return list(tokenize(rest))[:k] if rest else []
 
 
 def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
@@ -217,7 +107,7 @@ class OrtGenAIDecoder:
         self.word_starts: set[int] = set()  # tokens that begin a new word or stand outside one (space, punctuation)
         for t, i in vocab.items():
             self.words[i] = t[1:] if t[:1] in ("Ġ", "▁") else t
-            if t[:1] in ("Ġ", "▁", "Ċ") or (t[:1] in ",;:!?()[]\n" and len(t) <= 2):
+            if t[:1] in ("Ġ", "▁", "Ċ") or (t and t[0] in ",;:!?()[]\n" and len(t) <= 2):
                 self.word_starts.add(i)
         self.lock = threading.Lock()
         self.gen, self.ids, self.max_len = None, [], 0
@@ -248,12 +138,13 @@ class OrtGenAIDecoder:
             self.gen, self.ids = self._generator(self.max_len), []
         elif k < len(self.ids):
             self.gen.rewind_to(k)
+        self._rows = None  # a failed pass below leaves no rows that could pass for its own
         self.gen.append_tokens(np.asarray(target[k:], dtype=np.int32))
         self.ids = list(target)
         self.passes += 1
-        logits = np.asarray(self.gen.get_output("logits"))[0]
-        self._rows, self._rows_from = logits, k
-        return logits[need_from - k:]
+        rows = np.asarray(self.gen.get_output("logits"))[0][need_from - k:]
+        self._rows, self._rows_from = rows, need_from  # only what was asked for: a prefill's rows are ~100 MB
+        return rows
 
     def _draft(self, seq: list[int], done: int, k: int, stops: set[int], source: Sequence[int]) -> list[int]:
         """Up to ``k`` tokens proposed to follow ``seq`` (``done`` of them decoded already): the drafter's greedy
@@ -298,8 +189,10 @@ class OrtGenAIDecoder:
             if follow is not None and draft:  # a copied value most often ends where the copied word ends
                 draft = draft[:next((j for j in range(1, len(draft)) if draft[j] in self.word_starts), len(draft))]
             ids = prefix + out + draft
-            rows = self._feed(ids + (follow(ids) if follow is not None and (out or draft) else []),
-                              len(prefix) + len(out) - 1)
+            tail = follow(ids) if follow is not None and (out or draft) else []
+            if len(ids) + len(tail) + self.draft_tokens + 2 > self.context:  # near the context: never fail for it
+                tail = []
+            rows = self._feed(ids + tail, len(prefix) + len(out) - 1)
             if not len(rows):  # cannot happen (a pass always covers its last position); never spin on it
                 raise RuntimeError("onnxruntime-genai returned no logits for the position decoded")
             for j, row in enumerate(rows):
