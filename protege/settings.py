@@ -201,10 +201,11 @@ class StudentConfig(_Strict):
         "transformers (the reference); auto (the first installed of ortgenai, ctranslate2).")
     compute_type: Literal["int8", "int8_float32", "int4", "float32", "int8_verified"] = Field(
         "float32", description="causal_lm on a fast runtime: weight precision. float32 gives transformers' answers; "
-        "int8 was ~2-4x faster again in bench/genstudent.py but changed 10-28% of the answers there; int4 "
-        "(ortgenai only) changed most; int8_verified (ortgenai only): an int8 copy proposes the values and the "
-        "float32 copy checks them in one pass: float32's answers, 1.3 float32 passes per parcel answer instead of 22, "
-        "17% of transformers' latency in bench/genstudent.py (float32 36%).")
+        "int8 was 1.4x (idle cores) to 2x (busy cores) faster again in bench/genstudent.py but changed 10-28% of the "
+        "answers there; int4 (ortgenai only) changed most; int8_verified (ortgenai only): an int8 copy proposes the "
+        "values and the float32 copy checks them in one pass: float32's answers in ~1.2 float32 passes per parcel "
+        "answer instead of ~17 — faster than float32 only on busy cores (17% vs 36% of transformers' latency there; "
+        "30% vs 28% on idle ones).")
     constrained: bool = Field(True, description="causal_lm, extract tasks whose schema is an object of required "
                               "string fields: force keys, quotes and braces; decode only the values.")
 
