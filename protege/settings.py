@@ -205,7 +205,7 @@ class StudentConfig(_Strict):
         "answers there; int4 (ortgenai only) changed most; int8_verified (ortgenai only): an int8 copy proposes the "
         "values and the float32 copy checks them in one pass: float32's answers in ~1.2 float32 passes per parcel "
         "answer instead of ~17 — faster than float32 only on busy cores (17% vs 36% of transformers' latency there; "
-        "30% vs 28% on idle ones).")
+        "29% vs 26% on idle ones).")
     constrained: bool = Field(True, description="causal_lm, extract tasks whose schema is an object of required "
                               "string fields: force keys, quotes and braces; decode only the values.")
 
