@@ -111,33 +111,26 @@ def run_task(name: str, a) -> dict:
     # the cascade: the random student at the full budget, the teacher behind it
     gold_texts, gold_y = [r["text"] for r in task.gold], [r["label"] for r in task.gold]
     t_gold, _ = sim.label(gold_texts)
-    Pg = rand_student.predict_proba(gold_texts)
-    s_gold = [task.labels[i] for i in Pg.argmax(1)]
-    conf = Pg.max(1)
-    s_right = np.array([p == y for p, y in zip(s_gold, gold_y)], dtype=float)
     t_right = np.array([p == y for p, y in zip(t_gold, gold_y)], dtype=float)
-    pick = M.choose_threshold(M.coverage_curve(conf, s_right, t_right), float(t_right.mean()), TARGET)
+    dev_idx = np.array([li[x] for x in lab_dev])
     Pd = rand_student.predict_proba(dev_texts)
-    gate = gate_from_probs(Pd, np.array([li[x] for x in lab_dev]), a.risk, a.delta)
-    agree_gold = np.array([p == q for p, q in zip(s_gold, t_gold)], dtype=float)
-    real = realised(conf, agree_gold, gate.threshold)
-    ans = conf >= gate.threshold
-    gate_acc = float(np.where(ans, s_right, t_right).mean())
-    two = two_level(task, li, texts[:budget], t_P[:budget], hard[:budget], dev_texts, lab_dev, gold_texts, conf,
-                    s_right, t_right, Pd, s_gold, t_gold, a) if a.frozen else {}
-    shipped = auto_cascade(task, cand, texts, t_lab, t_P, dev_texts, lab_dev, gold_texts, gold_y, t_gold, t_right, li,
-                           a) if a.auto else {}
+    m = cascade_measures(rand_student.predict_proba(gold_texts), Pd, gold_y, t_gold, t_right, task.labels, dev_idx, a)
+    two = two_level(task, li, texts[:budget], t_P[:budget], hard[:budget], dev_texts, lab_dev, gold_texts, m["conf"],
+                    m["right"], t_right, Pd, m["pred"], t_gold, a) if a.frozen else {}
+    shipped = auto_cascade(task, cand, texts, t_lab, t_P, hard, dev_texts, dev_idx, gold_texts, gold_y, t_gold,
+                           t_right, a) if a.auto else {}
     return {**two, **shipped, "task": name, "labels": len(task.labels), "budget": budget, "dev": n_dev, "gold": len(gold_y),
             "teacher_acc": float(t_right.mean()), "random_final": target, "active_final": act_curve[-1],
             "active_calls": reached, "random_calls": rand_reached, "grid": grid, "random_curve": rand_curve, "active_curve": act_curve,
-            "cov_gold_pick": pick["coverage"], "gate_cov": real["coverage"], "gate_risk": real["risk"],
-            "gate_feasible": gate.feasible, "gate_rel_acc": gate_acc / float(t_right.mean()),
-            "student_acc": float(s_right.mean()), "seconds": time.perf_counter() - t0}
+            "cov_gold_pick": m["cov"], "gate_cov": m["gate_cov"], "gate_risk": m["gate_risk"],
+            "gate_feasible": m["gate_feasible"], "gate_rel_acc": m["gate_rel_acc"], "student_acc": m["acc"],
+            "seconds": time.perf_counter() - t0}
 
 
 def cascade_measures(P_gold, P_dev, gold_y, t_gold, t_right, labels, dev_idx, a) -> dict:
     """Coverage at 99.5% of the teacher's gold accuracy (threshold picked on gold) and the risk gate certified on
-    dev, realised on gold — for one student's probabilities."""
+    dev, realised on gold — for one student's probabilities. ``conf`` / ``right`` / ``pred`` (per gold item) are for
+    the caller's chains, not for the record."""
     conf = P_gold.max(1)
     pred = [labels[i] for i in P_gold.argmax(1)]
     right = np.array([p == y for p, y in zip(pred, gold_y)], dtype=float)
@@ -147,12 +140,11 @@ def cascade_measures(P_gold, P_dev, gold_y, t_gold, t_right, labels, dev_idx, a)
     real = realised(conf, agree, gate.threshold)
     ans = conf >= gate.threshold
     return {"acc": float(right.mean()), "cov": pick["coverage"], "gate_feasible": gate.feasible, "conf": conf,
-            "right": right,
-            "gate_cov": real["coverage"], "gate_risk": real["risk"],
+            "right": right, "pred": pred, "gate_cov": real["coverage"], "gate_risk": real["risk"],
             "gate_rel_acc": float(np.where(ans, right, t_right).mean() / t_right.mean())}
 
 
-def auto_cascade(task, cand, texts, t_lab, t_P, dev_texts, lab_dev, gold_texts, gold_y, t_gold, t_right, li,
+def auto_cascade(task, cand, texts, t_lab, t_P, hard, dev_texts, dev_idx, gold_texts, gold_y, t_gold, t_right,
                  a) -> dict:
     """The shipped student (``kind: auto`` on every labelled candidate) behind its cascade."""
     import dataclasses
@@ -162,19 +154,16 @@ def auto_cascade(task, cand, texts, t_lab, t_P, dev_texts, lab_dev, gold_texts, 
     suite_run.LADDER_BUDGET_S["s"] = a.ladder_budget
     sub = dataclasses.replace(task, pool=cand)  # the ladder's unlabelled pool: the candidates (dev stays unseen)
     model = suite_run.fit_protege_auto(texts, list(t_lab), task.labels, t_P, suite_task=sub, out=Path(a.out))
-    dev_idx = np.array([li[x] for x in lab_dev])
     m = cascade_measures(model.predict_proba(gold_texts), model.predict_proba(dev_texts), gold_y, t_gold, t_right,
                          task.labels, dev_idx, a)
     out = {"auto_rung": model.suite_extra["auto_rung"], "auto_n": len(texts)}
     if out["auto_rung"] != "static":  # serve.levels: [static, <chosen>] — the static rung first, on the same labels
-        hard = np.array([li[x] for x in t_lab])
         st = fit(task.labels, texts, t_P, hard, a.dims)
         s = cascade_measures(st.predict_proba(gold_texts), st.predict_proba(dev_texts), gold_y, t_gold, t_right,
                              task.labels, dev_idx, a)
         out["auto_chain_cov"] = chain_coverage(s["conf"], s["right"], m["conf"], m["right"], t_right)[0]
         out["auto_static_cov"] = s["cov"]
-    m.pop("conf"), m.pop("right")
-    return {f"auto_{k}": v for k, v in m.items()} | out
+    return {f"auto_{k}": v for k, v in m.items() if k not in ("conf", "right", "pred")} | out
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
