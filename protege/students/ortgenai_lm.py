@@ -18,12 +18,14 @@ fewer forward passes and less prompt to prefill:
   and the tokens that followed it there are appended as a draft; one forward pass scores them all (the ONNX
   graph returns logits for every appended position) and the draft is kept up to the first token greedy
   decoding would not have chosen — the answer is the greedy answer, only fewer passes are run.
-* **the next key in the same pass** — during constrained extraction each pass also appends, after its draft, the
-  closing quote and the next field's key as if the value ended there (a copied draft is cut where its word ends);
-  where it does end, the next value's first token is read off that pass: one pass fewer per field boundary
-  (``_greedy``'s ``follow``). A copy is also looked up as *text* when its tokens differ from the prompt's
-  (``text_draft``: `` Dublin`` in the notice, ``Dub`` + ``lin`` after a quote). Parcel answers (bench/genstudent.py, 50 items): float32's
-  passes fell from 22.3 to 17.4 per answer, the int8 drafter's from 23.1 to 18, answers unchanged.
+* **the next key in the same pass** — during constrained extraction a pass that may end a value (after a copied
+  draft, cut where its word ends, or at a length the field's values have had) also appends the closing quote and
+  the next field's key; where the value does end, the next value's first token is read off that pass: one pass
+  fewer per field boundary (``_greedy``'s ``follow``). A copy is also looked up as *text* when its tokens differ
+  from the prompt's (``text_draft``: `` Dublin`` in the notice, ``Dub`` + ``lin`` after a quote). Parcel answers
+  (bench/genstudent.py, 50 items): float32's passes fell from 22.3 to 17.4, the int8 drafter's from 23.1 to 18,
+  answers unchanged — but each appended token costs its logits row (~1.2 ms against ~21 ms for a one-token
+  pass), so idle latency fell only ~5%.
 * **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
   blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
   but changed 12-17% of the parcel answers, and no builder option tried keeps >= 98% (bench/ortgenai_quant.py:
@@ -239,7 +241,7 @@ class OrtGenAIDecoder:
             out.append({"text": text, "token_ids": None, "finished": all(g[1] for g in got),
                         "seconds": time.perf_counter() - t0,
                         "confidence": math.exp(max(-50.0, lp_sum / max(1, decoded))), "decoded_tokens": decoded,
-                        "answer_tokens": len(self.tok(text, add_special_tokens=False).input_ids)})
+                        "answer_tokens": len(self._tokens(text))})
         return out
 
     @staticmethod
@@ -262,7 +264,7 @@ class OrtGenAIDecoder:
         got = []
         for k in range(start, len(fields)):
             answer = self._key(answer, k, fields[k])
-            base = p + self.tok(answer, add_special_tokens=False).input_ids
+            base = p + self._tokens(answer)
             seen = self.value_lengths.setdefault(fields[k], set())
             follow = (self._follow(p, answer, base, fields[k + 1], k + 1, seen)
                       if self.fold_keys and k + 1 < len(fields) else None)
@@ -288,7 +290,7 @@ class OrtGenAIDecoder:
             value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
             if '"' in value or "\\" in value:
                 return []
-            nxt = p + self.tok(self._key(self._close(answer, value), k, name), add_special_tokens=False).input_ids
+            nxt = p + self._tokens(self._key(self._close(answer, value), k, name))
             return nxt[len(ids):] if nxt[:len(ids)] == ids else []
         return follow
 
@@ -304,12 +306,12 @@ class OrtGenAIDecoder:
             full = answer
             for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens)):
                 full = self._close(self._key(full, k + j, fields[k + j]), value)
-            x = p + self.tok(full, add_special_tokens=False).input_ids
-            first = len(p + self.tok(self._key(answer, k, fields[k]), add_special_tokens=False).input_ids)
+            x = p + self._tokens(full)
+            first = len(p) + len(self._tokens(self._key(answer, k, fields[k])))
             rows = self._feed(x, first - 1)
             while len(got) < len(fields):
                 key = self._key(answer, len(got), fields[len(got)])
-                t_ = p + self.tok(key, add_special_tokens=False).input_ids
+                t_ = p + self._tokens(key)
                 seq, lps, done, i = [], [], False, len(t_)
                 while x[:len(t_)] == t_:  # greedy tokens read off the pass while they are x's
                     seq.append(int(rows[i - first].argmax()))
