@@ -157,6 +157,7 @@ def main() -> None:
     from protege.costs import price_for, token_cost_usd
     from protege.kinds import kind
     from protege.students.causal_lm import CausalLMStudent
+    from protege.students.drafts import ValueMemory
     from protege.students.fast_lm import CT2Decoder, convert
     from protege.students.ortgenai_lm import ortgenai_decoder
 
@@ -169,6 +170,8 @@ def main() -> None:
     if args.retrain or not (work / "student" / "config.json").is_file():
         t_stats = train(work, tr, args)
     student = CausalLMStudent.from_pretrained(work / "student")
+    if student.memory is None:  # a student cached before value memories were saved with it
+        student.memory = ValueMemory.from_pairs([d["text"] for d in tr], [json.dumps(d["answer"]) for d in tr])
     ext = kind("extract")
     texts, golds = [g["text"] for g in gold], [json.dumps(g["answer"]) for g in gold]
     load0 = os.getloadavg()[0]
@@ -189,6 +192,8 @@ def main() -> None:
         else:
             student.fast = ortgenai_decoder(work / "student", student.tokenizer, ct, threads=args.threads,
                                             draft_tokens=drafts)
+        if hasattr(student.fast, "memory"):  # every row starts from the training answers' values
+            student.fast.memory = ValueMemory.from_json(student.memory.to_json())
         student.fields = fields if constrained else None
         outs, raw, secs = single(student, texts)  # includes one warm-up item
         name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "")

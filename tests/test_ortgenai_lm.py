@@ -14,7 +14,7 @@ import pytest
 
 from protege.students.causal_lm import CausalLMStudent
 from protege.students.fast_lm import pick_runtime, string_fields
-from protege.students.drafts import lookup_draft, text_draft
+from protege.students.drafts import ValueMemory, lookup_draft, text_draft
 from protege.students.ortgenai_build import ortgenai_folder
 from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
@@ -194,3 +194,29 @@ def test_next_key_in_the_same_pass_saves_passes_and_changes_no_answer(tmp_path):
             counts[fold] = s.fast.passes
         assert answers[True] == answers[False], name
         assert counts[True] < counts[False] or name == "random", (name, counts)
+
+
+def test_value_memory_drafts_whole_answers_in_one_pass_and_changes_no_answer(tmp_path):
+    """Candidates from the values the training answers had (saved with the student, loaded with it) are appended
+    as a whole guessed answer: a model trained to answer reads every value off the prompt's own pass; a random
+    model's answers (which the guesses do not match) are what they are without a memory."""
+    tok = smollm2_tokenizer()
+    texts = [r["text"] + " in red, big" for r in synthetic_rows(5, start=720)]
+    fields = string_fields(SCHEMA)
+    for name, model in (("trained", _json_speaker(tok)), ("random", tiny_llama(len(tok), seed=9, hidden=HIDDEN))):
+        s = _student(model, tok, fields=fields)
+        s.memory = ValueMemory.from_answers([ANSWER] * 3)
+        s.save_pretrained(tmp_path / name)
+        s = CausalLMStudent.from_pretrained(tmp_path / name)
+        assert s.fast.memory is s.memory and s.memory.values["colour"] == {"red": 3}
+        counts, answers = {True: 0, False: 0}, {True: [], False: []}
+        for use in (True, False):
+            for t in texts:  # each item from the same memory (the decoder also remembers its own answers)
+                s.fast.memory = ValueMemory.from_json(s.memory.to_json()) if use else ValueMemory()
+                s.fast.passes = 0
+                answers[use] += [(o["text"], o["decoded_tokens"]) for o in s.generate([t], batch_size=1)]
+                counts[use] += s.fast.passes
+        assert answers[True] == answers[False], name
+        if name == "trained":
+            right = sum(a == ANSWER for a, _ in answers[True])  # the tiny model is not always right
+            assert right >= 3 and counts[True] <= 2 * len(texts) - right < counts[False], (right, counts)

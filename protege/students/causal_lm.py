@@ -48,6 +48,7 @@ class CausalLMStudent:
         # inference: the fast runtime (protege.students.fast_lm) and the schema fields it may constrain
         self.runtime, self.compute_type, self.fields = "transformers", "float32", None
         self.fast = None
+        self.memory = None  # extraction: field values of the training answers (drafts for the fast runtime)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -163,6 +164,9 @@ class CausalLMStudent:
         from protege.students.distributed import multi_process_cpu, work_dir
         from protege.students.kd_trainer import TokenKDCollator, TokenKDTrainer, quiet_trainer, refuse_sharded_lora, trained_model
 
+        from protege.students.drafts import ValueMemory
+
+        self.memory = ValueMemory.from_pairs(inputs, outputs)  # empty unless the answers are JSON objects
         if kd == "auto":
             kd = "logits" if teacher is not None else ("topk" if topk is not None else "none")
         vmap = None
@@ -258,6 +262,8 @@ class CausalLMStudent:
         from protege.students.fast_lm import fast_decoder
 
         self.fast = fast_decoder(folder, self.tokenizer, self.runtime, self.compute_type)
+        if self.memory is not None and hasattr(self.fast, "memory"):
+            self.fast.memory = self.memory
 
     def predict(self, texts: Sequence[str], **kw) -> list[str | None]:
         """Answers; for a classify task (``labels`` set) mapped onto the label set (None if not a label)."""
@@ -307,6 +313,8 @@ class CausalLMStudent:
         model.config.protege_fields = self.fields
         model.save_pretrained(p)
         self.tokenizer.save_pretrained(p)
+        if self.memory is not None and self.memory.values:
+            (p / "value_memory.json").write_text(json.dumps(self.memory.to_json(), ensure_ascii=False), encoding="utf-8")
         from protege.students.fast_lm import convert_for
 
         convert_for(p, self.runtime, self.compute_type)  # exported with the student: no conversion on first request
@@ -326,6 +334,10 @@ class CausalLMStudent:
         student.labels, student.max_input_tokens = cfg.get("protege_labels"), cfg.get("protege_max_input_tokens")
         student.runtime = cfg.get("protege_runtime", "transformers")
         student.compute_type, student.fields = cfg.get("protege_compute_type", "float32"), cfg.get("protege_fields")
+        if (p / "value_memory.json").is_file():
+            from protege.students.drafts import ValueMemory
+
+            student.memory = ValueMemory.from_json(json.loads((p / "value_memory.json").read_text(encoding="utf-8")))
         student.attach_fast(p)
         return student
 

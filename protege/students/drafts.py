@@ -9,6 +9,9 @@ value as text (for a copy that the answer tokenises differently from the prompt)
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from typing import Sequence
 
 
@@ -47,3 +50,155 @@ def text_draft(value: str, source_text: str, k: int, tokenize, min_chars: int = 
         i = j + 1 if j >= 0 else i
     rest = source_text[i + len(value): i + len(value) + 8 * k]
     return list(tokenize(rest))[:k] if rest else []
+
+
+# -- whole values: what a field's answer probably is, before decoding it ---------------------------------------
+MONTHS = {m: i + 1 for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                                          "dec"])}
+_SPAN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]*[A-Za-z0-9])?")
+_MON = r"([A-Za-z]{3,9})\.?"
+_DATES = [  # (pattern, group order: year, month, day; a month name or number)
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), (1, 2, 3)),
+    (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), (1, 2, 3)),
+    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), (3, 2, 1)),
+    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), (3, 1, 2)),  # month first (US)
+    (re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+" + _MON + r",?\s+(\d{4})\b"), (3, 2, 1)),
+    (re.compile(r"\b" + _MON + r"\s+(\d{1,2})(?:st|nd|rd|th)?,?\s+(\d{4})\b"), (3, 1, 2)),
+]
+
+
+def shape(value: str) -> str:
+    """A value's character classes, lengths kept: ``PK-1234-567`` -> ``AA-9999-999``, ``2025-03-12`` -> ``9999-99-99``."""
+    return re.sub(r"[a-z]", "a", re.sub(r"[A-Z]", "A", re.sub(r"[0-9]", "9", value)))
+
+
+def iso_dates(text: str) -> list[str]:
+    """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round, ``12.3.2025``,
+    ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats; impossible dates dropped."""
+    import datetime as dt
+
+    found: list[tuple[int, str]] = []
+    for pat, (y, m, d) in _DATES:
+        for hit in pat.finditer(text):
+            g = hit.groups()
+            month = g[m - 1]
+            month = MONTHS.get(month[:3].lower()) if not month.isdigit() else int(month)
+            try:
+                found.append((hit.start(), dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()))
+            except (TypeError, ValueError):
+                continue
+    return list(dict.fromkeys(v for _, v in sorted(found, key=lambda x: x[0])))
+
+
+_QUANTITY = re.compile(r"(?<![\w./-])(\d+(?:\.\d+)?)\s?([A-Za-z]{1,6})\b")
+
+
+def quantities(text: str) -> list[tuple[float, str]]:
+    """``(number, unit)`` for every number written with a unit word after it (``500 g``, ``3 lbs``, ``2.5kg``)."""
+    return [(float(m.group(1)), m.group(2).lower()) for m in _QUANTITY.finditer(text)]
+
+
+def number_text(x: float, decimals: int, strip: bool) -> str:
+    s = f"{x:.{decimals}f}"
+    return (s.rstrip("0").rstrip(".") or "0") if strip and "." in s else s
+
+
+class ValueMemory:
+    """Values each field of an extraction answer has had (teacher answers at training, the student's own since),
+    and the candidates they suggest for a new input: whole-value drafts, checked by the model like any draft.
+
+    For a field, in this order: the input's quantities converted as the training pairs convert them (``500 g``
+    -> ``0.5`` where a field's values are kilograms: a factor per unit word, and a number format, each kept only
+    if it reproduces most training answers); its past values that occur in the input as words (a sender, a
+    city); spans of the input with the exact shape of a past value (a tracking code ``AA999999999``); the ISO
+    spellings of the input's dates, where the field's values are ISO dates. A wrong candidate costs only the rows
+    it adds to a pass; it never changes an answer."""
+
+    def __init__(self, values: dict | None = None, factors: dict | None = None, formats: dict | None = None,
+                 cap: int = 500):
+        self.cap = cap
+        self.values: dict[str, Counter] = {f: Counter(v) for f, v in (values or {}).items()}
+        self.shapes: dict[str, Counter] = {f: Counter() for f in self.values}
+        for f, c in self.values.items():
+            for v, n in c.items():
+                self.shapes[f][shape(v)] += n
+        self.factors: dict[str, dict[str, float]] = factors or {}  # field -> unit word -> factor
+        self.formats: dict[str, list] = formats or {}  # field -> [decimals, strip trailing zeros]
+
+    @classmethod
+    def from_pairs(cls, inputs: Sequence[str], answers: Sequence[str]) -> "ValueMemory":
+        """From (input, JSON-object answer) pairs; unparseable answers and non-string values are skipped."""
+        mem, numeric = cls(), {}
+        for text, a in zip(inputs, answers):
+            try:
+                obj = json.loads(a)
+            except (TypeError, ValueError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            qs = quantities(text)
+            for f, v in obj.items():
+                if isinstance(v, str) and v:
+                    mem.remember(str(f), v)
+                    if qs and re.fullmatch(r"-?\d+(\.\d+)?", v):
+                        numeric.setdefault(str(f), []).append((qs, v))
+        for f, pairs in numeric.items():
+            mem._learn_units(f, pairs)
+        return mem
+
+    @classmethod
+    def from_answers(cls, answers: Sequence[str]) -> "ValueMemory":
+        return cls.from_pairs([""] * len(answers), answers)
+
+    def _learn_units(self, field: str, pairs: list) -> None:
+        """Per unit word, the factor (value / number) that reproduces the most answers exactly, with the number
+        format that does; kept where it reproduces at least half of the (3 or more) answers that unit occurs in."""
+        decs = Counter(len(v.split(".")[1]) if "." in v else 0 for _, v in pairs)
+        formats = [(d, strip) for d in range(max(decs) + 1) for strip in (True, False)]
+        by_unit: dict[str, list] = {}
+        for qs, v in pairs:
+            for x, unit in qs:
+                if x:
+                    by_unit.setdefault(unit, []).append((x, v))
+        best_fmt, best_n = None, -1
+        for fmt in formats:
+            factors, n = {}, 0
+            for unit, xs in by_unit.items():
+                tries = sorted({float(v) / x for x, v in xs if float(v)} | {1.0})
+                r, hits = max(((r, sum(number_text(x * r, *fmt) == v for x, v in xs)) for r in tries),
+                              key=lambda t: t[1])
+                if len(xs) >= 3 and hits * 2 >= len(xs):
+                    factors[unit], n = r, n + hits
+            if n > best_n:
+                best_fmt, best_n, best = fmt, n, factors
+        if best_n > 0:
+            self.factors[field], self.formats[field] = best, list(best_fmt)
+
+    def remember(self, field: str, value: str) -> None:
+        c = self.values.setdefault(field, Counter())
+        c[value] += 1
+        self.shapes.setdefault(field, Counter())[shape(value)] += 1
+        if len(c) > 2 * self.cap:  # keep the most frequent
+            self.values[field] = Counter(dict(c.most_common(self.cap)))
+
+    def candidates(self, field: str, text: str) -> list[str]:
+        past, shapes = self.values.get(field), self.shapes.get(field)
+        if not past:
+            return []
+        factors = self.factors.get(field, {})
+        out = [number_text(x * factors[u], *self.formats[field]) for x, u in quantities(text) if u in factors]
+        out += sorted((v for v in past if v in text and re.search(r"(?<!\w)" + re.escape(v) + r"(?!\w)", text)),
+                      key=lambda v: (-len(v), -past[v]))
+        spans = [m.group() for m in _SPAN.finditer(text)]
+        out += sorted((s for s in spans if shape(s) in shapes), key=lambda s: -shapes[shape(s)])
+        if shapes.get("9999-99-99"):
+            out += iso_dates(text)
+        return list(dict.fromkeys(out))
+
+    def to_json(self) -> dict:
+        return {"values": {f: dict(c.most_common(self.cap)) for f, c in self.values.items()},
+                "factors": self.factors, "formats": self.formats}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ValueMemory":
+        return cls(d.get("values"), d.get("factors"), d.get("formats"))

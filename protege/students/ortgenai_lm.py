@@ -54,7 +54,7 @@ from typing import Sequence
 
 import numpy as np
 
-from protege.students.drafts import lookup_draft, text_draft
+from protege.students.drafts import ValueMemory, lookup_draft, text_draft
 from protege.students.ortgenai_build import convert, ortgenai_folder
 
 MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
@@ -118,6 +118,7 @@ class OrtGenAIDecoder:
         self._rows, self._rows_from = None, 0  # the last pass's logits and the position of their first row
         self.fold_keys = True  # constrained: the next key rides on the pass that may end a value (``_greedy``)
         self.value_lengths: dict[str, set[int]] = {}  # field -> value lengths (tokens) seen: where to append a key
+        self.memory = ValueMemory()  # field -> past values: whole-answer drafts (``_guess``); the student seeds it
         self.name = f"onnxruntime-genai {compute_type}"
 
     # -- the shared cache ---------------------------------------------------------------------------------
@@ -133,9 +134,9 @@ class OrtGenAIDecoder:
             if len(target) + 1 > self.max_len:
                 raise ValueError(f"prompt of {len(target)} tokens exceeds the model's context of {self.context}")
             self.gen, self.ids = self._generator(self.max_len), []
-        if self._rows is not None and len(target) == len(self.ids) and need_from >= self._rows_from \
-                and list(target) == self.ids:  # the last pass already ran over exactly these tokens
-            return self._rows[need_from - self._rows_from:]
+        if self._rows is not None and len(target) <= len(self.ids) and need_from >= self._rows_from \
+                and list(target) == self.ids[:len(target)]:  # the last pass already ran over these tokens
+            return self._rows[need_from - self._rows_from:len(target) - self._rows_from]
         k = min(_common(self.ids, target), need_from)
         if k == 0 and self.ids:
             self.gen, self.ids = self._generator(self.max_len), []
@@ -174,7 +175,7 @@ class OrtGenAIDecoder:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def _greedy(self, prefix: Sequence[int], max_new: int, stops: set[int], source: Sequence[int],
-                follow=None) -> tuple[list, list]:
+                follow=None, guess=None) -> tuple[list, list]:
         """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs. Each pass
         appends the tokens decoded so far plus a draft, and keeps the draft up to the first token greedy decoding
         would not have chosen (that token, or the one after a wholly kept draft, comes from the same pass).
@@ -183,16 +184,25 @@ class OrtGenAIDecoder:
         closing quote and the next field's key, as the next field will tokenise them), appended after the draft
         in the same pass. Where the value does end there, the next field's first pass finds its tokens already
         in the cache and its logits already computed (``_feed`` returns them without a pass): one pass fewer
-        per field, and the logits are those a separate pass would give (same tokens, same positions)."""
+        per field, and the logits are those a separate pass would give (same tokens, same positions).
+
+        ``guess(ids)``: the rest of a whole guessed answer after ``ids`` (constrained extraction: this value and
+        the following ones from :class:`ValueMemory` candidates), appended instead of a draft and ``follow``."""
         prefix = list(prefix)
         out: list[int] = []
         lps: list[float] = []
         while True:
-            draft = self._draft(prefix + out, len(out), max_new - len(out) - 1, stops, source)
-            if follow is not None and draft:  # a copied value most often ends where the copied word ends
-                draft = draft[:next((j for j in range(1, len(draft)) if draft[j] in self.word_starts), len(draft))]
+            draft = guess(prefix + out) if guess is not None else []
+            if draft and len(prefix) + len(out) + len(draft) + 2 > self.context:
+                draft = []
+            tail: list[int] = []
+            if not draft:
+                draft = self._draft(prefix + out, len(out), max_new - len(out) - 1, stops, source)
+                if follow is not None and draft:  # a copied value most often ends where the copied word ends
+                    draft = draft[:next((j for j in range(1, len(draft)) if draft[j] in self.word_starts),
+                                        len(draft))]
+                tail = follow(prefix + out + draft, bool(draft)) if follow is not None and (out or draft) else []
             ids = prefix + out + draft
-            tail = follow(ids, bool(draft)) if follow is not None and (out or draft) else []
             if len(ids) + len(tail) + self.draft_tokens + 2 > self.context:  # near the context: never fail for it
                 tail = []
             rows = self._feed(ids + tail, len(prefix) + len(out) - 1)
@@ -233,8 +243,14 @@ class OrtGenAIDecoder:
         for p in prompts:
             t0 = time.perf_counter()
             with self.lock:
-                got = self._verified(list(p), fields, max_value_tokens) if self.drafter else \
-                    self._fields(list(p), "{", fields, 0, max_value_tokens)
+                item = p[len(static):] if static and list(p[:len(static)]) == list(static) else p
+                text = self.tok.decode(list(item), skip_special_tokens=True)
+                cands = {f: self.memory.candidates(f, text) for f in fields}
+                got = self._verified(list(p), fields, max_value_tokens, cands) if self.drafter else \
+                    self._fields(list(p), "{", fields, 0, max_value_tokens, cands)
+                for name, g in zip(fields, got):
+                    if g[1] and g[0]:
+                        self.memory.remember(name, g[0])
             values = {name: g[0] for name, g in zip(fields, got)}
             decoded, lp_sum = sum(len(g[2]) for g in got), sum(sum(g[3]) for g in got)
             text = json.dumps(values, ensure_ascii=False)
@@ -259,16 +275,19 @@ class OrtGenAIDecoder:
     def _close(answer: str, value: str) -> str:
         return answer + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int) -> list:
-        """``(value, closed, tokens, log-probs)`` of ``fields[start:]``, decoded one after another after ``answer``."""
-        got = []
+    def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int,
+                cands: dict[str, list[str]] | None = None) -> list:
+        """``(value, closed, tokens, log-probs)`` of ``fields[start:]``, decoded one after another after ``answer``;
+        ``cands``: candidate values per field (whole-answer drafts, ``_guess``)."""
+        got, cands = [], cands or {}
         for k in range(start, len(fields)):
             answer = self._key(answer, k, fields[k])
             base = p + self._tokens(answer)
             seen = self.value_lengths.setdefault(fields[k], set())
-            follow = (self._follow(p, answer, base, fields[k + 1], k + 1, seen)
+            follow = (self._follow(p, answer, base, fields, k + 1, seen, cands)
                       if self.fold_keys and k + 1 < len(fields) else None)
-            seq, lps = self._greedy(base, max_value_tokens, self.quote_ends, p, follow)
+            guess = self._guess(p, answer, base, fields, k, cands) if cands.get(fields[k]) else None
+            seq, lps = self._greedy(base, max_value_tokens, self.quote_ends, p, follow, guess)
             value, closed = self._value(seq)
             if closed:
                 seen.add(len(seq) - 1)
@@ -276,7 +295,31 @@ class OrtGenAIDecoder:
             got.append((value, closed, seq, lps))
         return got
 
-    def _follow(self, p: list[int], answer: str, base: list[int], name: str, k: int, seen: set[int]):
+    def _chain(self, answer: str, fields: Sequence[str], k: int, cands: dict[str, list[str]]) -> str:
+        """``answer`` (closed up to field ``k``) continued with field ``k``'s key and first candidate, and so on, up
+        to the key of the first field without a candidate (or the closing brace)."""
+        for j in range(k, len(fields)):
+            answer = self._key(answer, j, fields[j])
+            if not cands.get(fields[j]):
+                return answer
+            answer = self._close(answer, cands[fields[j]][0])
+        return answer + "}"
+
+    def _guess(self, p: list[int], answer: str, base: list[int], fields: Sequence[str], k: int,
+               cands: dict[str, list[str]]):
+        """``guess`` for field ``k`` (tokens ``base``): the first candidate that extends the value decoded so far,
+        closed and followed by ``_chain`` — as tokens after ``ids``, when they tokenise with ``ids`` as their start."""
+        def guess(ids: list[int]) -> list[int]:
+            value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
+            for c in [c for c in cands[fields[k]] if c.startswith(value)][:3]:
+                nxt = p + self._tokens(self._chain(self._close(answer, c), fields, k + 1, cands))
+                if len(nxt) > len(ids) and nxt[:len(ids)] == ids:
+                    return nxt[len(ids):]
+            return []
+        return guess
+
+    def _follow(self, p: list[int], answer: str, base: list[int], fields: Sequence[str], k: int, seen: set[int],
+                cands: dict[str, list[str]]):
         """``follow`` for a value started after ``answer`` (tokens ``base``): the rest of the next field's prefix,
         tokenised as ``_fields`` will tokenise it, when that tokenisation keeps ``ids`` as its start (else []).
 
@@ -290,11 +333,11 @@ class OrtGenAIDecoder:
             value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
             if '"' in value or "\\" in value:
                 return []
-            nxt = p + self._tokens(self._key(self._close(answer, value), k, name))
+            nxt = p + self._tokens(self._chain(self._close(answer, value), fields, k, cands))
             return nxt[len(ids):] if nxt[:len(ids)] == ids else []
         return follow
 
-    def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int) -> list:
+    def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int, cands: dict) -> list:
         """``_fields`` with the drafter proposing every remaining value at once: the answer its values spell is
         appended in one pass, and each field is read off that pass's logits for as long as greedy decoding
         (what ``_fields`` would feed and choose) agrees with it; at the first disagreement that field is
@@ -304,7 +347,7 @@ class OrtGenAIDecoder:
         while len(got) < len(fields):
             k = len(got)
             full = answer
-            for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens)):
+            for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens, cands)):
                 full = self._close(self._key(full, k + j, fields[k + j]), value)
             x = p + self._tokens(full)
             first = len(p) + len(self._tokens(self._key(answer, k, fields[k])))
