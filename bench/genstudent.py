@@ -11,8 +11,8 @@ In one run (the trained student is cached in ``--work``; ``--retrain`` trains ag
    FLOP/s measured here with torch);
 3. answers every gold item one at a time with transformers' greedy ``generate`` (the reference, float32), with
    CTranslate2 (schema-constrained, float32 / int8) and with onnxruntime-genai (float32 free and constrained,
-   constrained without prompt-lookup drafts, int8 / int4 constrained, int8_verified constrained: the int8 copy
-   proposes, the float32 copy checks), and reports per runtime: single-item p50 latency and its ratio to
+   constrained without any drafts and without value-memory drafts, int8 / int4 constrained, int8_verified
+   constrained: the int8 copy proposes, the float32 copy checks), and reports per runtime: single-item p50 latency and its ratio to
    transformers, same answer as transformers (fields and values; exact text too), field F1 vs gold, tokens
    decoded per answer, forward passes per answer (onnxruntime-genai; ``+N``: the int8 drafter's passes);
 4. prices a call: the student at ``--usd-per-hour`` (2 cores) from its p50 latency, against an API teacher at
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="only these fast-runtime rows (1-based positions in the list of "
                     "configurations: 1 ct2 f32 constrained, 2 ct2 int8 constrained, 3 ortgenai f32, 4 ortgenai f32 "
                     "constrained, 5 the same without drafts, 6 ortgenai int8 constrained, 7 ortgenai int4 constrained, "
-                    "8 ortgenai int8_verified constrained)")
+                    "8 ortgenai int8_verified constrained, 9 ortgenai f32 constrained without value-memory drafts)")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     ap.add_argument("--ab-steps", type=int, default=0, help="only time training steps: TRL defaults vs protege's")
     args = ap.parse_args()
@@ -181,22 +181,26 @@ def main() -> None:
              "decoded": statistics.mean(len(d["token_ids"]) for d in ref_raw)}]
     loads = [os.getloadavg()[0]]
     fields = list(parcels.FIELDS)
-    configs = [("ctranslate2", "float32", True, None), ("ctranslate2", "int8", True, None),
-               ("ortgenai", "float32", False, 6), ("ortgenai", "float32", True, 6), ("ortgenai", "float32", True, 0),
-               ("ortgenai", "int8", True, 6), ("ortgenai", "int4", True, 6), ("ortgenai", "int8_verified", True, 6)]
+    # (runtime, compute type, constrained, prompt-lookup draft tokens, value-memory drafts)
+    configs = [("ctranslate2", "float32", True, None, False), ("ctranslate2", "int8", True, None, False),
+               ("ortgenai", "float32", False, 6, False), ("ortgenai", "float32", True, 6, True),
+               ("ortgenai", "float32", True, 0, False), ("ortgenai", "int8", True, 6, True),
+               ("ortgenai", "int4", True, 6, True), ("ortgenai", "int8_verified", True, 6, True),
+               ("ortgenai", "float32", True, 6, False)]
     if args.rows:  # a subset, by position in ``configs`` (1-based), e.g. --rows 1,4,6
         configs = [configs[int(i) - 1] for i in args.rows.split(",")]
-    for rt, ct, constrained, drafts in configs:
+    for rt, ct, constrained, drafts, memory in configs:
         if rt == "ctranslate2":
             student.fast = CT2Decoder(convert(work / "student", ct), student.tokenizer, ct, threads=args.threads)
         else:
             student.fast = ortgenai_decoder(work / "student", student.tokenizer, ct, threads=args.threads,
                                             draft_tokens=drafts)
-        if hasattr(student.fast, "memory"):  # every row starts from the training answers' values
-            student.fast.memory = ValueMemory.from_json(student.memory.to_json())
+        if hasattr(student.fast, "memory"):  # every row starts from the training answers' values, or none
+            student.fast.memory = ValueMemory.from_json(student.memory.to_json()) if memory else ValueMemory()
         student.fields = fields if constrained else None
         outs, raw, secs = single(student, texts)  # includes one warm-up item
-        name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "")
+        name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "") \
+            + (" no value memory" if rt == "ortgenai" and constrained and drafts and not memory else "")
         passes = student.fast.passes / (len(texts) + 1) if rt == "ortgenai" else None
         drafter = getattr(student.fast, "drafter", None)
         rows.append({"runtime": name, "outs": outs, "secs": secs, "passes": passes,

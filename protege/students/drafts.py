@@ -4,11 +4,13 @@ A decoder appends a draft after the tokens it has and scores them all in one for
 the first token greedy decoding would not have chosen; a wrong draft costs no extra pass, a right one saves one per
 token. Extraction copies much of its answer from the input, so the input is where drafts come from:
 :func:`lookup_draft` matches the answer's last token n-gram in the prompt, :func:`text_draft` matches the current
-value as text (for a copy that the answer tokenises differently from the prompt). Pure functions, no runtime.
+value as text (for a copy that the answer tokenises differently from the prompt); :class:`ValueMemory` guesses
+whole values of an extraction answer from what the training answers held. Pure functions, no runtime.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections import Counter
@@ -75,8 +77,6 @@ def shape(value: str) -> str:
 def iso_dates(text: str) -> list[str]:
     """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round, ``12.3.2025``,
     ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats; impossible dates dropped."""
-    import datetime as dt
-
     found: list[tuple[int, str]] = []
     for pat, (y, m, d) in _DATES:
         for hit in pat.finditer(text):
