@@ -122,6 +122,7 @@ class OrtGenAIDecoder:
         self.fold_keys = True  # constrained: the next key rides on the pass that may end a value (``_greedy``)
         self.value_lengths: dict[str, set[int]] = {}  # field -> value lengths (tokens) seen: where to append a key
         self.memory = ValueMemory()  # field -> past values: whole-answer drafts (``_guess``); the student seeds it
+        self.learn = True  # the memory also remembers the values this decoder answers
         self.name = f"onnxruntime-genai {compute_type}"
 
     # -- the shared cache ---------------------------------------------------------------------------------
@@ -248,11 +249,11 @@ class OrtGenAIDecoder:
             with self.lock:
                 item = p[len(static):] if static and list(p[:len(static)]) == list(static) else p
                 text = self.tok.decode(list(item), skip_special_tokens=True)
-                cands = {f: self.memory.candidates(f, text) for f in fields}
+                cands = {f: self.memory.candidates(f, text) for f in fields} if self.draft_tokens else {}
                 got = self._verified(list(p), fields, max_value_tokens, cands) if self.drafter else \
                     self._fields(list(p), "{", fields, 0, max_value_tokens, cands)
                 for name, g in zip(fields, got):
-                    if g[1] and g[0]:
+                    if g[1] and g[0] and self.learn:
                         self.memory.remember(name, g[0])
             values = {name: g[0] for name, g in zip(fields, got)}
             decoded, lp_sum = sum(len(g[2]) for g in got), sum(sum(g[3]) for g in got)
