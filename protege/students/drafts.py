@@ -154,17 +154,18 @@ class ValueMemory:
         """Per unit word, the factor (value / number) that reproduces the most answers exactly, with the number
         format that does; kept where it reproduces at least half of the (3 or more) answers that unit occurs in."""
         decs = Counter(len(v.split(".")[1]) if "." in v else 0 for _, v in pairs)
-        formats = [(d, strip) for d in range(max(decs) + 1) for strip in (True, False)]
+        formats = [(d, strip) for d in range(min(max(decs), 6) + 1) for strip in (True, False)]
         by_unit: dict[str, list] = {}
         for qs, v in pairs:
             for x, unit in qs:
-                if x:
-                    by_unit.setdefault(unit, []).append((x, v))
+                if x and len(by_unit.setdefault(unit, [])) < 300:  # enough to learn from; bounded work
+                    by_unit[unit].append((x, v))
         best_fmt, best_n = None, -1
         for fmt in formats:
             factors, n = {}, 0
             for unit, xs in by_unit.items():
-                tries = sorted({float(v) / x for x, v in xs if float(v)} | {1.0})
+                ratios = Counter(float(f"{float(v) / x:.6g}") for x, v in xs if float(v))
+                tries = sorted({r for r, _ in ratios.most_common(50)} | {1.0})
                 r, hits = max(((r, sum(number_text(x * r, *fmt) == v for x, v in xs)) for r in tries),
                               key=lambda t: t[1])
                 if len(xs) >= 3 and hits * 2 >= len(xs):
