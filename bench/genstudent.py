@@ -197,7 +197,6 @@ def main() -> None:
                                             draft_tokens=drafts)
         if hasattr(student.fast, "memory"):  # every row starts from the training answers' values, or none
             student.fast.memory = ValueMemory.from_json(student.memory.to_json()) if memory else ValueMemory()
-            student.fast.learn = memory  # without: not even from its own answers
         student.fields = fields if constrained else None
         outs, raw, secs = single(student, texts)  # includes one warm-up item
         name = student.fast.name + (" constrained" if constrained else "") + (" no drafts" if drafts == 0 else "") \

@@ -5,6 +5,7 @@ passes) is tested in test_ortgenai_lm.py."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from protege.students.drafts import ValueMemory, iso_dates, number_text, quantities, shape
 
@@ -17,7 +18,7 @@ def test_shape_keeps_character_classes_and_lengths():
 def test_iso_dates_reads_the_common_spellings_both_ways_round_and_drops_impossible_ones():
     text = "sent 2025-1-2, due 03/04/2025, or 12 March 2026, Mar 5, 2025; 31.12.2025; not 45/13/2025"
     assert iso_dates(text) == ["2025-01-02", "2025-04-03", "2025-03-04", "2026-03-12", "2025-03-05", "2025-12-31"]
-    assert iso_dates("no dates here, 12 apples 2025") == []
+    assert iso_dates("no dates here, 12 apples 2025") == [] and iso_dates("Decisions 12, 2025") == []
 
 
 def test_quantities_and_number_text():
@@ -68,4 +69,18 @@ def test_json_round_trip_and_memory_bounded():
     small = ValueMemory(cap=3)
     for i in range(20):
         small.remember("f", f"v{i % 7}")
-    assert len(small.values["f"]) <= 6 and small.values["f"]["v0"] == 3
+    assert len(small.values["f"]) <= 6 and "v5" in small.values["f"]  # the latest survives a trim
+    assert small.shapes["f"] == Counter({"a9": sum(small.values["f"].values())})  # trimmed alike
+    fresh = ValueMemory(cap=2)
+    for v in ["a1", "a1", "b", "c", "d", "e"]:
+        fresh.remember("f", v)
+    assert set(fresh.values["f"]) == {"a1", "e"}  # the most frequent, then the most recent
+
+
+def test_pairs_must_line_up_and_text_fields_learn_no_units():
+    import pytest
+
+    with pytest.raises(ValueError, match="2 inputs but 1 answers"):
+        ValueMemory.from_pairs(["a", "b"], ["{}"])
+    rows = [(f"{i} kg of apples", json.dumps({"note": f"apples {i}" if i % 3 else str(i)})) for i in range(30)]
+    assert ValueMemory.from_pairs(*zip(*rows)).factors == {}  # "note" holds mostly text: no unit search

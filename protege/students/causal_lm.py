@@ -314,7 +314,9 @@ class CausalLMStudent:
         model.save_pretrained(p)
         self.tokenizer.save_pretrained(p)
         if self.memory is not None and self.memory.values:
-            (p / "value_memory.json").write_text(json.dumps(self.memory.to_json(), ensure_ascii=False), encoding="utf-8")
+            (p / "value_memory.json").write_text(json.dumps(self.memory.to_json()), encoding="utf-8")
+        else:
+            (p / "value_memory.json").unlink(missing_ok=True)  # not an older training run's
         from protege.students.fast_lm import convert_for
 
         convert_for(p, self.runtime, self.compute_type)  # exported with the student: no conversion on first request

@@ -57,6 +57,8 @@ def text_draft(value: str, source_text: str, k: int, tokenize, min_chars: int = 
 # -- whole values: what a field's answer probably is, before decoding it ---------------------------------------
 MONTHS = {m: i + 1 for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
                                           "dec"])}
+MONTH_WORDS = set(MONTHS) | {"sept", "january", "february", "march", "april", "june", "july", "august", "september",
+                             "october", "november", "december"}
 _SPAN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _MON = r"([A-Za-z]{3,9})\.?"
 _DATES = [  # (pattern, group order: year, month, day; a month name or number)
@@ -82,7 +84,8 @@ def iso_dates(text: str) -> list[str]:
         for hit in pat.finditer(text):
             g = hit.groups()
             month = g[m - 1]
-            month = MONTHS.get(month[:3].lower()) if not month.isdigit() else int(month)
+            month = int(month) if month.isdigit() else MONTHS.get(month[:3].lower()) if \
+                month.lower() in MONTH_WORDS else None
             try:
                 found.append((hit.start(), dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()))
             except (TypeError, ValueError):
@@ -99,36 +102,61 @@ def quantities(text: str) -> list[tuple[float, str]]:
 
 
 def number_text(x: float, decimals: int, strip: bool) -> str:
+    """``x`` with ``decimals`` decimals, trailing zeros (and a bare point) stripped if ``strip``."""
     s = f"{x:.{decimals}f}"
     return (s.rstrip("0").rstrip(".") or "0") if strip and "." in s else s
 
 
+def occurs_as_word(value: str, text: str) -> bool:
+    """Whether ``value`` occurs in ``text`` with no letter or digit right before or after it (``Oslo`` in ``to
+    Oslo.``, not in ``Oslovakia``). Plain ``str.find``: no regex compiled per value."""
+    i = text.find(value)
+    while i >= 0:
+        j = i + len(value)
+        if (i == 0 or not text[i - 1].isalnum()) and (j == len(text) or not text[j].isalnum()):
+            return True
+        i = text.find(value, i + 1)
+    return False
+
+
+UNITS_TRIED = 20  # unit words per field whose factor is searched (the most frequent, each seen 3+ times)
+
+
 class ValueMemory:
-    """Values each field of an extraction answer has had (teacher answers at training, the student's own since),
-    and the candidates they suggest for a new input: whole-value drafts, checked by the model like any draft.
+    """Values each field of an extraction answer has had (the teacher's answers the student trained on), and the
+    candidates they suggest for a new input: whole-value drafts, checked by the model like any draft.
 
     For a field, in this order: the input's quantities converted as the training pairs convert them (``500 g``
-    -> ``0.5`` where a field's values are kilograms: a factor per unit word, and a number format, each kept only
-    if it reproduces most training answers); its past values that occur in the input as words (a sender, a
-    city); spans of the input with the exact shape of a past value (a tracking code ``AA999999999``); the ISO
-    spellings of the input's dates, where the field's values are ISO dates. A wrong candidate costs only the rows
-    it adds to a pass; it never changes an answer."""
+    -> ``0.5`` where a field's values are kilograms: a factor per unit word and a number format, kept where they
+    reproduce at least half of the 3 or more training answers that unit occurs in); its past values that occur in
+    the input as words (a sender, a city); spans of the input with the exact shape of a past value (a tracking
+    code ``AA999999999``); the ISO spellings of the input's dates, where the field's values are ISO dates. A wrong
+    candidate costs only the rows it adds to a forward pass; the answer is still the model's greedy answer.
+
+    How much it saves depends on how predictable the values are: on bench/parcels.py's templated notices the first
+    candidate is the gold value for every field, so there it is a best case."""
 
     def __init__(self, values: dict | None = None, factors: dict | None = None, formats: dict | None = None,
                  cap: int = 500):
         self.cap = cap
         self.values: dict[str, Counter] = {f: Counter(v) for f, v in (values or {}).items()}
-        self.shapes: dict[str, Counter] = {f: Counter() for f in self.values}
-        for f, c in self.values.items():
-            for v, n in c.items():
-                self.shapes[f][shape(v)] += n
-        self.factors: dict[str, dict[str, float]] = factors or {}  # field -> unit word -> factor
-        self.formats: dict[str, list] = formats or {}  # field -> [decimals, strip trailing zeros]
+        self.shapes: dict[str, Counter] = {f: self._shapes(c) for f, c in self.values.items()}
+        self.formats: dict[str, list] = dict(formats or {})  # field -> [decimals, strip trailing zeros]
+        self.factors: dict[str, dict[str, float]] = {f: u for f, u in (factors or {}).items() if f in self.formats}
+
+    @staticmethod
+    def _shapes(values: Counter) -> Counter:
+        out: Counter = Counter()
+        for v, n in values.items():
+            out[shape(v)] += n
+        return out
 
     @classmethod
     def from_pairs(cls, inputs: Sequence[str], answers: Sequence[str]) -> "ValueMemory":
         """From (input, JSON-object answer) pairs; unparseable answers and non-string values are skipped."""
-        mem, numeric = cls(), {}
+        if len(inputs) != len(answers):
+            raise ValueError(f"{len(inputs)} inputs but {len(answers)} answers")
+        mem, numeric, counts = cls(), {}, Counter()
         for text, a in zip(inputs, answers):
             try:
                 obj = json.loads(a)
@@ -136,14 +164,17 @@ class ValueMemory:
                 continue
             if not isinstance(obj, dict):
                 continue
-            qs = quantities(text)
+            qs = quantities(str(text or ""))
             for f, v in obj.items():
                 if isinstance(v, str) and v:
-                    mem.remember(str(f), v)
+                    f = str(f)
+                    mem.remember(f, v)
+                    counts[f] += 1
                     if qs and re.fullmatch(r"-?\d+(\.\d+)?", v):
-                        numeric.setdefault(str(f), []).append((qs, v))
+                        numeric.setdefault(f, []).append((qs, v))
         for f, pairs in numeric.items():
-            mem._learn_units(f, pairs)
+            if 2 * len(pairs) >= counts[f]:  # a numeric field: most of its values are numbers
+                mem._learn_units(f, pairs)
         return mem
 
     @classmethod
@@ -151,16 +182,19 @@ class ValueMemory:
         return cls.from_pairs([""] * len(answers), answers)
 
     def _learn_units(self, field: str, pairs: list) -> None:
-        """Per unit word, the factor (value / number) that reproduces the most answers exactly, with the number
-        format that does; kept where it reproduces at least half of the (3 or more) answers that unit occurs in."""
+        """Per unit word (the :data:`UNITS_TRIED` most frequent, seen 3+ times), the factor (value / number) that
+        reproduces the most answers exactly, with the number format that does; kept where it reproduces at least
+        half of the answers that unit occurs in. At most 300 examples and 50 distinct ratios per unit."""
         decs = Counter(len(v.split(".")[1]) if "." in v else 0 for _, v in pairs)
         formats = [(d, strip) for d in range(min(max(decs), 6) + 1) for strip in (True, False)]
+        seen = Counter(unit for qs, _ in pairs for x, unit in qs if x)
+        units = {u for u, n in seen.most_common(UNITS_TRIED) if n >= 3}
         by_unit: dict[str, list] = {}
         for qs, v in pairs:
             for x, unit in qs:
-                if x and len(by_unit.setdefault(unit, [])) < 300:  # enough to learn from; bounded work
+                if x and unit in units and len(by_unit.setdefault(unit, [])) < 300:
                     by_unit[unit].append((x, v))
-        best_fmt, best_n = None, -1
+        best_fmt, best_n, best = None, 0, {}
         for fmt in formats:
             factors, n = {}, 0
             for unit, xs in by_unit.items():
@@ -168,7 +202,7 @@ class ValueMemory:
                 tries = sorted({r for r, _ in ratios.most_common(50)} | {1.0})
                 r, hits = max(((r, sum(number_text(x * r, *fmt) == v for x, v in xs)) for r in tries),
                               key=lambda t: t[1])
-                if len(xs) >= 3 and hits * 2 >= len(xs):
+                if hits * 2 >= len(xs):
                     factors[unit], n = r, n + hits
             if n > best_n:
                 best_fmt, best_n, best = fmt, n, factors
@@ -176,25 +210,40 @@ class ValueMemory:
             self.factors[field], self.formats[field] = best, list(best_fmt)
 
     def remember(self, field: str, value: str) -> None:
+        """Count ``value`` for ``field`` (as the answer's decoded string). Past ``2 * cap`` distinct values the
+        ``cap`` most frequent are kept, the most recent first among equals."""
         c = self.values.setdefault(field, Counter())
-        c[value] += 1
+        c[value] = c.pop(value, 0) + 1  # re-inserted: the order of ``c`` is recency
         self.shapes.setdefault(field, Counter())[shape(value)] += 1
-        if len(c) > 2 * self.cap:  # keep the most frequent
-            self.values[field] = Counter(dict(c.most_common(self.cap)))
+        if len(c) > 2 * self.cap:
+            kept = sorted(reversed(c.items()), key=lambda kv: -kv[1])[: self.cap]  # stable: recent first on ties
+            self.values[field] = Counter(dict(reversed(kept)))
+            self.shapes[field] = self._shapes(self.values[field])
 
     def candidates(self, field: str, text: str) -> list[str]:
-        past, shapes = self.values.get(field), self.shapes.get(field)
-        if not past:
-            return []
-        factors = self.factors.get(field, {})
-        out = [number_text(x * factors[u], *self.formats[field]) for x, u in quantities(text) if u in factors]
-        out += sorted((v for v in past if v in text and re.search(r"(?<!\w)" + re.escape(v) + r"(?!\w)", text)),
-                      key=lambda v: (-len(v), -past[v]))
-        spans = [m.group() for m in _SPAN.finditer(text)]
-        out += sorted((s for s in spans if shape(s) in shapes), key=lambda s: -shapes[shape(s)])
-        if shapes.get("9999-99-99"):
-            out += iso_dates(text)
-        return list(dict.fromkeys(out))
+        """Candidate values of ``field`` for the input ``text``, best first (the class docstring's order)."""
+        return self.for_input([field], text)[field]
+
+    def for_input(self, fields: Sequence[str], text: str) -> dict[str, list[str]]:
+        """:meth:`candidates` of every field, with the input's quantities, spans and dates found once."""
+        qs = spans = dates = None
+        out = {}
+        for field in fields:
+            past, shapes = self.values.get(field), self.shapes.get(field)
+            if not past:
+                out[field] = []
+                continue
+            factors = self.factors.get(field, {})
+            qs = quantities(text) if qs is None else qs
+            got = [number_text(x * factors[u], *self.formats[field]) for x, u in qs if u in factors]
+            got += sorted((v for v in past if v in text and occurs_as_word(v, text)), key=lambda v: (-len(v), -past[v]))
+            spans = [m.group() for m in _SPAN.finditer(text)] if spans is None else spans
+            got += sorted((s for s in spans if shape(s) in shapes), key=lambda s: -shapes[shape(s)])
+            if shapes.get("9999-99-99"):
+                dates = iso_dates(text) if dates is None else dates
+                got += dates
+            out[field] = list(dict.fromkeys(got))
+        return out
 
     def to_json(self) -> dict:
         return {"values": {f: dict(c.most_common(self.cap)) for f, c in self.values.items()},

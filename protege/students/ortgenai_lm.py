@@ -29,17 +29,14 @@ fewer forward passes and less prompt to prefill:
   proposes each field's value; from a field's key on, its candidate and the next fields' are appended as one
   draft (``_guess``, ``_chain``), so the prompt's own pass can verify the whole answer. Parcel answers
   (bench/genstudent.py, 50 items): passes 17.4 -> 3.0, answers unchanged.
-* **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (MatMulNBits,
-  blockwise int8 weights, int8 activations: ``accuracy_level`` 4, its CPU default) runs ~2.5x faster per pass
-  but changed 12-17% of the parcel answers, and no builder option tried keeps >= 98% (bench/ortgenai_quant.py:
-  float32 activations, ``accuracy_level=1``, ran 4.7x *slower* than float32 on this CPU — MLAS has no fast
-  kernel for 8-bit weights with float32 inputs — and still changed 2 of 50; block sizes 16/128, asymmetric
-  weights, a float32 LM head changed 2-6 of 50; int4 two thirds). So the int8 copy only *proposes*: for
-  constrained extraction it decodes all remaining values on its own cache, the answer they spell is appended
-  to the float32 cache in one pass, and each value is read off that pass for as long as float32's greedy
-  choice agrees (free decoding: up to :data:`MODEL_DRAFT` tokens per check). Answers are float32's token for
-  token; float32 runs ~1.3 passes per parcel answer instead of ~22. Both sessions run with onnxruntime's pool
-  spinning off: two pools taking turns on two busy cores otherwise spin on each other's (2x slower).
+* **int8 drafts, float32 verifies** (``compute_type: int8_verified``) — the builder's int8 copy (blockwise int8
+  weights and activations) runs ~2.5x faster per one-token pass but changed 12-17% of the parcel answers, and no
+  builder option tried keeps >= 98% (bench/ortgenai_quant.py). So the int8 copy only *proposes* all remaining
+  values; the answer they spell is appended to the float32 cache in one pass and read off it for as long as
+  float32's greedy choice agrees (free decoding: up to :data:`MODEL_DRAFT` tokens per check): float32's answers
+  token for token. Both sessions run with onnxruntime's pool spinning off (two pools taking turns on two busy
+  cores otherwise spin on each other's: 2x slower). Slower than float32 alone once whole-answer guesses work:
+  it pays two prefills.
 
 Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
 (the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
@@ -122,7 +119,8 @@ class OrtGenAIDecoder:
         self.fold_keys = True  # constrained: the next key rides on the pass that may end a value (``_greedy``)
         self.value_lengths: dict[str, set[int]] = {}  # field -> value lengths (tokens) seen: where to append a key
         self.memory = ValueMemory()  # field -> past values: whole-answer drafts (``_guess``); the student seeds it
-        self.learn = True  # the memory also remembers the values this decoder answers
+        self.learn = False  # True: the memory also counts the values this decoder answers (off: requests' values
+        # would stay in memory, be saved with the student, and make answers that repeat them measurably faster)
         self.name = f"onnxruntime-genai {compute_type}"
 
     # -- the shared cache ---------------------------------------------------------------------------------
@@ -132,7 +130,8 @@ class OrtGenAIDecoder:
         return self.og.Generator(self.model, params)
 
     def _feed(self, target: Sequence[int], need_from: int) -> np.ndarray:
-        """Make the cache hold exactly ``target``; the logits of positions ``need_from`` .. end (one row each)."""
+        """Make the cache hold ``target`` (and possibly more after it, from a longer pass); the logits of positions
+        ``need_from`` .. ``len(target) - 1`` (one row each)."""
         if len(target) + self.draft_tokens + 2 > self.max_len:
             self.max_len = min(self.context, max(2048, 2 * len(target)))
             if len(target) + 1 > self.max_len:
@@ -146,8 +145,13 @@ class OrtGenAIDecoder:
             self.gen, self.ids = self._generator(self.max_len), []
         elif k < len(self.ids):
             self.gen.rewind_to(k)
+            self.ids = self.ids[:k]
         self._rows = None  # a failed pass below leaves no rows that could pass for its own
-        self.gen.append_tokens(np.asarray(target[k:], dtype=np.int32))
+        try:
+            self.gen.append_tokens(np.asarray(target[k:], dtype=np.int32))
+        except BaseException:  # the cache's state is unknown: start the next call afresh
+            self.gen, self.ids = self._generator(self.max_len), []
+            raise
         self.ids = list(target)
         self.passes += 1
         rows = np.asarray(self.gen.get_output("logits"))[0][need_from - k:]
@@ -249,7 +253,7 @@ class OrtGenAIDecoder:
             with self.lock:
                 item = p[len(static):] if static and list(p[:len(static)]) == list(static) else p
                 text = self.tok.decode(list(item), skip_special_tokens=True)
-                cands = {f: self.memory.candidates(f, text) for f in fields} if self.draft_tokens else {}
+                cands = self.memory.for_input(fields, text) if self.draft_tokens else {}
                 got = self._verified(list(p), fields, max_value_tokens, cands) if self.drafter else \
                     self._fields(list(p), "{", fields, 0, max_value_tokens, cands)
                 for name, g in zip(fields, got):
