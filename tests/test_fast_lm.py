@@ -89,3 +89,17 @@ def test_served_student_batches_concurrent_requests(tmp_path):
     alone = assert_concurrent_answers_as_alone(p, texts)
     streamed = tok.decode([t for t, _ in p.tokens(texts[0])], skip_special_tokens=True).strip()
     assert streamed == alone[0]
+
+
+def test_a_constrained_value_is_read_as_json_up_to_its_unescaped_quote():
+    """Both fast decoders read each value with ``json_string_value``: escapes decoded, an escaped quote not taken
+    for the end, a value cut inside an escape kept as written; ``json_string_body`` spells it back as stored."""
+    from protege.students.lm_tokens import json_string_body, json_string_value
+
+    assert json_string_value('Dublin", "size": "') == ("Dublin", True)
+    assert json_string_value('a\\nb"}') == ("a\nb", True) and json_string_value('caf\\u00e9"') == ("café", True)
+    assert json_string_value('x\\\\", "') == ("x\\", True)  # an escaped backslash, then the closing quote
+    assert json_string_value('12\\"') == ('12"', False)  # stopped at an escaped quote: the value did not end
+    assert json_string_value("cut\\") == ("cut\\", False) and json_string_value("") == ("", False)
+    for v in ['12" monitor', "a\nb", "café", "back\\slash"]:
+        assert json_string_value(json_string_body(v) + '"') == (v, True)

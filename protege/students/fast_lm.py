@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from protege.students.lm_tokens import json_string_body, json_string_value
+
 COMPUTE_TYPES = ("int8", "int8_float32", "float32")
 
 
@@ -117,7 +119,7 @@ class CT2Decoder:
         kw = {"static_prompt": self._toks(static), "cache_static_prompt": True} if static else {}
         for k, name in enumerate(fields):
             for i in range(n):
-                prefix[i] += ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+                prefix[i] += ("" if k == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ': "'
             batch = [self._toks(list(p)[len(static):] + self.tok(prefix[i], add_special_tokens=False).input_ids)
                      for i, p in enumerate(prompts)]
             res = self.gen.generate_batch(batch, max_length=max_value_tokens, sampling_topk=1,
@@ -125,13 +127,10 @@ class CT2Decoder:
                                           return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
             for i, r in enumerate(res):
                 seq = list(r.sequences_ids[0])
-                text = self.tok.decode(seq, skip_special_tokens=False)
-                if '"' in text:
-                    value = text[: text.index('"')]
-                else:  # ran out of tokens (or hit a stop token) inside the value
-                    value, ok[i] = self.tok.decode(seq, skip_special_tokens=True), False
+                value, closed = json_string_value(self.tok.decode(seq, skip_special_tokens=True))
+                ok[i] = ok[i] and closed  # else out of tokens (or a stop token) inside the value
                 values[i][name] = value
-                prefix[i] += value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                prefix[i] += json_string_body(value) + '"'
                 decoded[i] += len(seq)
                 logp[i] += float(r.scores[0]) if r.scores else 0.0
         dt = (time.perf_counter() - t0) / max(1, n)

@@ -3,8 +3,35 @@ mapping a teacher's tokens onto the student's vocabulary for token-level KD, and
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
+
+
+def json_string_value(text: str) -> tuple[str, bool]:
+    """The value of a JSON string from the text decoded after its opening quote, and whether it ended: the text up
+    to the first unescaped ``"``, its escapes (``\\n``, ``\\"``, ``\\u00e9``) decoded; all of it when no quote
+    ends it (out of tokens, or decoding stopped at an escaped quote). Schema-constrained decoding reads each value
+    with this, so a value holds what the model wrote, not its JSON spelling."""
+    i, end = 0, -1
+    while (j := text.find('"', i)) >= 0:
+        k = j
+        while k > 0 and text[k - 1] == "\\":
+            k -= 1
+        if (j - k) % 2 == 0:  # an even run of backslashes before it: the quote is not escaped
+            end = j
+            break
+        i = j + 1
+    raw = text[:end] if end >= 0 else text
+    try:
+        return json.loads('"' + raw + '"'), end >= 0
+    except ValueError:  # cut inside an escape
+        return raw, end >= 0
+
+
+def json_string_body(value: str) -> str:
+    """``value`` spelled inside a JSON string, as protege stores teacher answers (``ensure_ascii=False``)."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
 class TokenizerMismatch(ValueError):

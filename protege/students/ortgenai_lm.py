@@ -55,6 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from protege.students.drafts import ValueMemory, lookup_draft, text_draft
+from protege.students.lm_tokens import json_string_body, json_string_value
 from protege.students.ortgenai_build import convert, ortgenai_folder
 
 MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
@@ -270,18 +271,15 @@ class OrtGenAIDecoder:
 
     @staticmethod
     def _key(answer: str, k: int, name: str) -> str:
-        return answer + ("" if k == 0 else ", ") + json.dumps(name) + ': "'
+        return answer + ("" if k == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ': "'
 
     def _value(self, seq: list[int]) -> tuple[str, bool]:
-        """A value's text from its tokens (up to the closing quote), and whether the quote was reached."""
-        text = self.tok.decode(seq, skip_special_tokens=False)
-        if '"' in text:
-            return text[: text.index('"')], True
-        return self.tok.decode(seq, skip_special_tokens=True), False  # out of tokens (or a stop token) inside
+        """A value from its tokens (up to the closing quote, escapes decoded), and whether the quote was reached."""
+        return json_string_value(self.tok.decode(seq, skip_special_tokens=True))
 
     @staticmethod
     def _close(answer: str, value: str) -> str:
-        return answer + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return answer + json_string_body(value) + '"'
 
     def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int,
                 cands: dict[str, list[str]] | None = None) -> list:
