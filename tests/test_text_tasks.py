@@ -290,6 +290,8 @@ def test_extract_artifacts_carry_text_and_topk(extract_run):
     st = json.loads((out / "train" / "stats.json").read_text())
     assert st["kd"] == "topk" and st["with_topk"] == st["n_train"] > 0
     assert (out / "train" / "student" / "config.json").is_file()
+    memory = json.loads((out / "train" / "student" / "value_memory.json").read_text())  # the fast path's drafts
+    assert memory["values"] == {"colour": {"red": st["n_train"]}}
 
 
 def test_extract_rerun_makes_no_teacher_calls(extract_run):
