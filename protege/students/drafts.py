@@ -61,13 +61,12 @@ MONTH_WORDS = set(MONTHS) | {"sept", "january", "february", "march", "april", "j
                              "october", "november", "december"}
 _SPAN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _MON = r"([A-Za-z]{3,9})\.?"
-_DATES = [  # (pattern, group order: year, month, day; a month name or number)
-    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), (1, 2, 3)),
-    (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), (1, 2, 3)),
-    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), (3, 2, 1)),
-    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), (3, 1, 2)),  # month first (US)
-    (re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+" + _MON + r",?\s+(\d{4})\b"), (3, 2, 1)),
-    (re.compile(r"\b" + _MON + r"\s+(\d{1,2})(?:st|nd|rd|th)?,?\s+(\d{4})\b"), (3, 1, 2)),
+_DATES = [  # (pattern, its readings: group order year, month, day; a month name or number)
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), [(1, 2, 3)]),
+    (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), [(1, 2, 3)]),
+    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), [(3, 2, 1), (3, 1, 2)]),  # day first, month first (US)
+    (re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+" + _MON + r",?\s+(\d{4})\b"), [(3, 2, 1)]),
+    (re.compile(r"\b" + _MON + r"\s+(\d{1,2})(?:st|nd|rd|th)?,?\s+(\d{4})\b"), [(3, 1, 2)]),
 ]
 
 
@@ -80,16 +79,17 @@ def iso_dates(text: str) -> list[str]:
     """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round, ``12.3.2025``,
     ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats; impossible dates dropped."""
     found: list[tuple[int, str]] = []
-    for pat, (y, m, d) in _DATES:
+    for pat, readings in _DATES:
         for hit in pat.finditer(text):
             g = hit.groups()
-            month = g[m - 1]
-            month = int(month) if month.isdigit() else MONTHS.get(month[:3].lower()) if \
-                month.lower() in MONTH_WORDS else None
-            try:
-                found.append((hit.start(), dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()))
-            except (TypeError, ValueError):
-                continue
+            for y, m, d in readings:
+                month = g[m - 1]
+                month = int(month) if month.isdigit() else MONTHS.get(month[:3].lower()) if \
+                    month.lower() in MONTH_WORDS else None
+                try:
+                    found.append((hit.start(), dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()))
+                except (TypeError, ValueError):
+                    continue
     return list(dict.fromkeys(v for _, v in sorted(found, key=lambda x: x[0])))
 
 

@@ -317,12 +317,15 @@ class OrtGenAIDecoder:
         closed and followed by ``_chain`` — as tokens after ``ids``, when they tokenise with ``ids`` as their start."""
         def guess(ids: list[int]) -> list[int]:
             value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
-            for c in [c for c in cands[fields[k]] if c.startswith(value)][:3]:
-                nxt = p + self._tokens(self._chain(self._close(answer, c), fields, k + 1, cands))
-                if len(nxt) > len(ids) and nxt[:len(ids)] == ids:
-                    return nxt[len(ids):]
-            return []
+            tries = (self._after(p, ids, self._chain(self._close(answer, c), fields, k + 1, cands))
+                     for c in [c for c in cands[fields[k]] if c.startswith(value)][:3])
+            return next((rest for rest in tries if rest), [])
         return guess
+
+    def _after(self, p: list[int], ids: list[int], answer: str) -> list[int]:
+        """The tokens of ``answer`` (after prompt ``p``) that follow ``ids``, if it tokenises with ``ids`` first; else []."""
+        nxt = p + self._tokens(answer)
+        return nxt[len(ids):] if nxt[:len(ids)] == ids else []
 
     def _follow(self, p: list[int], answer: str, base: list[int], fields: Sequence[str], k: int, seen: set[int],
                 cands: dict[str, list[str]]):
@@ -339,8 +342,7 @@ class OrtGenAIDecoder:
             value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
             if '"' in value or "\\" in value:
                 return []
-            nxt = p + self._tokens(self._chain(self._close(answer, value), fields, k, cands))
-            return nxt[len(ids):] if nxt[:len(ids)] == ids else []
+            return self._after(p, ids, self._chain(self._close(answer, value), fields, k, cands))
         return follow
 
     def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int, cands: dict) -> list:
