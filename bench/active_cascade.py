@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,9 @@ def fit(labels, texts, P, hard, dims: int):
                                                  seed=0)
 
 
-def run_task(name: str, a) -> dict:
-    t0 = time.perf_counter()
+def prepare(name: str, a):
+    """One draw of a task (``a.seed``): dev / candidate split, the teacher's answers, the agreement yardstick and the
+    grid of label counts — what the random and active curves share."""
     task = load_task(name)
     sim = SimulatedTeacher.for_task(task, cache_dir=a.cache)
     rng = np.random.default_rng(a.seed)
@@ -86,28 +88,55 @@ def run_task(name: str, a) -> dict:
     grid = list(range(a.seed_size, budget + 1, a.batch))
     if grid[-1] != budget:
         grid.append(budget)
-    # random: the first n of a random order
-    rand_curve, rand_student = [], None
-    for n in grid:
-        s = fit(task.labels, texts[:n], t_P[:n], hard[:n], a.dims)
-        rand_curve.append(agreement(s))
-        rand_student = s
-    target = rand_curve[-1]
-    # active: the same seed, then rounds of the least-sure, de-duplicated inputs
+    return types.SimpleNamespace(task=task, sim=sim, cand=cand, budget=budget, n_dev=n_dev, lab_dev=lab_dev, texts=texts,
+                                 t_lab=t_lab, t_P=t_P, li=li, hard=hard, dev_texts=dev_texts, agreement=agreement,
+                                 grid=grid)
+
+
+def random_curve(d, a) -> tuple[list[float], object]:
+    """The static student fitted on the first n of the random order, for each n on the grid (and the last one)."""
+    curve, s = [], None
+    for n in d.grid:
+        s = fit(d.task.labels, d.texts[:n], d.t_P[:n], d.hard[:n], a.dims)
+        curve.append(d.agreement(s))
+    return curve, s
+
+
+def active_curve(d, a, choose=None) -> list[float]:
+    """The same seed batch, then rounds of ``choose(student, rest_texts, chosen, n)`` -> positions in ``rest``
+    (default: the shipped rule, :func:`protege.stages.active.pick_batch`); dev agreement after each round."""
     chosen = list(range(a.seed_size))
-    act_curve, s_act = [], None  # s_act: the active student of the last round (the seed round fits it first)
-    for n in grid:
+    curve, s = [], None  # s: the student of the last round (the seed round fits it first)
+    for n in d.grid:
         if len(chosen) < n:
-            rest = np.setdiff1d(np.arange(len(texts)), chosen)
-            rt = [texts[i] for i in rest]
-            P = s_act.predict_proba(rt)
-            pick = pick_batch(P, s_act.encode(rt), n - len(chosen), 5, 0.95)
+            rest = np.setdiff1d(np.arange(len(d.texts)), chosen)
+            rt = [d.texts[i] for i in rest]
+            pick = (choose(s, rt, chosen, n - len(chosen)) if choose is not None
+                    else pick_batch(s.predict_proba(rt), s.encode(rt), n - len(chosen), 5, 0.95))
             chosen += [int(rest[j]) for j in pick]
         idx = np.array(chosen)
-        s_act = fit(task.labels, [texts[i] for i in idx], t_P[idx], hard[idx], a.dims)
-        act_curve.append(agreement(s_act))
-    reached = next((n for n, x in zip(grid, act_curve) if x >= target), None)
-    rand_reached = next(n for n, x in zip(grid, rand_curve) if x >= target)  # a flat curve: the comparison says little
+        s = fit(d.task.labels, [d.texts[i] for i in idx], d.t_P[idx], d.hard[idx], a.dims)
+        curve.append(d.agreement(s))
+    return curve
+
+
+def first_reach(grid, curve, target):
+    """The first n on the grid whose agreement reaches ``target`` (None: never)."""
+    return next((n for n, x in zip(grid, curve) if x >= target), None)
+
+
+def run_task(name: str, a) -> dict:
+    t0 = time.perf_counter()
+    d = prepare(name, a)
+    task, cand, budget, n_dev, lab_dev, texts, grid = d.task, d.cand, d.budget, d.n_dev, d.lab_dev, d.texts, d.grid
+    t_lab, t_P, li, hard, dev_texts, sim = d.t_lab, d.t_P, d.li, d.hard, d.dev_texts, d.sim
+    # random: the first n of a random order
+    rand_curve, rand_student = random_curve(d, a)
+    target = rand_curve[-1]
+    # active: the same seed, then rounds of the least-sure, de-duplicated inputs
+    act_curve = active_curve(d, a)
+    reached = first_reach(grid, act_curve, target)
+    rand_reached = first_reach(grid, rand_curve, target)  # a flat curve: the comparison says little
     # the cascade: the random student at the full budget, the teacher behind it
     gold_texts, gold_y = [r["text"] for r in task.gold], [r["label"] for r in task.gold]
     t_gold, _ = sim.label(gold_texts)
