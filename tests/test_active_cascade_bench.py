@@ -68,3 +68,29 @@ def test_table_has_the_shipped_student_block():
     out = ac.table([row], a)
     assert "| t | 3768 | frozen | 0.827 (0.900) | 84.0% | 86.0% | 56.0% / 5.0% / 1.010 |" in out
     assert "600 (40%)" in out
+
+
+def test_rule_alternatives_pick_what_they_claim():
+    from bench import active_rules as ar
+
+    rng = np.random.default_rng(0)
+    n = 200
+    E = rng.normal(size=(n, 8))
+    sure = np.tile([0.98, 0.01, 0.01], (n, 1))
+    P = sure.copy()
+    unsure = np.arange(0, n, 3)  # 67 unsure rows (more than the 5 x 10 k-means looks at), spread over the embedding
+    P[unsure] = [0.4, 0.35, 0.25]
+    for pick in (ar.entropy(P, 10), ar.kmeans(P, E, 10)):
+        assert len(pick) == len(set(pick)) == 10
+        assert set(pick) <= set(unsure.tolist())
+    # BADGE: D² sampling on gradient embeddings — sure rows sit near the origin, so once far (unsure) centres are
+    # chosen they are at distance ~|g_centre| and can be drawn too, but the first pick and most picks are unsure
+    pick = ar.badge(P, E, 10)
+    assert len(set(pick)) == 10 and pick[0] in unsure and len(set(pick) & set(unsure.tolist())) >= 5
+    half = ar.mix(P, E, 10)
+    assert len(set(half)) == 10 and len(set(half) & set(unsure.tolist())) >= 5
+    # cal: the input whose prediction contradicts its labelled neighbours' comes first
+    EL, PL = E[:5], sure[:5]
+    Pc = sure.copy()
+    Pc[50] = [0.05, 0.9, 0.05]
+    assert ar.cal(Pc, E, PL, EL, 1) == [50]
