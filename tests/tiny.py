@@ -244,6 +244,7 @@ def fake_static_table(monkeypatch, *, seed: int = 0) -> None:
 
 # ---- a tiny causal-LM student that answers one JSON object (tests of the fast decode runtimes) -----------------
 JSON_ANSWER = '{"colour": "red", "size": "big"}'
+QUOTED_ANSWER = '{"colour": "red", "size": "15\\" big"}'  # \" is one token holding a quote: not the value's end
 JSON_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "size": {"type": "string"}},
                "required": ["colour", "size"]}
 
@@ -259,13 +260,13 @@ def json_student(model, tok, runtime: str, **over):
     return s
 
 
-def json_speaker(tok, hidden: int = 32):
-    """A tiny Llama trained (plain torch, a few seconds) to answer ``JSON_ANSWER`` to any student prompt."""
+def json_speaker(tok, hidden: int = 32, answer: str = JSON_ANSWER):
+    """A tiny Llama trained (plain torch, a few seconds) to answer ``answer`` to any student prompt."""
     import torch
 
     model = tiny_llama(len(tok), seed=2, init_range=0.02, hidden=hidden)
     s = json_student(model, tok, "transformers")
-    tgt = tok(JSON_ANSWER, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    tgt = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
     prompts = [s.prompt_ids(r["text"]) for r in synthetic_rows(8, start=300)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()

@@ -122,17 +122,26 @@ class CT2Decoder:
                 prefix[i] += ("" if k == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ': "'
             batch = [self._toks(list(p)[len(static):] + self.tok(prefix[i], add_special_tokens=False).input_ids)
                      for i, p in enumerate(prompts)]
-            res = self.gen.generate_batch(batch, max_length=max_value_tokens, sampling_topk=1,
-                                          include_prompt_in_result=False, end_token=self.quote_ends,
-                                          return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
-            for i, r in enumerate(res):
-                seq = list(r.sequences_ids[0])
+            seqs, scores = [[] for _ in range(n)], [0.0] * n
+            todo = list(range(n))
+            while todo:  # an escaped quote (\\") stops generation without ending the value: go on from there
+                res = self.gen.generate_batch([batch[i] + self._toks(seqs[i]) for i in todo],
+                                              max_length=max_value_tokens - min(len(seqs[i]) for i in todo),
+                                              sampling_topk=1,
+                                              include_prompt_in_result=False, end_token=self.quote_ends,
+                                              return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
+                for i, r in zip(todo, res):
+                    seqs[i] = (seqs[i] + list(r.sequences_ids[0]))[:max_value_tokens]
+                    scores[i] += float(r.scores[0]) if r.scores else 0.0
+                todo = [i for i in todo if self._reopened(seqs[i], max_value_tokens)]
+            for i in range(n):
+                seq = seqs[i]
                 value, closed = json_string_value(self.tok.decode(seq, skip_special_tokens=True))
                 ok[i] = ok[i] and closed  # else out of tokens (or a stop token) inside the value
                 values[i][name] = value
                 prefix[i] += json_string_body(value) + '"'
                 decoded[i] += len(seq)
-                logp[i] += float(r.scores[0]) if r.scores else 0.0
+                logp[i] += scores[i]
         dt = (time.perf_counter() - t0) / max(1, n)
         out = []
         for i in range(n):
@@ -142,6 +151,14 @@ class CT2Decoder:
                         "confidence": _exp(logp[i] / max(1, decoded[i])), "decoded_tokens": decoded[i],
                         "answer_tokens": total})
         return out
+
+    def _reopened(self, seq: list[int], max_value_tokens: int) -> bool:
+        """Generation stopped at a token holding a quote that does not end the value (``\\"``), tokens left."""
+        if not seq or len(seq) >= max_value_tokens:
+            return False
+        last = self.tok.convert_ids_to_tokens(seq[-1])
+        return ('"' in last and last not in self.stop
+                and not json_string_value(self.tok.decode(seq, skip_special_tokens=True))[1])
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
         """(token id, log-prob) as decoded; the stop token ends the stream and is not yielded."""

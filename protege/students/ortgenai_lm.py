@@ -38,7 +38,8 @@ fewer forward passes and less prompt to prefill:
   cores otherwise spin on each other's: 2x slower). Slower than float32 alone once whole-answer guesses work:
   it pays two prefills.
 
-Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
+Constrained extraction itself (spelling the answer, reading values as JSON, ``_fields`` / ``_verified``) lives in
+:mod:`protege.students.ortgenai_fields`. Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
 (the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
 """
 
@@ -55,7 +56,7 @@ from typing import Sequence
 import numpy as np
 
 from protege.students.drafts import ValueMemory, lookup_draft, text_draft
-from protege.students.lm_tokens import json_string_body, json_string_value
+from protege.students.ortgenai_fields import FieldDecoding, logprob
 from protege.students.ortgenai_build import convert, ortgenai_folder
 
 MODEL_DRAFT = 12  # tokens the int8 copy proposes at a time (a parcel value is 2-11 tokens and ends the draft early)
@@ -69,11 +70,6 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def _logprob(row: np.ndarray, t: int) -> float:
-    m = float(row.max())
-    return float(row[t]) - m - math.log(float(np.exp(row - m).sum()))
-
-
 def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "float32", threads: int = 0,
                      draft_tokens: int = 6) -> "OrtGenAIDecoder":
     """The decoder a student folder's ``compute_type`` asks for, converted first where needed (``int8_verified``:
@@ -85,7 +81,7 @@ def ortgenai_decoder(student_dir: str | Path, tokenizer, compute_type: str = "fl
     return OrtGenAIDecoder(folder, tokenizer, compute_type, threads, draft_tokens, drafter=drafter, spin=False)
 
 
-class OrtGenAIDecoder:
+class OrtGenAIDecoder(FieldDecoding):
     """``decode`` / ``decode_fields`` / ``stream`` like :class:`protege.students.fast_lm.CT2Decoder`, on onnxruntime-genai.
     With a ``drafter`` (another decoder, e.g. the int8 copy) its greedy tokens are the drafts, checked here."""
 
@@ -184,7 +180,7 @@ class OrtGenAIDecoder:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def _greedy(self, prefix: Sequence[int], max_new: int, stops: set[int], source: Sequence[int],
-                follow=None, guess=None) -> tuple[list, list]:
+                follow=None, guess=None, opened: int | None = None) -> tuple[list, list]:
         """Greedy tokens after ``prefix`` (the stop token included when reached), their log-probs. Each pass
         appends the tokens decoded so far plus a draft, and keeps the draft up to the first token greedy decoding
         would not have chosen (that token, or the one after a wholly kept draft, comes from the same pass).
@@ -196,7 +192,10 @@ class OrtGenAIDecoder:
         per field, and the logits are those a separate pass would give (same tokens, same positions).
 
         ``guess(ids)``: the rest of a whole guessed answer after ``ids`` (constrained extraction: this value and
-        the following ones from :class:`ValueMemory` candidates), appended instead of a draft and ``follow``."""
+        the following ones from :class:`ValueMemory` candidates), appended instead of a draft and ``follow``.
+
+        ``opened``: where a JSON string value began (in ``prefix``); a stop token then ends decoding only where it
+        ends the value (``_ends``: not an escaped quote)."""
         prefix = list(prefix)
         out: list[int] = []
         lps: list[float] = []
@@ -220,8 +219,8 @@ class OrtGenAIDecoder:
             for j, row in enumerate(rows):
                 t = int(row.argmax())
                 out.append(t)
-                lps.append(_logprob(row, t))
-                if t in stops or len(out) >= max_new:
+                lps.append(logprob(row, t))
+                if (t in stops and (opened is None or self._ends((prefix + out)[opened:]))) or len(out) >= max_new:
                     return out, lps
                 if j >= len(draft) or t != draft[j]:
                     break
@@ -269,118 +268,6 @@ class OrtGenAIDecoder:
                         "answer_tokens": len(self._tokens(text))})
         return out
 
-    @staticmethod
-    def _key(answer: str, k: int, name: str) -> str:
-        return answer + ("" if k == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ': "'
-
-    def _value(self, seq: list[int]) -> tuple[str, bool]:
-        """A value from its tokens (up to the closing quote, escapes decoded), and whether the quote was reached."""
-        return json_string_value(self.tok.decode(seq, skip_special_tokens=True))
-
-    @staticmethod
-    def _close(answer: str, value: str) -> str:
-        return answer + json_string_body(value) + '"'
-
-    def _fields(self, p: list[int], answer: str, fields: Sequence[str], start: int, max_value_tokens: int,
-                cands: dict[str, list[str]] | None = None) -> list:
-        """``(value, closed, tokens, log-probs)`` of ``fields[start:]``, decoded one after another after ``answer``;
-        ``cands``: candidate values per field (whole-answer drafts, ``_guess``)."""
-        got, cands = [], cands or {}
-        for k in range(start, len(fields)):
-            answer = self._key(answer, k, fields[k])
-            base = p + self._tokens(answer)
-            seen = self.value_lengths.setdefault(fields[k], set())
-            follow = (self._follow(p, answer, base, fields, k + 1, seen, cands)
-                      if self.fold_keys and k + 1 < len(fields) else None)
-            guess = self._guess(p, answer, base, fields, k, cands) if cands.get(fields[k]) else None
-            seq, lps = self._greedy(base, max_value_tokens, self.quote_ends, p, follow, guess)
-            value, closed = self._value(seq)
-            if closed:
-                seen.add(len(seq) - 1)
-            answer = self._close(answer, value)
-            got.append((value, closed, seq, lps))
-        return got
-
-    def _chain(self, answer: str, fields: Sequence[str], k: int, cands: dict[str, list[str]]) -> str:
-        """``answer`` (closed up to field ``k``) continued with field ``k``'s key and first candidate, and so on, up
-        to the key of the first field without a candidate (or the closing brace)."""
-        for j in range(k, len(fields)):
-            answer = self._key(answer, j, fields[j])
-            if not cands.get(fields[j]):
-                return answer
-            answer = self._close(answer, cands[fields[j]][0])
-        return answer + "}"
-
-    def _guess(self, p: list[int], answer: str, base: list[int], fields: Sequence[str], k: int,
-               cands: dict[str, list[str]]):
-        """``guess`` for field ``k`` (tokens ``base``): the first candidate that extends the value decoded so far,
-        closed and followed by ``_chain`` — as tokens after ``ids``, when they tokenise with ``ids`` as their start."""
-        def guess(ids: list[int]) -> list[int]:
-            value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
-            tries = (self._after(p, ids, self._chain(self._close(answer, c), fields, k + 1, cands))
-                     for c in [c for c in cands[fields[k]] if c.startswith(value)][:3])
-            return next((rest for rest in tries if rest), [])
-        return guess
-
-    def _after(self, p: list[int], ids: list[int], answer: str) -> list[int]:
-        """The tokens of ``answer`` (after prompt ``p``) that follow ``ids``, if it tokenises with ``ids`` first; else []."""
-        nxt = p + self._tokens(answer)
-        return nxt[len(ids):] if nxt[:len(ids)] == ids else []
-
-    def _follow(self, p: list[int], answer: str, base: list[int], fields: Sequence[str], k: int, seen: set[int],
-                cands: dict[str, list[str]]):
-        """``follow`` for a value started after ``answer`` (tokens ``base``): the rest of the next field's prefix,
-        tokenised as ``_fields`` will tokenise it, when that tokenisation keeps ``ids`` as its start (else []).
-
-        Every appended token costs (its logits row: ~1.2 ms for a 135M model on 2 cores, a fifth of a one-token
-        pass), so the key is appended only where the value plausibly ends: after a copied draft (cut at its word's
-        end), or at a length this field's values have had before (``seen``; any length until one is seen). Dates
-        of 10 tokens get it at the tenth, not at every digit."""
-        def follow(ids: list[int], drafted: bool) -> list[int]:
-            if not drafted and seen and len(ids) - len(base) not in seen:
-                return []
-            value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
-            if '"' in value or "\\" in value:
-                return []
-            return self._after(p, ids, self._chain(self._close(answer, value), fields, k, cands))
-        return follow
-
-    def _verified(self, p: list[int], fields: Sequence[str], max_value_tokens: int, cands: dict) -> list:
-        """``_fields`` with the drafter proposing every remaining value at once: the answer its values spell is
-        appended in one pass, and each field is read off that pass's logits for as long as greedy decoding
-        (what ``_fields`` would feed and choose) agrees with it; at the first disagreement that field is
-        finished by ``_greedy`` and the drafter proposes the rest again."""
-        self.drafter.quote_ends = self.quote_ends
-        answer, got = "{", []
-        while len(got) < len(fields):
-            k = len(got)
-            full = answer
-            for j, (value, *_rest) in enumerate(self.drafter._fields(p, answer, fields, k, max_value_tokens, cands)):
-                full = self._close(self._key(full, k + j, fields[k + j]), value)
-            x = p + self._tokens(full)
-            first = len(p) + len(self._tokens(self._key(answer, k, fields[k])))
-            rows = self._feed(x, first - 1)
-            while len(got) < len(fields):
-                key = self._key(answer, len(got), fields[len(got)])
-                t_ = p + self._tokens(key)
-                seq, lps, done, i = [], [], False, len(t_)
-                while x[:len(t_)] == t_:  # greedy tokens read off the pass while they are x's
-                    seq.append(int(rows[i - first].argmax()))
-                    lps.append(_logprob(rows[i - first], seq[-1]))
-                    done = seq[-1] in self.quote_ends or len(seq) >= max_value_tokens
-                    if done or i >= len(x) or x[i] != seq[-1]:
-                        break
-                    i += 1
-                if not done:
-                    more, more_lps = self._greedy(t_ + seq, max_value_tokens - len(seq), self.quote_ends, p)
-                    seq, lps = seq + more, lps + more_lps
-                value, closed = self._value(seq)
-                answer = self._close(key, value)
-                got.append((value, closed, seq, lps))
-                if not done:
-                    break  # the drafts after a disagreement followed a different answer: propose again
-        return got
-
     def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
         """(token id, log-prob) as decoded, on a generator of its own; the stop token ends the stream unyielded."""
         gen = self._generator(min(self.context, len(prompt) + max_new_tokens + 1))
@@ -396,5 +283,5 @@ class OrtGenAIDecoder:
                 t = int(row.argmax())
             if t in self.stop_ids:
                 return
-            yield t, _logprob(row, t)
+            yield t, logprob(row, t)
             gen.append_tokens(np.asarray([t], dtype=np.int32))
