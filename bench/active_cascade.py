@@ -288,18 +288,23 @@ def table(rows: list[dict], a) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def draw_args(p: argparse.ArgumentParser, budget: int, batch: int, seed_size: int) -> None:
+    """The options :func:`prepare` and the curves read (this bench and bench/active_rules.py)."""
     p.add_argument("--tasks", default="sms-spam,tweet-sentiment,trec-fine,snips-intents,rt-polarity,thucnews-zh")
-    p.add_argument("--budget", type=int, default=2000, help="random run's labels (= teacher calls)")
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--seed-size", type=int, default=100)
+    p.add_argument("--budget", type=int, default=budget, help="random run's labels (= teacher calls)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seed-size", type=int, default=seed_size)
     p.add_argument("--dev", type=int, default=1000)
     p.add_argument("--dims", type=int, default=256)
+    p.add_argument("--cache", default="runs/suite/cache", help="cheap-model OOF cache of the simulated teachers")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    draw_args(p, budget=2000, batch=100, seed_size=100)
     p.add_argument("--risk", type=float, default=0.05)
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="runs/suite/cache", help="cheap-model OOF cache of the simulated teachers")
     p.add_argument("--quick", action="store_true", help="3 tasks, budget 600, batch 50")
     p.add_argument("--no-frozen", dest="frozen", action="store_false",
                    help="skip the two-level cascade (static, then the frozen MiniLM student)")

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.active_cascade import active_curve, first_reach, prepare, random_curve  # noqa: E402
+from bench.active_cascade import active_curve, draw_args, first_reach, prepare, random_curve  # noqa: E402
 from bench.suite.tasks import MissingData  # noqa: E402
 from protege.stages.active import margins, pick_batch  # noqa: E402
 
@@ -171,15 +171,9 @@ def table(rows: list[dict], rules: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="sms-spam,tweet-sentiment,trec-fine,snips-intents,rt-polarity,thucnews-zh")
+    draw_args(p, budget=1500, batch=150, seed_size=150)
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--budget", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=150)
-    p.add_argument("--seed-size", type=int, default=150)
-    p.add_argument("--dev", type=int, default=1000)
-    p.add_argument("--dims", type=int, default=256)
-    p.add_argument("--cache", default="runs/suite/cache", help="cheap-model OOF cache of the simulated teachers")
     p.add_argument("--quick", action="store_true", help="2 tasks, 2 draws, budget 400, batch 50")
     p.add_argument("--json", help="also write the rows (every curve) and the settings here")
     a = p.parse_args()

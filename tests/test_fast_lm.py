@@ -13,7 +13,7 @@ import pytest
 
 from protege.students.causal_lm import CausalLMStudent, common_prefix
 from protege.students.fast_lm import ct2_folder, string_fields
-from tiny import JSON_ANSWER, JSON_SCHEMA, QUOTED_ANSWER, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, assert_decodes_past_escaped_quote, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("ctranslate2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -106,14 +106,4 @@ def test_a_constrained_value_is_read_as_json_up_to_its_unescaped_quote():
 
 
 def test_a_value_holding_an_escaped_quote_is_decoded_past_it(tmp_path):
-    """``\\"`` is one token holding a quote: it stops CTranslate2's generation, but does not end the value — decoding
-    goes on to the closing quote, and the answer is the one transformers gives."""
-    tok = smollm2_tokenizer()
-    s = _student(json_speaker(tok, answer=QUOTED_ANSWER), tok, fields=string_fields(SCHEMA))
-    s.save_pretrained(tmp_path / "st")
-    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
-    texts = [r["text"] for r in synthetic_rows(3, start=900)]
-    assert all(r["text"] == QUOTED_ANSWER for r in loaded.generate(texts, reference=True))
-    fast = loaded.generate(texts, batch_size=3)
-    assert [json.loads(f["text"]) for f in fast] == [{"colour": "red", "size": '15" big'}] * len(texts)
-    assert all(f["finished"] for f in fast)
+    assert_decodes_past_escaped_quote(_student, tmp_path)

@@ -16,7 +16,7 @@ from protege.students.causal_lm import CausalLMStudent
 from protege.students.fast_lm import pick_runtime, string_fields
 from protege.students.drafts import ValueMemory, lookup_draft, text_draft
 from protege.students.ortgenai_build import ortgenai_folder
-from tiny import JSON_ANSWER, JSON_SCHEMA, QUOTED_ANSWER, assert_concurrent_answers_as_alone, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
+from tiny import JSON_ANSWER, JSON_SCHEMA, assert_concurrent_answers_as_alone, assert_decodes_past_escaped_quote, json_speaker, json_student, smollm2_tokenizer, synthetic_rows, tiny_llama
 
 pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -223,14 +223,4 @@ def test_value_memory_drafts_whole_answers_in_one_pass_and_changes_no_answer(tmp
 
 
 def test_a_value_holding_an_escaped_quote_is_decoded_past_it(tmp_path):
-    """``\\"`` is one token holding a quote: it stops onnxruntime-genai's generation, but does not end the value — decoding
-    goes on to the closing quote, and the answer is the one transformers gives."""
-    tok = smollm2_tokenizer()
-    s = _student(json_speaker(tok, hidden=HIDDEN, answer=QUOTED_ANSWER), tok, fields=string_fields(SCHEMA))
-    s.save_pretrained(tmp_path / "st")
-    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
-    texts = [r["text"] for r in synthetic_rows(3, start=900)]
-    assert all(r["text"] == QUOTED_ANSWER for r in loaded.generate(texts, reference=True))
-    fast = loaded.generate(texts, batch_size=3)
-    assert [json.loads(f["text"]) for f in fast] == [{"colour": "red", "size": '15" big'}] * len(texts)
-    assert all(f["finished"] for f in fast)
+    assert_decodes_past_escaped_quote(_student, tmp_path, hidden=HIDDEN)

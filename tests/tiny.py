@@ -295,3 +295,21 @@ def assert_concurrent_answers_as_alone(predictor, texts: list[str]) -> list[str]
     assert [got[i] for i in range(len(texts))] == alone
     assert max(predictor.batcher.batches) > 1
     return alone
+
+
+def assert_decodes_past_escaped_quote(make_student, tmp_path, hidden: int = 32) -> None:
+    """``\\"`` is one token holding a quote: it stops a fast runtime's generation, but does not end the value —
+    constrained decoding goes on to the closing quote, and the answer is the one transformers gives."""
+    import json
+
+    from protege.students.causal_lm import CausalLMStudent
+
+    tok = smollm2_tokenizer()
+    s = make_student(json_speaker(tok, hidden=hidden, answer=QUOTED_ANSWER), tok, fields=["colour", "size"])
+    s.save_pretrained(tmp_path / "st")
+    loaded = CausalLMStudent.from_pretrained(tmp_path / "st")
+    texts = [r["text"] for r in synthetic_rows(3, start=900)]
+    assert all(r["text"] == QUOTED_ANSWER for r in loaded.generate(texts, reference=True))
+    fast = loaded.generate(texts, batch_size=3)
+    assert [json.loads(f["text"]) for f in fast] == [{"colour": "red", "size": '15" big'}] * len(texts)
+    assert all(f["finished"] for f in fast)
