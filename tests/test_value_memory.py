@@ -61,6 +61,18 @@ def test_dates_are_proposed_where_the_field_holds_iso_dates():
     assert mem.candidates("note", "arrives 4 Jan 2025") == []
 
 
+def test_ambiguous_dates_are_read_first_as_the_training_pairs_read_them():
+    assert iso_dates("on 03/04/2025", month_first=True) == ["2025-03-04", "2025-04-03"]
+    us = [("Delivered 03/04/2025", "2025-03-04"), ("Due 11/02/2026", "2026-11-02"), ("On 12/25/2025", "2025-12-25")]
+    eu = [("Delivered 03/04/2025", "2025-04-03"), ("Due 11/02/2026", "2026-02-11"), ("On 25/12/2025", "2025-12-25")]
+    for pairs, first in ((us, "2026-05-06"), (eu, "2026-06-05")):
+        mem = ValueMemory.from_pairs([t for t, _ in pairs], [json.dumps({"date": v}) for _, v in pairs])
+        assert mem.month_first == (pairs is us)  # 12/25 and 25/12 are no vote: one reading only
+        assert mem.candidates("date", "arrives 05/06/2026")[0] == first
+        back = ValueMemory.from_json(json.loads(json.dumps(mem.to_json())))
+        assert back.candidates("date", "arrives 05/06/2026")[0] == first
+
+
 def test_json_round_trip_and_memory_bounded():
     mem = ValueMemory.from_pairs(*zip(*_pairs()))
     back = ValueMemory.from_json(json.loads(json.dumps(mem.to_json())))

@@ -75,22 +75,38 @@ def shape(value: str) -> str:
     return re.sub(r"[a-z]", "a", re.sub(r"[A-Z]", "A", re.sub(r"[0-9]", "9", value)))
 
 
-def iso_dates(text: str) -> list[str]:
-    """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round, ``12.3.2025``,
-    ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats; impossible dates dropped."""
+def _reading(g: tuple, y: int, m: int, d: int) -> str | None:
+    """The ISO date that groups ``g`` spell when read as (year, month, day) = groups (y, m, d); None if impossible."""
+    month = g[m - 1]
+    month = int(month) if month.isdigit() else MONTHS.get(month[:3].lower()) if month.lower() in MONTH_WORDS else None
+    try:
+        return dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()
+    except (TypeError, ValueError):
+        return None
+
+
+def iso_dates(text: str, month_first: bool = False) -> list[str]:
+    """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round — day first unless
+    ``month_first`` —, ``12.3.2025``, ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats;
+    impossible dates dropped."""
     found: list[tuple[int, str]] = []
     for pat, readings in _DATES:
         for hit in pat.finditer(text):
-            g = hit.groups()
-            for y, m, d in readings:
-                month = g[m - 1]
-                month = int(month) if month.isdigit() else MONTHS.get(month[:3].lower()) if \
-                    month.lower() in MONTH_WORDS else None
-                try:
-                    found.append((hit.start(), dt.date(int(g[y - 1]), month or 0, int(g[d - 1])).isoformat()))
-                except (TypeError, ValueError):
-                    continue
+            for r in (readings[::-1] if month_first else readings):
+                if (iso := _reading(hit.groups(), *r)) is not None:
+                    found.append((hit.start(), iso))
     return list(dict.fromkeys(v for _, v in sorted(found, key=lambda x: x[0])))
+
+
+def month_first_votes(text: str, value: str) -> int:
+    """+1 per ``d/m/yyyy``-style date in ``text`` that only its month-first reading turns into ``value``, -1 per one
+    that only its day-first reading does (how a task's training pairs spell ambiguous dates)."""
+    pat, (day_first, month_first) = _DATES[2]
+    votes = 0
+    for hit in pat.finditer(text):
+        a, b = _reading(hit.groups(), *day_first), _reading(hit.groups(), *month_first)
+        votes += (b == value != a) - (a == value != b)
+    return votes
 
 
 _QUANTITY = re.compile(r"(?<![\w./-])(\d+(?:\.\d+)?)\s?([A-Za-z]{1,6})\b")
@@ -130,15 +146,17 @@ class ValueMemory:
     -> ``0.5`` where a field's values are kilograms: a factor per unit word and a number format, kept where they
     reproduce at least half of the 3 or more training answers that unit occurs in); its past values that occur in
     the input as words (a sender, a city); spans of the input with the exact shape of a past value (a tracking
-    code ``AA999999999``); the ISO spellings of the input's dates, where the field's values are ISO dates. A wrong
-    candidate costs only the rows it adds to a forward pass; the answer is still the model's greedy answer.
+    code ``AA999999999``); the ISO spellings of the input's dates, where the field's values are ISO dates (an
+    ambiguous ``03/04/2025`` read first as the training pairs read such dates). A wrong candidate costs only the
+    rows it adds to a forward pass; the answer is still the model's greedy answer.
 
     How much it saves depends on how predictable the values are: on bench/parcels.py's templated notices the first
     candidate is the gold value for every field, so there it is a best case."""
 
     def __init__(self, values: dict | None = None, factors: dict | None = None, formats: dict | None = None,
-                 cap: int = 500):
+                 cap: int = 500, month_first: bool = False):
         self.cap = cap
+        self.month_first = month_first  # ambiguous dates (03/04/2025) read month first: the training pairs did
         self.values: dict[str, Counter] = {f: Counter(v) for f, v in (values or {}).items()}
         self.shapes: dict[str, Counter] = {f: self._shapes(c) for f, c in self.values.items()}
         self.formats: dict[str, list] = dict(formats or {})  # field -> [decimals, strip trailing zeros]
@@ -156,7 +174,7 @@ class ValueMemory:
         """From (input, JSON-object answer) pairs; unparseable answers and non-string values are skipped."""
         if len(inputs) != len(answers):
             raise ValueError(f"{len(inputs)} inputs but {len(answers)} answers")
-        mem, numeric, counts = cls(), {}, Counter()
+        mem, numeric, counts, votes = cls(), {}, Counter(), 0
         for text, a in zip(inputs, answers):
             try:
                 obj = json.loads(a)
@@ -172,9 +190,12 @@ class ValueMemory:
                     counts[f] += 1
                     if qs and re.fullmatch(r"-?\d+(\.\d+)?", v):
                         numeric.setdefault(f, []).append((qs, v))
+                    elif shape(v) == "9999-99-99":
+                        votes += month_first_votes(str(text or ""), v)
         for f, pairs in numeric.items():
             if 2 * len(pairs) >= counts[f]:  # a numeric field: most of its values are numbers
                 mem._learn_units(f, pairs)
+        mem.month_first = votes > 0
         return mem
 
     @classmethod
@@ -240,15 +261,15 @@ class ValueMemory:
             spans = [m.group() for m in _SPAN.finditer(text)] if spans is None else spans
             got += sorted((s for s in spans if shape(s) in shapes), key=lambda s: -shapes[shape(s)])
             if shapes.get("9999-99-99"):
-                dates = iso_dates(text) if dates is None else dates
+                dates = iso_dates(text, self.month_first) if dates is None else dates
                 got += dates
             out[field] = list(dict.fromkeys(got))
         return out
 
     def to_json(self) -> dict:
         return {"values": {f: dict(c.most_common(self.cap)) for f, c in self.values.items()},
-                "factors": self.factors, "formats": self.formats}
+                "factors": self.factors, "formats": self.formats, "month_first": self.month_first}
 
     @classmethod
     def from_json(cls, d: dict) -> "ValueMemory":
-        return cls(d.get("values"), d.get("factors"), d.get("formats"))
+        return cls(d.get("values"), d.get("factors"), d.get("formats"), month_first=bool(d.get("month_first")))
