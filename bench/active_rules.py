@@ -103,9 +103,19 @@ RULES = ("margin", "entropy", "badge", "cal", "mix", "kmeans")
 
 
 def chooser(rule: str, d):
-    """``choose(student, rest_texts, chosen, n)`` for :func:`bench.active_cascade.active_curve`."""
+    """``choose(student, rest_texts, chosen, n)`` for :func:`bench.active_cascade.active_curve`; a rule that picks
+    fewer than ``n`` (BADGE when all distances vanish, k-means with empty groups) is filled up in margin order, so
+    every curve point has the labels its grid value says."""
     def choose(s, rt, chosen, n):
-        P, E = s.predict_proba(rt), s.encode(rt)
+        P = s.predict_proba(rt)
+        pick = rule_pick(s, P, rt, chosen, n)
+        if len(pick) < n:
+            have = set(pick)
+            pick += [int(i) for i in np.argsort(margins(P), kind="stable") if int(i) not in have][: n - len(pick)]
+        return pick
+
+    def rule_pick(s, P, rt, chosen, n):
+        E = s.encode(rt)
         if rule == "margin":
             return pick_batch(P, E, n, 5, 0.95)
         if rule == "entropy":

@@ -63,6 +63,7 @@ def test_dates_are_proposed_where_the_field_holds_iso_dates():
 
 def test_ambiguous_dates_are_read_first_as_the_training_pairs_read_them():
     assert iso_dates("on 03/04/2025", month_first=True) == ["2025-03-04", "2025-04-03"]
+    assert iso_dates("on 3.4.2025", month_first=True) == ["2025-04-03", "2025-03-04"]  # dotted: day first still
     us = [("Delivered 03/04/2025", "2025-03-04"), ("Due 11/02/2026", "2026-11-02"), ("On 12/25/2025", "2025-12-25")]
     eu = [("Delivered 03/04/2025", "2025-04-03"), ("Due 11/02/2026", "2026-02-11"), ("On 25/12/2025", "2025-12-25")]
     for pairs, first in ((us, "2026-05-06"), (eu, "2026-06-05")):

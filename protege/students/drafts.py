@@ -61,10 +61,13 @@ MONTH_WORDS = set(MONTHS) | {"sept", "january", "february", "march", "april", "j
                              "october", "november", "december"}
 _SPAN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _MON = r"([A-Za-z]{3,9})\.?"
+_SLASHED = re.compile(r"\b(\d{1,2})/(\d{1,2})/(\d{4})\b")  # 03/04/2025: day or month first, as a task spells it
+_BOTH_WAYS = [(3, 2, 1), (3, 1, 2)]  # day first, month first (US)
 _DATES = [  # (pattern, its readings: group order year, month, day; a month name or number)
     (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), [(1, 2, 3)]),
     (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), [(1, 2, 3)]),
-    (re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4})\b"), [(3, 2, 1), (3, 1, 2)]),  # day first, month first (US)
+    (_SLASHED, _BOTH_WAYS),
+    (re.compile(r"\b(\d{1,2})\.(\d{1,2})\.(\d{4})\b"), _BOTH_WAYS),  # 12.3.2025: day first almost always
     (re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+" + _MON + r",?\s+(\d{4})\b"), [(3, 2, 1)]),
     (re.compile(r"\b" + _MON + r"\s+(\d{1,2})(?:st|nd|rd|th)?,?\s+(\d{4})\b"), [(3, 1, 2)]),
 ]
@@ -87,23 +90,23 @@ def _reading(g: tuple, y: int, m: int, d: int) -> str | None:
 
 def iso_dates(text: str, month_first: bool = False) -> list[str]:
     """``YYYY-MM-DD`` for every date spelled in ``text`` (ISO, ``12/03/2025`` both ways round — day first unless
-    ``month_first`` —, ``12.3.2025``, ``12 March 2025``, ``Mar 12, 2025``), in order of appearance, without repeats;
-    impossible dates dropped."""
+    ``month_first`` —, ``12.3.2025`` both ways, day first, ``12 March 2025``, ``Mar 12, 2025``), in order of
+    appearance, without repeats; impossible dates dropped."""
     found: list[tuple[int, str]] = []
     for pat, readings in _DATES:
         for hit in pat.finditer(text):
-            for r in (readings[::-1] if month_first else readings):
+            for r in (readings[::-1] if month_first and pat is _SLASHED else readings):
                 if (iso := _reading(hit.groups(), *r)) is not None:
                     found.append((hit.start(), iso))
     return list(dict.fromkeys(v for _, v in sorted(found, key=lambda x: x[0])))
 
 
 def month_first_votes(text: str, value: str) -> int:
-    """+1 per ``d/m/yyyy``-style date in ``text`` that only its month-first reading turns into ``value``, -1 per one
+    """+1 per ``dd/mm/yyyy``-style date in ``text`` that only its month-first reading turns into ``value``, -1 per one
     that only its day-first reading does (how a task's training pairs spell ambiguous dates)."""
-    pat, (day_first, month_first) = _DATES[2]
+    day_first, month_first = _BOTH_WAYS
     votes = 0
-    for hit in pat.finditer(text):
+    for hit in _SLASHED.finditer(text):
         a, b = _reading(hit.groups(), *day_first), _reading(hit.groups(), *month_first)
         votes += (b == value != a) - (a == value != b)
     return votes

@@ -125,14 +125,17 @@ class CT2Decoder:
             seqs, scores = [[] for _ in range(n)], [0.0] * n
             todo = list(range(n))
             while todo:  # an escaped quote (\\") stops generation without ending the value: go on from there
-                res = self.gen.generate_batch([batch[i] + self._toks(seqs[i]) for i in todo],
-                                              max_length=max_value_tokens - min(len(seqs[i]) for i in todo),
-                                              sampling_topk=1,
-                                              include_prompt_in_result=False, end_token=self.quote_ends,
-                                              return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
-                for i, r in zip(todo, res):
-                    seqs[i] = (seqs[i] + list(r.sequences_ids[0]))[:max_value_tokens]
-                    scores[i] += float(r.scores[0]) if r.scores else 0.0
+                by_used: dict[int, list[int]] = {}  # one batch per tokens already used: each its own max_length
+                for i in todo:
+                    by_used.setdefault(len(seqs[i]), []).append(i)
+                for used, group in by_used.items():
+                    res = self.gen.generate_batch([batch[i] + self._toks(seqs[i]) for i in group],
+                                                  max_length=max_value_tokens - used, sampling_topk=1,
+                                                  include_prompt_in_result=False, end_token=self.quote_ends,
+                                                  return_scores=True, return_end_token=True, length_penalty=0.0, **kw)
+                    for i, r in zip(group, res):
+                        seqs[i] += list(r.sequences_ids[0])
+                        scores[i] += float(r.scores[0]) if r.scores else 0.0
                 todo = [i for i in todo if self._reopened(seqs[i], max_value_tokens)]
             for i in range(n):
                 seq = seqs[i]

@@ -80,7 +80,7 @@ class FieldDecoding:
         """``guess`` for field ``k`` (tokens ``base``): the first candidate that extends the value decoded so far,
         closed and followed by ``_chain`` — as tokens after ``ids``, when they tokenise with ``ids`` as their start."""
         def guess(ids: list[int]) -> list[int]:
-            value = self.tok.decode(ids[len(base):], skip_special_tokens=True)
+            value = self._value(ids[len(base):])[0]  # as the candidates are stored: escapes decoded
             tries = (self._after(p, ids, self._chain(self._close(answer, c), fields, k + 1, cands))
                      for c in [c for c in cands[fields[k]] if c.startswith(value)][:3])
             return next((rest for rest in tries if rest), [])
