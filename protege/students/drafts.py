@@ -179,13 +179,14 @@ class ValueMemory:
             raise ValueError(f"{len(inputs)} inputs but {len(answers)} answers")
         mem, numeric, counts, votes = cls(), {}, Counter(), 0
         for text, a in zip(inputs, answers):
+            text = str(text or "")
             try:
                 obj = json.loads(a)
             except (TypeError, ValueError):
                 continue
             if not isinstance(obj, dict):
                 continue
-            qs = quantities(str(text or ""))
+            qs = quantities(text)
             for f, v in obj.items():
                 if isinstance(v, str) and v:
                     f = str(f)
@@ -194,7 +195,7 @@ class ValueMemory:
                     if qs and re.fullmatch(r"-?\d+(\.\d+)?", v):
                         numeric.setdefault(f, []).append((qs, v))
                     elif shape(v) == "9999-99-99":
-                        votes += month_first_votes(str(text or ""), v)
+                        votes += month_first_votes(text, v)
         for f, pairs in numeric.items():
             if 2 * len(pairs) >= counts[f]:  # a numeric field: most of its values are numbers
                 mem._learn_units(f, pairs)

@@ -39,8 +39,9 @@ fewer forward passes and less prompt to prefill:
   it pays two prefills.
 
 Constrained extraction itself (spelling the answer, reading values as JSON, ``_fields`` / ``_verified``) lives in
-:mod:`protege.students.ortgenai_fields`. Greedy only (``stream`` also samples). Not thread-safe by itself: ``decode`` / ``decode_fields`` hold a lock
-(the serving batcher calls them from one thread anyway); ``stream`` uses a generator of its own.
+:mod:`protege.students.ortgenai_fields`. Greedy only (``stream`` also samples). Not thread-safe by itself:
+``decode`` / ``decode_fields`` hold a lock (the serving batcher calls them from one thread anyway); ``stream`` uses
+a generator of its own.
 """
 
 from __future__ import annotations
